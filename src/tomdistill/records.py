@@ -1,0 +1,135 @@
+"""The sample record: the contract between sample.py, train.py and evaluate.py.
+
+One record per sample (generate mode) or per scenario (score mode). A samples directory holds
+parquet shards (`shard-*.parquet`) plus `manifest.json`, loadable with
+`datasets.load_dataset("parquet", data_dir=DIR)`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+RECORD_COLUMNS = (
+    "model", "role", "game", "context", "split", "sample_index", "seed", "prompt_version",
+    "prompt", "completion", "action", "motivation", "action_probs", "action_mass",
+)
+
+FEATURES = datasets.Features(
+    {
+        "model": datasets.Value("string"),
+        "role": datasets.Value("string"),
+        "game": datasets.Value("string"),
+        "context": datasets.Value("string"),
+        "split": datasets.Value("string"),
+        "sample_index": datasets.Value("int64"),
+        "seed": datasets.Value("int64"),
+        "prompt_version": datasets.Value("string"),
+        "prompt": datasets.Value("string"),
+        "completion": datasets.Value("string"),
+        "action": datasets.Value("string"),  # "C", "D", an amount, or "unparsed"
+        "motivation": datasets.Value("string"),
+        "action_probs": datasets.Value("string"),  # score mode: JSON {action: probability}; else ""
+        "action_mass": datasets.Value("float64"),  # score mode: raw mass on the action tokens; else NaN
+    }
+)
+
+MANIFEST = "manifest.json"
+SHARD_GLOB = "shard-*.parquet"
+
+
+class SamplesError(ValueError):
+    """An unusable samples dataset; the message names the dataset and what was expected."""
+
+
+def action_probs_of(record: dict) -> dict[str, float] | None:
+    raw = record.get("action_probs")
+    if raw in (None, ""):
+        return None
+    return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SamplesError(f"{path}: manifest is not valid JSON ({err})") from err
+
+
+def load_samples(source: str | Path, name: str = "samples") -> datasets.Dataset:
+    """Load a samples dataset from a directory of parquet shards, a parquet file, or a hub id.
+
+    Errors name the dataset (`name`, e.g. "teacher") and the file at fault.
+    """
+    path = Path(str(source))
+    if path.is_dir():
+        files = sorted(path.glob(SHARD_GLOB)) or sorted(path.rglob("*.parquet"))
+        if not files:
+            raise SamplesError(f"{name} dataset {path}: no parquet shards found (expected {SHARD_GLOB})")
+    elif path.suffix == ".parquet":
+        if not path.exists():
+            raise SamplesError(f"{name} dataset {path}: file not found")
+        files = [path]
+    elif path.exists():
+        raise SamplesError(f"{name} dataset {path}: expected a directory of parquet shards or a .parquet file")
+    else:
+        if "/" not in str(source) or str(source).startswith((".", "/")):
+            raise SamplesError(f"{name} dataset {source}: no such directory or file")
+        try:  # a datasets hub id (needs network or a local cache)
+            return _validate(datasets.load_dataset(str(source), split="train"), f"{name} dataset {source}")
+        except Exception as err:  # noqa: BLE001 - the hub raises many kinds
+            raise SamplesError(f"{name} dataset {source}: not a local path and could not be loaded from the hub ({err})") from err
+    import pyarrow.parquet as pq
+
+    tables = []
+    for file in files:
+        try:
+            tables.append(pq.read_table(file))
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several error types for corrupt files
+            raise SamplesError(f"{name} dataset: corrupt or unreadable parquet shard {file}: {err}") from err
+    import pyarrow as pa
+
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except Exception as err:  # noqa: BLE001
+        raise SamplesError(f"{name} dataset {path}: shards have incompatible schemas ({err})") from err
+    return _validate(datasets.Dataset(table), f"{name} dataset {path}")
+
+
+def _validate(dataset: datasets.Dataset, label: str) -> datasets.Dataset:
+    required = [c for c in RECORD_COLUMNS if c not in ("action_mass",)]
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise SamplesError(f"{label}: records lack required field(s) {missing}; expected the columns {list(RECORD_COLUMNS)}")
+    if len(dataset) == 0:
+        raise SamplesError(f"{label}: the dataset is empty (0 records)")
+    for column in ("game", "context", "action", "prompt_version"):
+        values = dataset[column]
+        bad = next((i for i, v in enumerate(values) if v is None or v == ""), None)
+        if bad is not None:
+            raise SamplesError(f"{label}: record {bad} has an empty {column!r}")
+    return dataset
+
+
+def prompt_versions(dataset: datasets.Dataset) -> set[str]:
+    return set(dataset.unique("prompt_version"))
+
+
+def check_same_prompt_version(datasets_by_name: dict[str, datasets.Dataset]) -> str:
+    """All datasets must come from one prompt template/catalogue; return that version."""
+    versions = {name: prompt_versions(ds) for name, ds in datasets_by_name.items()}
+    for name, found in versions.items():
+        if len(found) > 1:
+            raise SamplesError(f"{name} dataset mixes prompt versions {sorted(found)}")
+    distinct = {next(iter(v)) for v in versions.values()}
+    if len(distinct) > 1:
+        listing = ", ".join(f"{n}={next(iter(v))}" for n, v in versions.items())
+        raise SamplesError(
+            f"prompt_version mismatch between datasets ({listing}): they were rendered from different "
+            "prompt templates or scenario catalogues and cannot be compared"
+        )
+    return distinct.pop()

@@ -1,0 +1,293 @@
+"""The scenario catalogue: games, contexts and splits, loaded from YAML and validated.
+
+The catalogue is data (`conf/scenarios/catalogue/`): `games/*.yaml`, `contexts/*.yaml` and
+`splits.yaml`. A user adds a game or a context by dropping a YAML file there (or in a directory
+listed in `extra_dirs`); every problem is reported with the file and the key at fault.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+SPLITS = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
+MATRIX_ACTIONS = ("C", "D")
+
+
+class CatalogueError(ValueError):
+    """An invalid catalogue file; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Game:
+    name: str
+    title: str
+    kind: str  # "matrix" (two actions C/D) or "public_goods" (a donation 0..endowment)
+    payoffs: dict[str, dict[str, float]] = field(default_factory=dict)  # [mine][theirs] -> my points
+    scale: float = 1.0
+    base: str | None = None  # the game this one was scaled from
+    players: int = 2
+    endowment: int = 0
+    multiplier: float = 0.0
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        if self.kind == "public_goods":
+            return tuple(str(d) for d in range(self.endowment + 1))
+        return MATRIX_ACTIONS
+
+    def payoff(self, mine: str, theirs: str) -> float:
+        return self.payoffs[mine][theirs]
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Context:
+    name: str
+    coplayer: str
+    points: str
+    framing: str
+    regard: float  # oracle: weight on the coplayer's payoff
+    belief: float  # oracle: belief that the coplayer cooperates
+    games: tuple[str, ...] | None = None  # game kinds/names this context may frame; None = all matrix games
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    game: Game
+    context: Context
+    split: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.game.name, self.context.name)
+
+    @property
+    def id(self) -> str:
+        return f"{self.game.name}/{self.context.name}"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    games: dict[str, Game]
+    contexts: dict[str, Context]
+    splits: dict[str, list[tuple[str, str]]]  # split -> [(game, context)]
+    source: str = ""
+
+    def scenarios(
+        self,
+        splits: Iterable[str] | None = None,
+        games: Iterable[str] | None = None,
+        contexts: Iterable[str] | None = None,
+    ) -> list[Scenario]:
+        """Scenarios of the chosen splits (all by default), in catalogue order."""
+        chosen = list(splits) if splits is not None else list(self.splits)
+        for split in chosen:
+            if split not in self.splits:
+                raise CatalogueError(
+                    f"unknown split {split!r}: the catalogue {self.source} has {sorted(self.splits)}"
+                )
+        game_filter = set(games) if games is not None else None
+        context_filter = set(contexts) if contexts is not None else None
+        out = []
+        for split in chosen:
+            for game_name, context_name in self.splits[split]:
+                if game_filter is not None and game_name not in game_filter:
+                    continue
+                if context_filter is not None and context_name not in context_filter:
+                    continue
+                out.append(Scenario(self.games[game_name], self.contexts[context_name], split))
+        return out
+
+    def scenario(self, game: str, context: str) -> Scenario:
+        for split, pairs in self.splits.items():
+            if (game, context) in pairs:
+                return Scenario(self.games[game], self.contexts[context], split)
+        raise KeyError(f"no scenario ({game}, {context}) in the catalogue {self.source}")
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that reaches a prompt (for `prompt_version`)."""
+        blob = json.dumps(
+            {
+                "games": {k: g.to_dict() for k, g in sorted(self.games.items())},
+                "contexts": {k: c.to_dict() for k, c in sorted(self.contexts.items())},
+                "splits": {k: v for k, v in sorted(self.splits.items())},
+            },
+            sort_keys=True,
+            default=list,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CatalogueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise CatalogueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _require(data: dict, key: str, path: Path, kind: type | tuple = object):
+    if key not in data or data[key] is None:
+        raise CatalogueError(f"{path}: missing required key {key!r}")
+    value = data[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise CatalogueError(f"{path}: key {key!r} must be {names}, got {value!r}")
+    return value
+
+
+def _parse_game(data: dict, path: Path) -> list[Game]:
+    name = _require(data, "name", path, str)
+    kind = data.get("kind", "matrix")
+    title = data.get("title", name)
+    known = {"name", "title", "kind", "actions", "payoffs", "scaled_variants", "players", "endowment", "multiplier"}
+    unknown = set(data) - known
+    if unknown:
+        raise CatalogueError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    if kind == "public_goods":
+        players = _require(data, "players", path, int)
+        endowment = _require(data, "endowment", path, int)
+        multiplier = float(_require(data, "multiplier", path, (int, float)))
+        if players < 2 or endowment < 1 or multiplier <= 0:
+            raise CatalogueError(f"{path}: 'players' must be ≥ 2, 'endowment' ≥ 1 and 'multiplier' > 0")
+        return [Game(name=name, title=title, kind=kind, players=players, endowment=endowment, multiplier=multiplier)]
+    if kind != "matrix":
+        raise CatalogueError(f"{path}: key 'kind' must be 'matrix' or 'public_goods', got {kind!r}")
+    actions = tuple(data.get("actions", MATRIX_ACTIONS))
+    if actions != MATRIX_ACTIONS:
+        raise CatalogueError(f"{path}: key 'actions' must be [C, D], got {list(actions)}")
+    payoffs = _require(data, "payoffs", path, dict)
+    if set(payoffs) != set(MATRIX_ACTIONS):
+        bad = sorted(set(payoffs) ^ set(MATRIX_ACTIONS))
+        raise CatalogueError(
+            f"{path}: key 'payoffs' must have exactly the rows C and D (a 2×2 matrix); "
+            f"unknown or missing action(s) {bad}"
+        )
+    matrix: dict[str, dict[str, float]] = {}
+    for mine in MATRIX_ACTIONS:
+        row = payoffs[mine]
+        if not isinstance(row, dict) or set(row) != set(MATRIX_ACTIONS):
+            raise CatalogueError(
+                f"{path}: key 'payoffs.{mine}' must map both C and D to a number, got {row!r}"
+            )
+        for theirs in MATRIX_ACTIONS:
+            value = row[theirs]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise CatalogueError(f"{path}: key 'payoffs.{mine}.{theirs}' must be a number, got {value!r}")
+        matrix[mine] = {t: float(row[t]) for t in MATRIX_ACTIONS}
+    games = [Game(name=name, title=title, kind=kind, payoffs=matrix)]
+    for scale in data.get("scaled_variants", []) or []:
+        if not isinstance(scale, (int, float)) or scale <= 0:
+            raise CatalogueError(f"{path}: key 'scaled_variants' must list positive numbers, got {scale!r}")
+        label = int(scale) if float(scale).is_integer() else scale
+        games.append(
+            Game(
+                name=f"{name}_x{label}",
+                title=f"{title} (payoffs ×{label})",
+                kind=kind,
+                payoffs={m: {t: v * scale for t, v in row.items()} for m, row in matrix.items()},
+                scale=float(scale),
+                base=name,
+            )
+        )
+    return games
+
+
+def _parse_context(data: dict, path: Path) -> Context:
+    known = {"name", "coplayer", "points", "framing", "oracle", "games"}
+    unknown = set(data) - known
+    if unknown:
+        raise CatalogueError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    oracle = data.get("oracle") or {}
+    if not isinstance(oracle, dict):
+        raise CatalogueError(f"{path}: key 'oracle' must be a mapping with 'regard' and 'belief'")
+    regard = oracle.get("regard", 0.0)
+    belief = oracle.get("belief", 0.5)
+    for key, value in (("oracle.regard", regard), ("oracle.belief", belief)):
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise CatalogueError(f"{path}: key {key!r} must be a number in [0, 1], got {value!r}")
+    games = data.get("games")
+    return Context(
+        name=_require(data, "name", path, str),
+        coplayer=_require(data, "coplayer", path, str),
+        points=_require(data, "points", path, str),
+        framing=" ".join(_require(data, "framing", path, str).split()),
+        regard=float(regard),
+        belief=float(belief),
+        games=tuple(games) if games else None,
+    )
+
+
+def load_catalogue(directory: str | Path, extra_dirs: Iterable[str | Path] = ()) -> Catalogue:
+    """Load and validate a catalogue directory (plus optional directories of extra games/contexts)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CatalogueError(f"{directory}: scenario catalogue directory not found")
+    dirs = [directory, *[Path(d) for d in extra_dirs]]
+    games: dict[str, Game] = {}
+    game_files: dict[str, Path] = {}
+    contexts: dict[str, Context] = {}
+    context_files: dict[str, Path] = {}
+    for root in dirs:
+        for path in sorted((root / "games").glob("*.yaml")):
+            for game in _parse_game(_load_yaml(path), path):
+                if game.name in games:
+                    raise CatalogueError(
+                        f"{path}: duplicate game name {game.name!r} (already defined in {game_files[game.name]})"
+                    )
+                games[game.name] = game
+                game_files[game.name] = path
+        for path in sorted((root / "contexts").glob("*.yaml")):
+            context = _parse_context(_load_yaml(path), path)
+            if context.name in contexts:
+                raise CatalogueError(
+                    f"{path}: duplicate context name {context.name!r} (already defined in {context_files[context.name]})"
+                )
+            contexts[context.name] = context
+            context_files[context.name] = path
+    splits: dict[str, list[tuple[str, str]]] = {}
+    for root in dirs:
+        path = root / "splits.yaml"
+        if not path.exists():
+            if root == directory:
+                raise CatalogueError(f"{path}: missing splits file")
+            continue
+        for split, spec in _load_yaml(path).items():
+            if split not in SPLITS:
+                raise CatalogueError(f"{path}: unknown split {split!r}; expected one of {list(SPLITS)}")
+            if not isinstance(spec, dict) or "games" not in spec or "contexts" not in spec:
+                raise CatalogueError(f"{path}: key {split!r} must have 'games' and 'contexts' lists")
+            pairs = splits.setdefault(split, [])
+            for game_name in spec["games"]:
+                if game_name not in games:
+                    raise CatalogueError(f"{path}: key '{split}.games' names unknown game {game_name!r}")
+                for context_name in spec["contexts"]:
+                    if context_name not in contexts:
+                        raise CatalogueError(
+                            f"{path}: key '{split}.contexts' names unknown context {context_name!r}"
+                        )
+                    context = contexts[context_name]
+                    game = games[game_name]
+                    if context.games is not None and game.name not in context.games and game.kind not in context.games:
+                        raise CatalogueError(
+                            f"{path}: key '{split}': context {context_name!r} only frames {list(context.games)}, "
+                            f"not {game_name!r}"
+                        )
+                    if (game_name, context_name) in [p for ps in splits.values() for p in ps]:
+                        raise CatalogueError(
+                            f"{path}: key '{split}': scenario ({game_name}, {context_name}) is listed twice"
+                        )
+                    pairs.append((game_name, context_name))
+    return Catalogue(games=games, contexts=contexts, splits=splits, source=str(directory))
