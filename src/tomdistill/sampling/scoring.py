@@ -1,0 +1,116 @@
+"""Exact action probabilities from next-token log-probabilities (score mode).
+
+For each scenario, the prompt (through the chat template) is followed by the answer prefix
+`Answer:`; the probability of action `a` is the product of the probabilities of the tokens of
+" a" after it. Prompt and continuation are tokenized together (" C" and "C" are different tokens).
+When every action is one token (C/D with Llama/SmolLM2 tokenizers), one forward pass per
+scenario gives them all; multi-token actions (public goods amounts) take one sequence per action.
+
+`action_mass` is the raw probability mass on the action continuations before renormalising: how
+much of the model's next-token distribution sits on valid answers at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..scenarios import ANSWER_PREFIX, Scenario, build_messages, render_prompt
+
+
+@dataclass
+class ScoringItem:
+    prompt: str                      # the full text up to and including the answer prefix
+    actions: tuple[str, ...]
+    continuation_ids: list[list[int]]  # token ids of " <action>" after the prompt, per action
+    prompt_ids: list[int]
+
+
+def score_prompt(tokenizer, scenario: Scenario, role: str = "student", shuffle_seed: int | None = None) -> str:
+    return render_prompt(tokenizer, build_messages(scenario, role, shuffle_seed)) + ANSWER_PREFIX
+
+
+def prepare_item(tokenizer, prompt: str, actions: tuple[str, ...]) -> ScoringItem:
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    continuations = []
+    for action in actions:
+        full = tokenizer(prompt + " " + action, add_special_tokens=False)["input_ids"]
+        if full[: len(prompt_ids)] != prompt_ids:
+            # the tokenizer merged across the boundary: fall back to tokenizing the continuation alone
+            continuations.append(tokenizer(" " + action, add_special_tokens=False)["input_ids"])
+        else:
+            continuations.append(full[len(prompt_ids):])
+    return ScoringItem(prompt, tuple(actions), continuations, prompt_ids)
+
+
+def _pad_left(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def action_logprobs(model, tokenizer, items: list[ScoringItem], batch_size: int = 16) -> list[dict[str, float]]:
+    """Log-probability of each action's continuation, per item (differentiable if grad is on)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results: list[dict[str, float] | None] = [None] * len(items)
+    single = [i for i, it in enumerate(items) if all(len(c) == 1 for c in it.continuation_ids)]
+    multi = [i for i in range(len(items)) if i not in set(single)]
+    for start in range(0, len(single), batch_size):
+        chunk = single[start:start + batch_size]
+        ids, mask = _pad_left([items[i].prompt_ids for i in chunk], pad_id, device)
+        logprobs = _forward_logprobs(model, ids, mask)[:, -1, :]
+        for row, index in enumerate(chunk):
+            item = items[index]
+            results[index] = {a: logprobs[row, c[0]] for a, c in zip(item.actions, item.continuation_ids)}
+    sequences, owners = [], []
+    for index in multi:
+        item = items[index]
+        for action, cont in zip(item.actions, item.continuation_ids):
+            sequences.append((item.prompt_ids + cont, len(cont)))
+            owners.append((index, action))
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        ids, mask = _pad_left([s for s, _ in chunk], pad_id, device)
+        logprobs = _forward_logprobs(model, ids, mask)
+        for row, (seq, n_cont) in enumerate(chunk):
+            target = ids[row, -n_cont:]
+            predicted = logprobs[row, -n_cont - 1:-1, :]
+            total = predicted.gather(-1, target.unsqueeze(-1)).sum()
+            index, action = owners[start + row]
+            if results[index] is None:
+                results[index] = {}
+            results[index][action] = total
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def score_scenarios(
+    model, tokenizer, scenarios: list[Scenario], role: str = "student", batch_size: int = 16,
+    shuffle_seed: int | None = None,
+) -> list[tuple[str, dict[str, float], float]]:
+    """(prompt, renormalised action probabilities, raw action mass) for each scenario."""
+    items = [prepare_item(tokenizer, score_prompt(tokenizer, s, role, shuffle_seed), s.game.actions) for s in scenarios]
+    was_training = model.training
+    model.eval()
+    try:
+        logprobs = action_logprobs(model, tokenizer, items, batch_size)
+    finally:
+        model.train(was_training)
+    out = []
+    for item, lp in zip(items, logprobs):
+        raw = {a: float(torch.exp(v)) for a, v in lp.items()}
+        mass = sum(raw.values())
+        probs = {a: (p / mass if mass > 0 else 1.0 / len(raw)) for a, p in raw.items()}
+        out.append((item.prompt, probs, mass))
+    return out
