@@ -1,0 +1,35 @@
+"""Shared test set-up: offline, CPU, and the embedded models' configs."""
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(scope="session")
+def catalogue():
+    from tomdistill import CATALOGUE_DIR
+    from tomdistill.scenarios import load_catalogue
+
+    return load_catalogue(CATALOGUE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg():
+    return yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_cfg():
+    return yaml.safe_load((ROOT / "conf/model/smollm2_135m.yaml").read_text())
