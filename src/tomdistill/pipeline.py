@@ -1,0 +1,157 @@
+"""The one-command study: teacher samples → base student → train → tuned student → evaluate.
+
+    python -m tomdistill.pipeline +experiment=demo
+
+Each stage runs the project's own entry point (sample.py, train.py, evaluate.py) in a child
+process, with the pipeline's command-line overrides (e.g. `+experiment=demo seed=1`) followed by
+the stage's own overrides from `pipeline.*` in the config. A stage whose outputs are complete is
+skipped, so an interrupted study resumes at the stage it stopped in (and sampling and training
+resume inside the stage). Several training variants (e.g. `sft`, `soft`, `sft_soft`) can share
+the same teacher and base samples; the study ends with one table comparing them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import PROJECT_ROOT
+
+
+@dataclass
+class Stage:
+    name: str
+    script: str
+    output: Path
+    overrides: list[str] = field(default_factory=list)
+
+    def complete(self) -> bool:
+        if self.script == "sample.py":
+            manifest = self.output / "manifest.json"
+            return manifest.exists() and json.loads(manifest.read_text()).get("complete", False)
+        if self.script == "train.py":
+            return (self.output / "adapter" / "adapter_model.safetensors").exists() and (
+                self.output / "adapter" / "tomdistill_adapter.json"
+            ).exists()
+        return (self.output / "summary.json").exists()
+
+
+def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
+    """The study's stages, in order, with their outputs under `study_dir`."""
+    p = cfg.pipeline
+    teacher = study_dir / "teacher"
+    teacher_scores = study_dir / "teacher_scores"
+    base = study_dir / "base"
+    stages = [
+        Stage("teacher samples", "sample.py", teacher, list(p.teacher)),
+        Stage("teacher choice probabilities", "sample.py", teacher_scores, list(p.teacher_scores)),
+        Stage("base student", "sample.py", base, list(p.student)),
+    ]
+    for variant, train_overrides in p.variants.items():
+        train_dir = study_dir / f"train_{variant}"
+        tuned = study_dir / f"tuned_{variant}"
+        stages += [
+            Stage(
+                f"train [{variant}]", "train.py", train_dir,
+                [f"data.teacher={teacher}", f"data.soft_targets={teacher_scores}", *p.train, *train_overrides],
+            ),
+            Stage(f"tuned student [{variant}]", "sample.py", tuned, [*p.student, f"adapter={train_dir / 'adapter'}"]),
+            Stage(
+                f"evaluate [{variant}]", "evaluate.py", study_dir / f"evaluate_{variant}",
+                [f"teacher={teacher_scores}", f"base={base}", f"tuned={tuned}", *p.evaluate],
+            ),
+        ]
+    return stages
+
+
+def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
+    command = [sys.executable, str(PROJECT_ROOT / stage.script), *common, *stage.overrides,
+               f"output={stage.output}", f"hydra.run.dir={stage.output / 'hydra'}"]
+    if stage.script == "train.py" and (stage.output / "checkpoints" / "last.ckpt").exists():
+        command.append("ckpt_path=last")  # resume an interrupted training run
+    print(f"[{index}/{total}] {stage.name}: running → {stage.output}", flush=True)
+    started = time.perf_counter()
+    env = {**os.environ, "PROJECT_ROOT": str(PROJECT_ROOT)}
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        print(f"[{index}/{total}] {stage.name}: FAILED (exit {result.returncode}); command:\n  {' '.join(command)}", flush=True)
+        raise SystemExit(result.returncode)
+    if not stage.complete():
+        print(f"[{index}/{total}] {stage.name}: finished but its outputs are incomplete in {stage.output}", flush=True)
+        raise SystemExit(1)
+    return time.perf_counter() - started
+
+
+def _pipeline_overrides() -> list[str]:
+    """The overrides this pipeline was started with, passed on to every stage."""
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith(("pipeline.", "hydra.", "output="))]
+
+
+def study_table(study_dir: Path, variants: list[str]) -> dict:
+    """Alignment and improvement per split for every variant, from each evaluation's summary.json."""
+    table = {}
+    for variant in variants:
+        summary = json.loads((study_dir / f"evaluate_{variant}" / "summary.json").read_text())
+        table[variant] = {
+            metric: {split: summary[metric][split] for split in summary[metric]}
+            for metric in ("alignment", "improvement")
+        }
+        if "action_mass" in summary:
+            table[variant]["action_mass"] = summary["action_mass"]
+    return table
+
+
+def print_study(table: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    splits = ["in_sample", "oos_context", "oos_payoffs", "oos_game", "overall"]
+    for metric in ("alignment", "improvement"):
+        out = Table(title=f"{metric} toward the teacher (1.0 = indistinguishable; 95% bootstrap CI)")
+        out.add_column("variant")
+        for split in splits:
+            out.add_column(split, justify="right")
+        for variant, metrics in table.items():
+            cells = []
+            for split in splits:
+                cell = metrics[metric].get(split) or {}
+                value = cell.get("value")
+                cells.append("—" if value is None or value != value else
+                             f"{value:.2f} [{cell.get('ci_low', float('nan')):.2f}, {cell.get('ci_high', float('nan')):.2f}]")
+            out.add_row(variant, *cells)
+        Console().print(out)
+
+
+@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="pipeline", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    study_dir = Path(cfg.output or cfg.pipeline.study_dir).resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    common = _pipeline_overrides()
+    stages = plan(cfg, study_dir)
+    (study_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    started = time.perf_counter()
+    for index, stage in enumerate(stages, 1):
+        if stage.complete():
+            print(f"[{index}/{len(stages)}] {stage.name}: complete, skipped ({stage.output})", flush=True)
+            continue
+        seconds = run_stage(stage, common, index, len(stages))
+        print(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s", flush=True)
+    table = study_table(study_dir, list(cfg.pipeline.variants))
+    tmp = study_dir / "study.json.tmp"
+    tmp.write_text(json.dumps(table, indent=2))
+    os.replace(tmp, study_dir / "study.json")
+    print_study(table)
+    print(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    main()
