@@ -1,0 +1,1 @@
+"""Reference data shipped with tomdistill (published results, loadable as sample datasets)."""
