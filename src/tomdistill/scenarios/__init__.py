@@ -1,5 +1,5 @@
 """Scenarios: the catalogue (games, contexts, splits), prompts, answer parsing and the oracle agent."""
-from .catalogue import SPLITS, Catalogue, CatalogueError, Context, Game, Scenario, load_catalogue
+from .catalogue import AUGMENT_SPLIT, SPLITS, Catalogue, catalogue_from_config, CatalogueError, Context, Game, Scenario, load_catalogue
 from .parsing import UNPARSED, parse_action, parse_motivation
 from .prompts import (
     ANSWER_PREFIX,
@@ -11,7 +11,7 @@ from .prompts import (
 )
 
 __all__ = [
-    "SPLITS", "Catalogue", "CatalogueError", "Context", "Game", "Scenario", "load_catalogue",
+    "AUGMENT_SPLIT", "SPLITS", "Catalogue", "catalogue_from_config", "CatalogueError", "Context", "Game", "Scenario", "load_catalogue",
     "UNPARSED", "parse_action", "parse_motivation", "ANSWER_PREFIX", "MOTIVATION_PREFIX",
     "answer_text", "build_messages", "prompt_version", "render_prompt",
 ]

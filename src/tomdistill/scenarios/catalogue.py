@@ -15,6 +15,9 @@ from typing import Iterable
 import yaml
 
 SPLITS = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
+# Training-only scenarios: the in-sample games with rescaled payoffs (`augment_scales`), so a student
+# sees payoff numbers vary. Never evaluated; the scales must differ from the oos_payoffs ones.
+AUGMENT_SPLIT = "augment"
 MATRIX_ACTIONS = ("C", "D")
 
 
@@ -230,8 +233,14 @@ def _parse_context(data: dict, path: Path) -> Context:
     )
 
 
-def load_catalogue(directory: str | Path, extra_dirs: Iterable[str | Path] = ()) -> Catalogue:
-    """Load and validate a catalogue directory (plus optional directories of extra games/contexts)."""
+def load_catalogue(
+    directory: str | Path, extra_dirs: Iterable[str | Path] = (), augment_scales: Iterable[float] = ()
+) -> Catalogue:
+    """Load and validate a catalogue directory (plus optional directories of extra games/contexts).
+
+    `augment_scales` adds an `augment` split: every in-sample game with its payoffs multiplied by
+    each scale, in every in-sample context (training data only).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CatalogueError(f"{directory}: scenario catalogue directory not found")
@@ -290,4 +299,33 @@ def load_catalogue(directory: str | Path, extra_dirs: Iterable[str | Path] = ())
                             f"{path}: key '{split}': scenario ({game_name}, {context_name}) is listed twice"
                         )
                     pairs.append((game_name, context_name))
+    augment_scales = list(augment_scales or [])
+    if augment_scales:
+        evaluated = {games[g].scale for pairs in splits.values() for g, _ in pairs}
+        clash = sorted(set(float(s) for s in augment_scales) & evaluated)
+        if clash:
+            raise CatalogueError(
+                f"scenarios.augment_scales: scale(s) {clash} are evaluated splits' scales; augmentation would leak them"
+            )
+        in_sample = splits.get("in_sample", [])
+        pairs = []
+        for scale in augment_scales:
+            label = int(scale) if float(scale).is_integer() else scale
+            for game_name, context_name in in_sample:
+                base = games[game_name]
+                name = f"{base.name}_x{label}"
+                if name not in games:
+                    games[name] = Game(
+                        name=name, title=f"{base.title} (payoffs ×{label})", kind=base.kind,
+                        payoffs={m: {t: v * scale for t, v in row.items()} for m, row in base.payoffs.items()},
+                        scale=float(scale), base=base.name,
+                    )
+                pairs.append((name, context_name))
+        splits[AUGMENT_SPLIT] = pairs
     return Catalogue(games=games, contexts=contexts, splits=splits, source=str(directory))
+
+
+def catalogue_from_config(scenarios_cfg) -> Catalogue:
+    """The catalogue described by a `scenarios` config group (see conf/scenarios/default.yaml)."""
+    get = scenarios_cfg.get if hasattr(scenarios_cfg, "get") else lambda k, d=None: getattr(scenarios_cfg, k, d)
+    return load_catalogue(get("catalogue_dir"), get("extra_dirs") or (), get("augment_scales") or ())

@@ -73,11 +73,11 @@ def materialise(cache_dir: str | Path) -> dict[str, Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{role}-"))
             frame = records(role)
-            import datasets
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-            datasets.Dataset.from_pandas(frame, features=FEATURES, preserve_index=False).to_parquet(
-                str(tmp / "shard-00000.parquet")
-            )
+            table = pa.Table.from_pandas(frame, schema=FEATURES.arrow_schema, preserve_index=False)
+            pq.write_table(table, tmp / "shard-00000.parquet")
             manifest = {"reference": NAME, "role": role, "model": MODELS[role], "prompt_version": PROMPT_VERSION,
                         "records": len(frame), "source": CITATION}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

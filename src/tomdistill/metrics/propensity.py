@@ -1,0 +1,149 @@
+"""Propensity to cooperate per model × scenario, from sample records (pure functions on DataFrames).
+
+Everything starts from an *answer table*: for one model, one row per (scenario, answer value)
+with a count. The value is on the propensity scale, in [0, 1]:
+- generate mode, two-action games: 1 for `C`, 0 for `D`;
+- generate mode, public goods: the donation as a share of the endowment;
+- score mode (`action_probs`): one row per record, P(C) renormalised over C/D, or the expected
+  donation as a share of the endowment;
+- unparsed answers: value NaN (counted, never part of a propensity).
+The point estimate is the count-weighted mean of the parsed values, and the bootstrap
+(`stats.bootstrap_scenario_means`) resamples exactly these rows — one source for both.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from tomdistill.scenarios.catalogue import SPLITS
+from tomdistill.scenarios.parsing import UNPARSED
+
+SCENARIO_KEYS = ["split", "game", "context"]
+MATRIX_ACTIONS = ("C", "D")
+DEFAULT_ENDOWMENT = 10
+
+
+class PropensityError(ValueError):
+    """Records that cannot give a propensity; the message names the dataset and the scenario."""
+
+
+def _is_amount(action: str) -> bool:
+    return action.isdigit()
+
+
+def _score_value(raw, kind: str, endowment: int, label: str) -> float:
+    probs = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    if kind == "matrix":
+        c, d = float(probs.get("C", 0.0)), float(probs.get("D", 0.0))
+        if c + d <= 0:
+            raise PropensityError(f"{label}: action_probs {probs} puts no probability on C or D")
+        return c / (c + d)
+    amounts = {int(a): float(p) for a, p in probs.items() if str(a).isdigit()}
+    total = sum(amounts.values())
+    if total <= 0:
+        raise PropensityError(f"{label}: action_probs {probs} puts no probability on any donation")
+    return sum(a * p for a, p in amounts.items()) / total / endowment
+
+
+def answer_table(records: pd.DataFrame, dataset: str, endowments: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """One row per (scenario, value) with its count; see the module docstring.
+
+    `records` needs the columns split, game, context, action, action_probs. `endowments` maps
+    public-goods game names to their endowment (from the catalogue); a game not listed there is
+    a public goods game when its parsed answers are whole numbers (endowment 10 unless larger
+    answers occur). Errors name `dataset` and the scenario.
+    """
+    endowments = dict(endowments or {})
+    rows = []
+    for (split, game, context), group in records.groupby(SCENARIO_KEYS, sort=False):
+        label = f"{dataset} dataset, scenario {game}/{context} ({split})"
+        if split not in SPLITS:
+            raise PropensityError(f"{label}: unknown split name {split!r}; expected one of {list(SPLITS)}")
+        actions = group["action"].astype(str)
+        parsed = actions[actions != UNPARSED]
+        if game in endowments:
+            kind, endowment = "public_goods", int(endowments[game])
+        elif parsed.isin(MATRIX_ACTIONS).all():
+            kind, endowment = "matrix", 0
+        elif parsed.map(_is_amount).all():
+            kind = "public_goods"
+            endowment = max(DEFAULT_ENDOWMENT, max((int(a) for a in parsed), default=0))
+        else:
+            odd = sorted(set(parsed[~parsed.isin(MATRIX_ACTIONS) & ~parsed.map(_is_amount)]))[:5]
+            raise PropensityError(f"{label}: actions {odd} are neither C/D nor a whole-dollar amount")
+        probs = group["action_probs"] if "action_probs" in group else pd.Series([""] * len(group))
+        scored = probs.map(lambda v: v not in (None, "") and not (isinstance(v, float) and math.isnan(v)))
+        base = {"split": split, "game": game, "context": context, "kind": kind, "endowment": endowment}
+        if scored.all():
+            for raw in probs:
+                rows.append({**base, "mode": "score", "value": _score_value(raw, kind, endowment, label), "count": 1})
+            continue
+        if kind == "matrix":
+            values = parsed.map({"C": 1.0, "D": 0.0})
+        else:
+            values = parsed.astype(int) / endowment
+            if (values > 1).any():
+                raise PropensityError(f"{label}: a donation exceeds the endowment {endowment}")
+        for value, count in values.value_counts().sort_index(ascending=False).items():
+            rows.append({**base, "mode": "generate", "value": float(value), "count": int(count)})
+        n_unparsed = int((actions == UNPARSED).sum())
+        if n_unparsed:
+            rows.append({**base, "mode": "generate", "value": math.nan, "count": n_unparsed})
+    return pd.DataFrame(rows, columns=[*SCENARIO_KEYS, "kind", "endowment", "mode", "value", "count"])
+
+
+def scenario_propensities(answers: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Per scenario: n, n_parsed, n_unparsed, n_C, n_D, p (propensity), p_se, mean donation and its SE.
+
+    Raises PropensityError when a scenario has no parsed answer (a propensity would be made up).
+    """
+    out = []
+    for (split, game, context), group in answers.groupby(SCENARIO_KEYS, sort=False):
+        parsed = group[group["value"].notna()]
+        n_parsed = int(parsed["count"].sum())
+        n_unparsed = int(group.loc[group["value"].isna(), "count"].sum())
+        if n_parsed == 0:
+            raise PropensityError(
+                f"{dataset} dataset, scenario {game}/{context} ({split}): no parsed answers "
+                f"({n_unparsed} unparsed) — no propensity can be computed"
+            )
+        kind, endowment, mode = group["kind"].iloc[0], int(group["endowment"].iloc[0]), group["mode"].iloc[0]
+        weights = parsed["count"].to_numpy(float)
+        values = parsed["value"].to_numpy(float)
+        p = float(np.average(values, weights=weights))
+        variance = float(np.average((values - p) ** 2, weights=weights))
+        se = math.sqrt(variance / n_parsed)
+        row = {
+            "split": split, "game": game, "context": context, "kind": kind, "mode": mode,
+            "n": n_parsed + n_unparsed, "n_parsed": n_parsed, "n_unparsed": n_unparsed,
+            "n_C": math.nan, "n_D": math.nan, "p": p, "p_se": se,
+            "mean_donation": math.nan, "donation_se": math.nan, "endowment": endowment or math.nan,
+        }
+        if kind == "matrix" and mode == "generate":
+            row["n_C"] = int(parsed.loc[parsed["value"] == 1.0, "count"].sum())
+            row["n_D"] = int(parsed.loc[parsed["value"] == 0.0, "count"].sum())
+        if kind == "public_goods":
+            row["mean_donation"], row["donation_se"] = p * endowment, se * endowment
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def group_propensities(propensities: pd.DataFrame) -> pd.DataFrame:
+    """Mean scenario propensity of each model per split, per game and per context (and overall).
+
+    `propensities` holds the scenario tables of several models with a `model` column. Public
+    goods propensities are shares of the endowment; their mean donations are reported apart.
+    """
+    rows = []
+    for model, table in propensities.groupby("model", sort=False):
+        for by in ("split", "game", "context"):
+            for name, group in table.groupby(by, sort=False):
+                rows.append({"model": model, "by": by, "group": name, "p": group["p"].mean(),
+                             "n_scenarios": len(group), "n_unparsed": int(group["n_unparsed"].sum())})
+        rows.append({"model": model, "by": "overall", "group": "overall", "p": table["p"].mean(),
+                     "n_scenarios": len(table), "n_unparsed": int(table["n_unparsed"].sum())})
+    return pd.DataFrame(rows)
