@@ -46,3 +46,72 @@ def alignment(p_base, p_tuned, p_teacher) -> float:
     after = np.abs(p_tuned - p_teacher).sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan).item() if np.ndim(before) == 0 else np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
+
+
+# --- per scenario and per group --------------------------------------------------------------
+# Scenario propensities are on the [0, 1] scale (public goods: mean donation / endowment). Both
+# per-scenario metrics are ratios of differences, so for public goods they equal the paper's
+# values on mean donations, and sums over a group stay in one unit.
+
+GROUP_KINDS = ("overall", "split", "game", "context", "scenario")
+SPLIT_ORDER = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
+
+
+def scenario_transfer(p_teacher, p_base, p_tuned, epsilon: float = DEFAULT_EPSILON) -> dict[str, np.ndarray]:
+    """Per-scenario gap, whether `improvement` is defined (|gap| ≥ epsilon), improvement and alignment."""
+    p_teacher, p_base, p_tuned = (np.asarray(x, dtype=float) for x in (p_teacher, p_base, p_tuned))
+    gap = p_base - p_teacher
+    return {
+        "gap": gap,
+        "defined": np.abs(gap) >= epsilon,
+        "improvement": improvement_per_scenario(p_base, p_tuned, p_teacher, epsilon),
+        "alignment": alignment_per_scenario(p_base, p_tuned, p_teacher),
+    }
+
+
+def group_masks(scenarios) -> tuple[list[dict], np.ndarray]:
+    """The groups every aggregate is reported for, and a boolean (groups × scenarios) membership matrix.
+
+    `scenarios` is a DataFrame with columns split, game, context (one row per scenario). Groups:
+    overall; each split; each game and each context within a split; each scenario alone.
+    """
+    split = scenarios["split"].to_numpy()
+    game = scenarios["game"].to_numpy()
+    context = scenarios["context"].to_numpy()
+    present = [s for s in SPLIT_ORDER if s in set(split)] + sorted(set(split) - set(SPLIT_ORDER))
+    groups, masks = [{"kind": "overall", "split": "overall", "group": "overall"}], [np.ones(len(split), bool)]
+    for s in present:
+        in_split = split == s
+        groups.append({"kind": "split", "split": s, "group": s})
+        masks.append(in_split)
+        for kind, column in (("game", game), ("context", context)):
+            for name in dict.fromkeys(column[in_split]):
+                groups.append({"kind": kind, "split": s, "group": name})
+                masks.append(in_split & (column == name))
+    for i in range(len(split)):
+        groups.append({"kind": "scenario", "split": split[i], "group": f"{game[i]}/{context[i]}"})
+        masks.append(np.arange(len(split)) == i)
+    return groups, np.stack(masks)
+
+
+def group_transfer(p_teacher, p_base, p_tuned, masks, defined) -> dict[str, np.ndarray]:
+    """Aggregate improvement (mean of the defined scenarios) and alignment (distance ratio) per group.
+
+    The propensity arrays may carry leading axes (e.g. bootstrap resamples × scenarios); `defined`
+    (scenarios,) is fixed — taken from the point estimate — so a resample cannot change which
+    scenarios a mean is over. Returns arrays (..., groups), NaN where a group has nothing to average.
+    """
+    p_teacher, p_base, p_tuned = (np.asarray(x, dtype=float) for x in (p_teacher, p_base, p_tuned))
+    masks = np.asarray(masks, dtype=float)
+    defined = np.asarray(defined, dtype=bool)
+    gap = p_base - p_teacher
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_scenario = np.where(defined, (p_base - p_tuned) / np.where(defined, gap, 1.0), 0.0)
+        used = masks * defined
+        n_defined = used.sum(axis=1)
+        improvement_mean = np.where(n_defined > 0, (per_scenario @ used.T) / np.maximum(n_defined, 1), np.nan)
+        before = np.abs(gap) @ masks.T
+        after = np.abs(p_tuned - p_teacher) @ masks.T
+        alignment_ratio = np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
+    return {"improvement": improvement_mean, "alignment": alignment_ratio, "n_defined": n_defined.astype(int),
+            "n_scenarios": masks.sum(axis=1).astype(int)}

@@ -118,12 +118,18 @@ class Catalogue:
         raise KeyError(f"no scenario ({game}, {context}) in the catalogue {self.source}")
 
     def fingerprint(self) -> str:
-        """A short hash of everything that reaches a prompt (for `prompt_version`)."""
+        """A short hash of everything that reaches a prompt (for `prompt_version`).
+
+        The training-only augment split is left out: it adds scenarios but changes no prompt.
+        """
+        augmented = {g for g, _ in self.splits.get(AUGMENT_SPLIT, [])} - {
+            g for split, pairs in self.splits.items() if split != AUGMENT_SPLIT for g, _ in pairs
+        }
         blob = json.dumps(
             {
-                "games": {k: g.to_dict() for k, g in sorted(self.games.items())},
+                "games": {k: g.to_dict() for k, g in sorted(self.games.items()) if k not in augmented},
                 "contexts": {k: c.to_dict() for k, c in sorted(self.contexts.items())},
-                "splits": {k: v for k, v in sorted(self.splits.items())},
+                "splits": {k: v for k, v in sorted(self.splits.items()) if k != AUGMENT_SPLIT},
             },
             sort_keys=True,
             default=list,
