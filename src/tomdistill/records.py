@@ -108,7 +108,7 @@ def _validate(dataset: datasets.Dataset, label: str) -> datasets.Dataset:
     if len(dataset) == 0:
         raise SamplesError(f"{label}: the dataset is empty (0 records)")
     for column in ("game", "context", "action", "prompt_version"):
-        values = dataset[column]
+        values = dataset.data.column(column).to_pylist()  # arrow column: no per-row python decoding
         bad = next((i for i, v in enumerate(values) if v is None or v == ""), None)
         if bad is not None:
             raise SamplesError(f"{label}: record {bad} has an empty {column!r}")

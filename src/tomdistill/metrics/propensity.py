@@ -132,18 +132,18 @@ def scenario_propensities(answers: pd.DataFrame, dataset: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def group_propensities(propensities: pd.DataFrame) -> pd.DataFrame:
+def group_propensities(propensities: pd.DataFrame, model_column: str = "model") -> pd.DataFrame:
     """Mean scenario propensity of each model per split, per game and per context (and overall).
 
-    `propensities` holds the scenario tables of several models with a `model` column. Public
+    `propensities` holds the scenario tables of several models, told apart by `model_column`. Public
     goods propensities are shares of the endowment; their mean donations are reported apart.
     """
     rows = []
-    for model, table in propensities.groupby("model", sort=False):
+    for model, table in propensities.groupby(model_column, sort=False):
         for by in ("split", "game", "context"):
             for name, group in table.groupby(by, sort=False):
-                rows.append({"model": model, "by": by, "group": name, "p": group["p"].mean(),
+                rows.append({model_column: model, "by": by, "group": name, "p": group["p"].mean(),
                              "n_scenarios": len(group), "n_unparsed": int(group["n_unparsed"].sum())})
-        rows.append({"model": model, "by": "overall", "group": "overall", "p": table["p"].mean(),
+        rows.append({model_column: model, "by": "overall", "group": "overall", "p": table["p"].mean(),
                      "n_scenarios": len(table), "n_unparsed": int(table["n_unparsed"].sum())})
     return pd.DataFrame(rows)

@@ -113,5 +113,8 @@ def group_transfer(p_teacher, p_base, p_tuned, masks, defined) -> dict[str, np.n
         before = np.abs(gap) @ masks.T
         after = np.abs(p_tuned - p_teacher) @ masks.T
         alignment_ratio = np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
+    # A resample whose base–teacher gap hits exactly 0 in a defined scenario divides by zero: that
+    # resample has no improvement value (NaN), rather than ±inf dominating the interval.
+    improvement_mean = np.where(np.isfinite(improvement_mean), improvement_mean, np.nan)
     return {"improvement": improvement_mean, "alignment": alignment_ratio, "n_defined": n_defined.astype(int),
             "n_scenarios": masks.sum(axis=1).astype(int)}

@@ -1,0 +1,30 @@
+"""Evaluate transfer: how far fine-tuning moved the student toward the teacher.
+
+    python evaluate.py teacher=DIR base=DIR tuned=DIR [output=DIR] [compare=paper_published] [logger=wandb]
+    python evaluate.py +experiment=paper_published
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg) -> None:
+    from tomdistill.evaluation import EvaluationError, evaluate
+    from tomdistill.metrics.propensity import PropensityError
+    from tomdistill.records import SamplesError
+    from tomdistill.scenarios import CatalogueError
+
+    try:
+        evaluate(cfg)
+    except (EvaluationError, PropensityError, SamplesError, CatalogueError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Evaluation: how far fine-tuning moved the student toward the teacher, with statistics.
+
+`compute_evaluation` is the science (records in, tables out; no I/O); `evaluate(cfg)` is the
+Hydra-facing edge: it loads the three sample datasets, checks they can be compared, computes,
+writes the report, logs to W&B and prints the headline table.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from tomdistill.metrics import stats, transfer
+from tomdistill.metrics.propensity import SCENARIO_KEYS, answer_table, group_propensities, scenario_propensities
+from tomdistill.scenarios.catalogue import SPLITS
+
+TRAINING_ONLY_SPLITS = ("augment",)  # catalogue.AUGMENT_SPLIT: rescaled in-sample games used only for training
+
+ROLES = ("teacher", "base", "tuned")
+REFERENCE_PREFIX = "reference:"
+HEADLINE_SPLITS = (*SPLITS, "overall")
+RECORD_FIELDS = ["model", "game", "context", "split", "action", "action_probs", "action_mass", "prompt_version"]
+
+
+class EvaluationError(ValueError):
+    """Datasets that cannot be compared; the message names the dataset(s) and the scenario(s)."""
+
+
+@dataclass
+class Evaluation:
+    """Everything the report shows. Propensities and metrics are fractions (1.0 = 100%)."""
+
+    models: dict[str, str]
+    prompt_version: str
+    propensities: pd.DataFrame  # one row per role × scenario
+    answers: pd.DataFrame  # the answer tables (role, scenario, value, count) the propensities come from
+    scenarios: pd.DataFrame  # one row per scenario: p per role, gap, improvement, alignment (+ CIs)
+    groups: pd.DataFrame  # one row per group (overall, split, game/context within a split, scenario)
+    cooperation: pd.DataFrame  # mean propensity per role and split / game / context
+    significance: pd.DataFrame  # tuned: in-sample game vs doubled payoffs (the paper's Table 1)
+    pairwise: pd.DataFrame  # per scenario: tuned vs base and tuned vs teacher
+    paper_convention: dict[str, float]  # improvement computed the paper's way (÷ all draws, rounded means)
+    action_mass: dict[str, dict[str, float]]
+    warnings: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def headline(self, metric: str) -> dict[str, dict]:
+        """{split: {value, ci_low, ci_high, n_scenarios, n_defined}} for the splits and overall."""
+        table = self.groups[self.groups["kind"].isin(["split", "overall"])].set_index("group")
+        out = {}
+        for split in HEADLINE_SPLITS:
+            if split in table.index:
+                row = table.loc[split]
+                out[split] = {
+                    "value": _num(row[metric]), "ci_low": _num(row[f"{metric}_ci_low"]),
+                    "ci_high": _num(row[f"{metric}_ci_high"]), "n_scenarios": int(row["n_scenarios"]),
+                }
+                if metric == "improvement":
+                    out[split]["n_defined"] = int(row["n_defined"])
+            else:
+                out[split] = {"value": None, "ci_low": None, "ci_high": None, "n_scenarios": 0}
+        return out
+
+
+def _num(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def base_game_of(game: str, bases: Mapping[str, str] | None = None) -> str:
+    """The unscaled game a `<game>_x<k>` variant comes from (catalogue first, then the naming rule)."""
+    if bases and bases.get(game):
+        return bases[game]
+    match = re.fullmatch(r"(.+)_x\d+(?:\.\d+)?", game)
+    return match.group(1) if match else game
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def check_comparable(tables: Mapping[str, pd.DataFrame]) -> None:
+    """Same scenarios, same split labels and same game kinds in every dataset — else a named error."""
+    keys = {role: {(g, c): s for s, g, c in t[SCENARIO_KEYS].itertuples(index=False, name=None)}
+            for role, t in tables.items()}
+    roles = list(keys)
+    reference = roles[0]
+    for role in roles[1:]:
+        missing = sorted(set(keys[reference]) - set(keys[role]))
+        extra = sorted(set(keys[role]) - set(keys[reference]))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"the {role} dataset lacks {len(missing)} scenario(s) the {reference} dataset has: "
+                             + ", ".join(f"{g}/{c}" for g, c in missing[:8]) + (" …" if len(missing) > 8 else ""))
+            if extra:
+                parts.append(f"the {role} dataset has {len(extra)} scenario(s) the {reference} dataset lacks: "
+                             + ", ".join(f"{g}/{c}" for g, c in extra[:8]) + (" …" if len(extra) > 8 else ""))
+            raise EvaluationError("mismatched scenario sets: " + "; ".join(parts)
+                                  + ". Sample every model on the same scenarios (or filter with metrics.splits).")
+        for key, split in keys[role].items():
+            if keys[reference][key] != split:
+                raise EvaluationError(
+                    f"scenario {key[0]}/{key[1]} is labelled split {keys[reference][key]!r} in the {reference} "
+                    f"dataset but {split!r} in the {role} dataset"
+                )
+    kinds = {role: dict(zip(zip(t["game"], t["context"]), t["kind"])) for role, t in tables.items()}
+    for key, kind in kinds[reference].items():
+        for role in roles[1:]:
+            if kinds[role][key] != kind:
+                raise EvaluationError(f"scenario {key[0]}/{key[1]}: {reference} answers read as {kind}, "
+                                      f"{role} answers as {kinds[role][key]}")
+
+
+# --- the computation ----------------------------------------------------------------------------
+
+def compute_evaluation(
+    records: Mapping[str, pd.DataFrame],
+    *,
+    endowments: Mapping[str, int] | None = None,
+    game_bases: Mapping[str, str] | None = None,
+    splits: list[str] | None = None,
+    epsilon: float = transfer.DEFAULT_EPSILON,
+    n_bootstrap: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Evaluation:
+    """Propensities, transfer metrics per scenario and group, bootstrap CIs and z-tests.
+
+    `records` maps each role (teacher, base, tuned) to its sample records (the record schema's
+    columns split, game, context, action, action_probs, and optionally model, action_mass).
+    """
+    missing_roles = [r for r in ROLES if r not in records]
+    if missing_roles:
+        raise EvaluationError(f"missing dataset(s) {missing_roles}; evaluation needs {list(ROLES)}")
+    if n_bootstrap < 1:
+        raise EvaluationError(f"metrics.n_bootstrap must be ≥ 1, got {n_bootstrap}")
+    if not 0 < confidence < 1:
+        raise EvaluationError(f"metrics.confidence must be in (0, 1), got {confidence}")
+    if splits is not None:
+        unknown = [s for s in splits if s not in SPLITS]
+        if unknown:
+            raise EvaluationError(f"unknown split name(s) {unknown} in metrics.splits; expected some of {list(SPLITS)}")
+    warnings: list[str] = []
+    answers, props = {}, {}
+    for role in ROLES:
+        training_only = records[role]["split"].isin(TRAINING_ONLY_SPLITS)
+        if training_only.any():
+            warnings.append(f"{role}: {int(training_only.sum())} record(s) of the training-only split(s) "
+                            f"{sorted(set(records[role].loc[training_only, 'split']))} are not evaluated")
+        table = answer_table(records[role][~training_only], role, endowments)
+        if splits is not None:
+            table = table[table["split"].isin(splits)]
+            if table.empty:
+                raise EvaluationError(f"{role} dataset: no scenarios in the chosen splits {splits}")
+        answers[role] = table
+        props[role] = scenario_propensities(table, role)
+    check_comparable(props)
+
+    models = {role: _model_name(records[role], role) for role in ROLES}
+    modes = {role: sorted(set(props[role]["mode"])) for role in ROLES}
+    if len({tuple(m) for m in modes.values()}) > 1:
+        warnings.append("propensities come from different modes (" + ", ".join(f"{r}: {'/'.join(m)}" for r, m in modes.items())
+                        + "): sampled shares and exact probabilities differ by sampling noise and parsing")
+
+    # Scenario order: the teacher's, sorted by split then as sampled.
+    order = props["teacher"][SCENARIO_KEYS + ["kind"]].copy()
+    order["_split_rank"] = order["split"].map({s: i for i, s in enumerate(SPLITS)})
+    order = order.sort_values(["_split_rank"], kind="stable").drop(columns="_split_rank").reset_index(drop=True)
+    aligned = {role: order[SCENARIO_KEYS].merge(props[role], on=SCENARIO_KEYS, how="left") for role in ROLES}
+    p = {role: aligned[role]["p"].to_numpy(float) for role in ROLES}
+
+    per_scenario = transfer.scenario_transfer(p["teacher"], p["base"], p["tuned"], epsilon)
+    groups_meta, masks = transfer.group_masks(order)
+    point = transfer.group_transfer(p["teacher"], p["base"], p["tuned"], masks, per_scenario["defined"])
+
+    rng = np.random.default_rng(seed)
+    resampled = {role: stats.bootstrap_scenario_means(answers[role], order, n_bootstrap, rng) for role in ROLES}
+    boot = transfer.group_transfer(resampled["teacher"], resampled["base"], resampled["tuned"], masks,
+                                   per_scenario["defined"])
+    groups = pd.DataFrame(groups_meta)
+    for metric in ("improvement", "alignment"):
+        low, high = stats.percentile_interval(boot[metric], confidence)
+        groups[metric] = point[metric]
+        groups[f"{metric}_ci_low"], groups[f"{metric}_ci_high"] = low, high
+    groups["n_scenarios"], groups["n_defined"] = point["n_scenarios"], point["n_defined"]
+
+    scenarios = order.copy()
+    for role in ROLES:
+        scenarios[f"p_{role}"] = p[role]
+        scenarios[f"n_unparsed_{role}"] = aligned[role]["n_unparsed"].to_numpy()
+    for key in ("gap", "defined", "improvement", "alignment"):
+        scenarios[key] = per_scenario[key]
+    per_group = groups[groups["kind"] == "scenario"].reset_index(drop=True)
+    for metric in ("improvement", "alignment"):
+        scenarios[f"{metric}_ci_low"] = per_group[f"{metric}_ci_low"].to_numpy()
+        scenarios[f"{metric}_ci_high"] = per_group[f"{metric}_ci_high"].to_numpy()
+    scenarios.loc[~scenarios["defined"], ["improvement_ci_low", "improvement_ci_high"]] = np.nan
+
+    for role in ROLES:
+        scored = props[role][props[role]["mode"] == "score"]
+        if len(scored) and (scored["n_parsed"] == 1).all():
+            warnings.append(f"{role}: score mode with one record per scenario — its probabilities are exact, so the "
+                            "bootstrap has no answers to resample for it and its intervals carry no sampling error")
+    undefined = scenarios[~scenarios["defined"]]
+    for _, row in undefined.iterrows():
+        warnings.append(f"improvement undefined for {row['game']}/{row['context']} ({row['split']}): "
+                        f"|base − teacher| = {abs(row['gap']):.4f} < epsilon {epsilon}; left out of the improvement means")
+    for role in ROLES:
+        unparsed = props[role][props[role]["n_unparsed"] > 0]
+        if len(unparsed):
+            listing = ", ".join(f"{r.game}/{r.context} {r.n_unparsed}/{r.n}" for r in unparsed.itertuples())
+            warnings.append(f"{role}: unparsed answers left out of the propensities in {len(unparsed)} scenario(s): {listing}")
+
+    propensities = pd.concat([aligned[role].assign(role=role, model=models[role]) for role in ROLES], ignore_index=True)
+    propensities = propensities[["role", "model", *[c for c in propensities.columns if c not in ("role", "model")]]]
+    cooperation = group_propensities(propensities, model_column="role")
+
+    action_mass = {}
+    for role in ROLES:
+        mass = pd.to_numeric(records[role].get("action_mass", pd.Series(dtype=float)), errors="coerce").dropna()
+        if len(mass):
+            action_mass[role] = {"mean": float(mass.mean()), "min": float(mass.min()), "max": float(mass.max())}
+            if mass.min() < 0.5:
+                warnings.append(f"{role}: as little as {mass.min():.2f} of the next-token probability falls on the "
+                                "action tokens (action_mass): the scored choice probabilities may not reflect the model's answers")
+
+    return Evaluation(
+        models=models,
+        prompt_version=str(records["teacher"]["prompt_version"].iloc[0]) if "prompt_version" in records["teacher"] else "",
+        propensities=propensities,
+        answers=pd.concat([answers[role].assign(role=role) for role in ROLES], ignore_index=True),
+        scenarios=scenarios,
+        groups=groups,
+        cooperation=cooperation,
+        significance=_payoff_significance(aligned["tuned"], game_bases, confidence),
+        pairwise=_pairwise(aligned, confidence),
+        paper_convention=paper_convention(aligned),
+        action_mass=action_mass,
+        warnings=warnings,
+        settings={"epsilon": epsilon, "n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed,
+                  "splits": splits},
+    )
+
+
+def _model_name(records: pd.DataFrame, role: str) -> str:
+    if "model" not in records:
+        return role
+    names = sorted(set(records["model"].dropna().astype(str)))
+    return names[0] if len(names) == 1 else "+".join(names)
+
+
+def _payoff_significance(tuned: pd.DataFrame, game_bases, confidence: float) -> pd.DataFrame:
+    """The paper's Table 1: the tuned model's share of C, in-sample game vs the same game with scaled payoffs."""
+    table = tuned.copy()
+    table["base_game"] = [base_game_of(g, game_bases) for g in table["game"]]
+    left = table[table["split"] == "in_sample"]
+    right = table[table["split"] == "oos_payoffs"]
+    if left.empty or right.empty:
+        return pd.DataFrame()
+    tests = stats.ztest_table(left, right, on=["context", "base_game"], confidence=confidence)
+    if tests.empty:
+        return tests
+    return tests.rename(columns={"base_game": "game", "p1": "p_in_sample", "p2": "p_scaled_payoffs"})
+
+
+def _pairwise(aligned: Mapping[str, pd.DataFrame], confidence: float) -> pd.DataFrame:
+    frames = []
+    for other in ("base", "teacher"):
+        tests = stats.ztest_table(aligned[other], aligned["tuned"], on=SCENARIO_KEYS, confidence=confidence)
+        if not tests.empty:
+            frames.append(tests.assign(comparison=f"tuned − {other}"))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    return out[["comparison", *[c for c in out.columns if c != "comparison"]]]
+
+
+def paper_convention(aligned: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+    """Mean improvement per split computed the way the paper's tables do.
+
+    Two-action games: C divided by *all* draws (unparsed included); public goods: mean donations
+    rounded to cents. Only for generate-mode data with counts; shows where the paper's printed
+    numbers come from.
+    """
+    p = {}
+    for role, table in aligned.items():
+        if (table["mode"] != "generate").any():
+            return {}
+        values = np.where(table["kind"] == "matrix", table["n_C"] / table["n"],
+                          np.round(table["mean_donation"].astype(float), 2))
+        p[role] = values.astype(float)
+    split = aligned["teacher"]["split"].to_numpy()
+    values = transfer.improvement_per_scenario(p["base"], p["tuned"], p["teacher"])
+    out = {}
+    for name in SPLITS:
+        chosen = values[(split == name) & ~np.isnan(values)]
+        if chosen.size:
+            out[name] = float(chosen.mean())
+    return out
+
+
+# --- the Hydra edge -----------------------------------------------------------------------------
+
+def resolve_source(source, role: str, cache_dir: str | Path):
+    """A samples location: a directory, a parquet file, a hub id, or `reference:<name>/<role>`."""
+    if source is None or str(source).strip() == "":
+        raise EvaluationError(f"no {role} dataset given: pass {role}=DIR (a samples directory, a .parquet file, "
+                              f"a hub id) or {role}=reference:paper_published/{role}")
+    text = str(source)
+    if not text.startswith(REFERENCE_PREFIX):
+        return text
+    name, _, ref_role = text[len(REFERENCE_PREFIX):].partition("/")
+    if name != "paper_published":
+        raise EvaluationError(f"{role} dataset {text}: unknown reference data {name!r}; available: paper_published")
+    from tomdistill.reference import paper_published
+
+    ref_role = ref_role or role
+    if ref_role not in paper_published.ROLES:
+        raise EvaluationError(f"{role} dataset {text}: unknown role {ref_role!r}; expected one of {paper_published.ROLES}")
+    return str(paper_published.materialise(cache_dir)[ref_role])
+
+
+def load_records(source: str, role: str) -> tuple[pd.DataFrame, object]:
+    from tomdistill.records import load_samples
+
+    dataset = load_samples(source, name=role)
+    columns = [c for c in RECORD_FIELDS if c in dataset.column_names]
+    return dataset.select_columns(columns).to_pandas(), dataset
+
+
+def catalogue_facts(catalogue_dir) -> tuple[dict[str, int], dict[str, str], str | None]:
+    """Endowments of public goods games and the base game of each scaled variant, from the catalogue."""
+    from tomdistill.scenarios import CatalogueError, load_catalogue
+
+    try:
+        catalogue = load_catalogue(catalogue_dir)
+    except CatalogueError as err:
+        return {}, {}, f"scenario catalogue unavailable ({err}); game kinds inferred from the answers"
+    endowments = {n: g.endowment for n, g in catalogue.games.items() if g.kind == "public_goods"}
+    bases = {n: g.base for n, g in catalogue.games.items() if g.base}
+    return endowments, bases, None
+
+
+def reference_evaluation(cache_dir, **kwargs) -> Evaluation:
+    """The paper's published counts, evaluated exactly like a user's samples."""
+    records = {role: load_records(resolve_source(f"{REFERENCE_PREFIX}paper_published/{role}", role, cache_dir), role)[0]
+               for role in ROLES}
+    return compute_evaluation(records, **kwargs)
+
+
+def evaluate(cfg) -> dict:
+    """Run the evaluation for a Hydra config (see conf/evaluate.yaml); returns summary.json's content."""
+    from omegaconf import OmegaConf
+
+    from tomdistill.records import check_same_prompt_version
+    from tomdistill.report import write_report
+
+    compare = cfg.get("compare")
+    if compare not in (None, "paper_published"):
+        raise EvaluationError(f"unknown compare={compare!r}; expected null or paper_published")
+    output = cfg.get("output")
+    if output is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise EvaluationError("no output directory: pass output=DIR")
+        output = HydraConfig.get().runtime.output_dir
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    cache_dir = cfg.paths.cache_dir
+    metrics_cfg = cfg.metrics
+    if int(metrics_cfg.n_bootstrap) < 1000:
+        print(f"note: metrics.n_bootstrap={metrics_cfg.n_bootstrap} < 1000; intervals will be rough")
+
+    records, datasets_by_role = {}, {}
+    for role in ROLES:
+        source = resolve_source(cfg.get(role), role, cache_dir)
+        records[role], datasets_by_role[role] = load_records(source, role)
+    check_same_prompt_version(datasets_by_role)
+
+    endowments, bases, catalogue_warning = catalogue_facts(cfg.scenarios.catalogue_dir)
+    splits = OmegaConf.to_container(metrics_cfg.splits) if metrics_cfg.get("splits") is not None else None
+    options = dict(endowments=endowments, game_bases=bases, splits=splits, epsilon=float(metrics_cfg.epsilon),
+                   n_bootstrap=int(metrics_cfg.n_bootstrap), confidence=float(metrics_cfg.confidence),
+                   seed=int(cfg.seed))
+    result = compute_evaluation(records, **options)
+    if catalogue_warning:
+        result.warnings.insert(0, catalogue_warning)
+
+    reference = None
+    if compare is not None:
+        reference = reference_evaluation(cache_dir, **{**options, "splits": None})
+
+    sources = {role: str(cfg.get(role)) for role in ROLES}
+    summary = write_report(result, output, reference=reference, sources=sources)
+    logger = cfg.get("logger") or {}
+    if logger.get("name") == "wandb":
+        from tomdistill.report.wandb_logging import log_to_wandb
+
+        log_to_wandb(result, output, summary, logger_cfg=OmegaConf.to_container(logger, resolve=True),
+                     run_config=OmegaConf.to_container(cfg, resolve=False))
+    from tomdistill.report.console import print_summary
+
+    print_summary(result, summary, output, reference=reference)
+    return summary
