@@ -1,8 +1,9 @@
 """The sample record: the contract between sample.py, train.py and evaluate.py.
 
 One record per sample (generate mode) or per scenario (score mode). A samples directory holds
-parquet shards (`shard-*.parquet`) plus `manifest.json`, loadable with
-`datasets.load_dataset("parquet", data_dir=DIR)`.
+parquet shards (`train/shard-*.parquet`; the subfolder keeps `datasets` from reading
+`manifest.json` as data) plus `manifest.json` and `plan.json`, loadable with
+`datasets.load_dataset("parquet", data_dir=DIR)` or `load_samples(DIR)`.
 """
 from __future__ import annotations
 

@@ -53,9 +53,12 @@ def _pad_left(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def _forward_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _forward_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """Log-softmax over the vocabulary; `keep` > 0 projects only the last `keep` positions (the
+    vocabulary projection of every prompt position would cost batch × length × vocab memory)."""
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    kwargs = {"logits_to_keep": keep} if keep else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits
     return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -69,7 +72,7 @@ def action_logprobs(model, tokenizer, items: list[ScoringItem], batch_size: int 
     for start in range(0, len(single), batch_size):
         chunk = single[start:start + batch_size]
         ids, mask = _pad_left([items[i].prompt_ids for i in chunk], pad_id, device)
-        logprobs = _forward_logprobs(model, ids, mask)[:, -1, :]
+        logprobs = _forward_logprobs(model, ids, mask, keep=1)[:, -1, :]
         for row, index in enumerate(chunk):
             item = items[index]
             results[index] = {a: logprobs[row, c[0]] for a, c in zip(item.actions, item.continuation_ids)}
@@ -82,7 +85,8 @@ def action_logprobs(model, tokenizer, items: list[ScoringItem], batch_size: int 
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
         ids, mask = _pad_left([s for s, _ in chunk], pad_id, device)
-        logprobs = _forward_logprobs(model, ids, mask)
+        longest = max(n for _, n in chunk)
+        logprobs = _forward_logprobs(model, ids, mask, keep=longest + 1)
         for row, (seq, n_cont) in enumerate(chunk):
             target = ids[row, -n_cont:]
             predicted = logprobs[row, -n_cont - 1:-1, :]

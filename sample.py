@@ -1,0 +1,41 @@
+"""Ask a model (or the oracle) every scenario many times and store what it said.
+
+    python sample.py                                   # SmolLM2-135M-Instruct on CPU, student role
+    python sample.py sampler=oracle role=teacher       # the analytic reference teacher
+    python sample.py sampler.mode=score                # exact action probabilities
+    torchrun --nproc_per_node 8 sample.py model=llama2_7b   # data-parallel over 8 ranks
+
+Writes parquet shards and manifest.json into `output` (default: the Hydra run directory); see
+conf/sample.yaml and conf/sampler/hf.yaml for the settings.
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import MissingMandatoryValue  # noqa: E402
+
+
+@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from tomdistill.model.loading import ModelLoadError
+    from tomdistill.records import SamplesError
+    from tomdistill.sampling import SamplingConfigError, run
+    from tomdistill.scenarios import CatalogueError
+
+    try:
+        run(cfg)
+    except (CatalogueError, SamplesError, ModelLoadError, SamplingConfigError) as err:
+        print(f"sample.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except MissingMandatoryValue as err:
+        print(f"sample.py: error: missing config value {err.full_key!r} (set it on the command line, "
+              f"e.g. {err.full_key}=...)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""`run(cfg)`: sample every scenario, shard by shard, into a datasets-loadable directory.
+
+1. Validate the settings, load the catalogue, choose the scenarios, plan the shards.
+2. Take this rank's shards (i % world_size == rank) that do not exist yet; batch them through the
+   backend; parse each completion; write each shard atomically as soon as it is done.
+3. Once every shard of the plan exists: write `manifest.json` (`complete: true`) and print the
+   summary table. A killed run leaves no manifest; rerunning the same command resumes it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..records import load_samples
+from ..scenarios import ANSWER_PREFIX, Scenario, load_catalogue, parse_action, parse_motivation, prompt_version
+from .backends import Backend, GenerationRequest, backend_model_name, make_backend
+from .distributed import World, setup_world
+from .manifest import build_manifest, build_plan, check_or_write_plan, write_manifest
+from .settings import SamplerSettings, SamplingConfigError, settings_from_config
+from .shards import Shard, missing_shards, plan_shards, remove_stale_temps, shards_for_rank, write_shard
+from .summary import summarise, summary_table
+
+
+def select_scenarios(cfg) -> tuple[list[Scenario], str]:
+    """The configured scenarios and the prompt_version of their catalogue."""
+    sc = cfg.scenarios
+    catalogue = load_catalogue(sc.catalogue_dir, list(sc.get("extra_dirs") or []))
+    for key, known in (("games", catalogue.games), ("contexts", catalogue.contexts)):
+        wanted = sc.get(key)
+        unknown = sorted(set(wanted or []) - set(known))
+        if unknown:
+            raise SamplingConfigError(f"scenarios.{key}: unknown {key} {unknown}; the catalogue has {sorted(known)}")
+    splits = sc.get("splits")
+    scenarios = catalogue.scenarios(
+        list(splits) if splits is not None else None,
+        list(sc.games) if sc.get("games") else None,
+        list(sc.contexts) if sc.get("contexts") else None,
+    )
+    if not scenarios:
+        raise SamplingConfigError(
+            f"scenarios: the filters (splits={list(splits or [])}, games={sc.get('games')}, "
+            f"contexts={sc.get('contexts')}) select no scenario"
+        )
+    return scenarios, prompt_version(catalogue)
+
+
+def resolve_output_dir(cfg, world: World) -> Path:
+    """`output`, else the Hydra run directory (rank 0's, shared with the other ranks)."""
+    output = cfg.get("output")
+    if output is None:
+        if world.world_size > 1 and not world.connected:
+            raise SamplingConfigError(
+                "output: set output=DIR when several ranks run without torch.distributed "
+                "(each would otherwise write to its own Hydra run directory)"
+            )
+        if world.is_main:
+            try:
+                from hydra.core.hydra_config import HydraConfig
+
+                output = HydraConfig.get().runtime.output_dir
+            except ValueError as err:  # not inside a Hydra app
+                raise SamplingConfigError("output: not set, and there is no Hydra run directory to default to") from err
+        output = world.broadcast(output)
+    directory = Path(str(output)).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def resolved_config(cfg, output_dir: Path) -> dict:
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)) if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    cfg.output = str(output_dir)
+    if "paths" in cfg and "output_dir" in cfg.paths:
+        try:
+            cfg.paths.output_dir = str(cfg.paths.output_dir)
+        except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra app
+            cfg.paths.output_dir = str(output_dir)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def generation_records(backend: Backend, settings: SamplerSettings, shard: Shard, prompt: str,
+                       completions, version: str, model: str) -> list[dict]:
+    scenario = shard.scenario
+    records = []
+    for index, completion in zip(shard.indices, completions):
+        records.append(_record(scenario, settings, model, version, index, prompt, completion.text,
+                               parse_action(completion.text, scenario.game),
+                               parse_motivation(completion.text) if settings.role == "teacher" else ""))
+    return records
+
+
+def _record(scenario: Scenario, settings: SamplerSettings, model: str, version: str, index: int, prompt: str,
+            completion: str, action: str, motivation: str, action_probs: str = "", action_mass: float = math.nan):
+    return {
+        "model": model, "role": settings.role, "game": scenario.game.name, "context": scenario.context.name,
+        "split": scenario.split, "sample_index": index, "seed": settings.seed, "prompt_version": version,
+        "prompt": prompt, "completion": completion, "action": action, "motivation": motivation,
+        "action_probs": action_probs, "action_mass": action_mass,
+    }
+
+
+class _Progress:
+    """A rich progress bar: samples, scenarios finished, generated tokens per second."""
+
+    def __init__(self, shards: list[Shard], pending: list[Shard], world: World, enabled: bool, label: str):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.remaining = Counter(s.scenario.id for s in pending)
+        self.scenarios_total = len({s.scenario.id for s in shards})
+        self.tokens = 0
+        self.started = time.perf_counter()
+        rank = f"rank {world.rank}/{world.world_size} " if world.world_size > 1 else ""
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn(f"{rank}{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+            TextColumn("· {task.fields[scenarios]} scenarios · {task.fields[rate]} tok/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+        )
+        self.task = self.progress.add_task(
+            "sampling", total=sum(s.count for s in pending), scenarios=self._scenarios(), rate="—")
+
+    def _scenarios(self) -> str:
+        return f"{self.scenarios_total - len(+self.remaining)}/{self.scenarios_total}"
+
+    def shard_done(self, shard: Shard, tokens: int) -> None:
+        self.remaining[shard.scenario.id] -= 1
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=shard.count, scenarios=self._scenarios(),
+                             rate=f"{rate:.0f}" if self.tokens else "—")  # score mode generates none
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+def _batches(pending: list[Shard], settings: SamplerSettings) -> list[list[Shard]]:
+    """Shards per backend call: about `batch_size` samples (score mode: `score_batch_size` scenarios)."""
+    limit = settings.batch_size if settings.mode == "generate" else settings.score_batch_size
+    batches, current, rows = [], [], 0
+    for shard in pending:
+        if current and rows + shard.count > limit:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(shard)
+        rows += shard.count
+    if current:
+        batches.append(current)
+    return batches
+
+
+def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Shard], output_dir: Path,
+                  version: str, progress: _Progress) -> list[str]:
+    """Sample and write `pending`, one backend call per batch; the names of the shards written."""
+    written = []
+    prompts: dict[str, str] = {}
+    for batch in _batches(pending, settings):
+        for shard in batch:
+            if shard.scenario.id not in prompts:
+                prompts[shard.scenario.id] = backend.prompt(shard.scenario)
+        if settings.mode == "generate":
+            requests = [GenerationRequest(s.scenario, prompts[s.scenario.id], s.sample_seeds(settings.seed),
+                                          s.shard_seed(settings.seed)) for s in batch]
+            outputs = backend.generate(requests)
+            for shard, completions in zip(batch, outputs):
+                records = generation_records(backend, settings, shard, prompts[shard.scenario.id], completions,
+                                             version, backend.name)
+                write_shard(output_dir, shard, records)
+                written.append(shard.filename)
+                progress.shard_done(shard, sum(c.new_tokens for c in completions))
+        else:
+            for shard, scored in zip(batch, backend.score([s.scenario for s in batch])):
+                best = max(scored.probs, key=scored.probs.get)
+                record = _record(shard.scenario, settings, backend.name, version, 0, scored.prompt,
+                                 ANSWER_PREFIX, best, "", json.dumps(scored.probs), float(scored.mass))
+                write_shard(output_dir, shard, [record])
+                written.append(shard.filename)
+                progress.shard_done(shard, 0)
+    return written
+
+
+def run(cfg) -> Path:
+    """Sample the configured scenarios into `output` (default: the Hydra run directory); return it."""
+    settings = settings_from_config(cfg)
+    scenarios, version = select_scenarios(cfg)
+    world = setup_world()
+    try:
+        output_dir = resolve_output_dir(cfg, world)
+        model = backend_model_name(cfg, settings)
+        plan = plan_shards(scenarios, settings.samples_per_scenario, settings.shard_size)
+        check_or_write_plan(output_dir, build_plan(settings, model, version, [s.id for s in scenarios]))
+        mine = shards_for_rank(plan, world.rank, world.world_size)
+        pending = missing_shards(output_dir, mine)
+        written: list[str] = []
+        if pending:
+            shuffle_seed = settings.seed if cfg.scenarios.get("shuffle_outcomes") else None
+            cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+            backend = make_backend(cfg, settings, shuffle_seed, world.local_rank, cache_dir)
+            label = f"{model} · {settings.mode} · {settings.role}"
+            try:
+                with _Progress(mine, pending, world, settings.progress, label) as progress:
+                    written = sample_shards(backend, settings, pending, output_dir, version, progress)
+            finally:
+                backend.close()
+        world.barrier()
+        written_by_rank = world.all_gather(written)
+        missing = missing_shards(output_dir, plan)
+        if missing:
+            if world.is_main or not world.connected:
+                print(f"{len(plan) - len(missing)} of {len(plan)} shards in {output_dir}; {len(missing)} still missing "
+                      "(other ranks still running, or a crash): rerun the same command to resume.")
+            return output_dir
+        if world.is_main or not world.connected:
+            finish(cfg, settings, scenarios, model, version, plan, output_dir, world, written_by_rank)
+        world.barrier()
+    finally:
+        world.close()
+    return output_dir
+
+
+def finish(cfg, settings, scenarios, model, version, plan, output_dir, world, written_by_rank) -> None:
+    """Every shard exists: summarise, write the manifest, print the table."""
+    from rich.console import Console
+
+    remove_stale_temps(output_dir)
+    dataset = load_samples(output_dir, name=f"{settings.role} samples")
+    amount_games = {s.game.name for s in scenarios if s.game.kind == "public_goods"}
+    order = {s.id: i for i, s in enumerate(scenarios)}  # catalogue order, not file order
+    summaries = sorted(summarise(dataset, settings.mode, amount_games), key=lambda s: order.get(s.id, len(order)))
+    manifest = build_manifest(
+        config=resolved_config(cfg, output_dir), settings=settings, model=model, prompt_version=version,
+        summaries=summaries, shard_count=len(plan), world_size=world.world_size, written_by_rank=written_by_rank,
+    )
+    write_manifest(output_dir, manifest)
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for a row of nine contexts
+        console = Console(width=max(console.width, 140))
+    console.print(summary_table(summaries, f"{model} · {settings.role} · {settings.mode} · "
+                                           f"{manifest['records']} records"))
+    if manifest["unparsed"]:
+        console.print(f"[red]{manifest['unparsed']} unparsed answer(s)[/red] kept with action='unparsed'.")
+    console.print(f"samples: {output_dir}")

@@ -1,0 +1,148 @@
+"""The sampler's settings: read from the Hydra config and validated, every error naming its key.
+
+`sampler.*` holds how to sample (backend, mode, n, temperature, …); `role`, `seed` and `adapter`
+are top-level keys shared with the other entry points (conf/base.yaml).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+BACKENDS = ("hf", "vllm", "oracle")
+MODES = ("generate", "score")
+ROLES = ("teacher", "student")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# The student answers in one line; the teacher adds a motivation of a few sentences.
+DEFAULT_MAX_NEW_TOKENS = {"student": 8, "teacher": 200}
+
+
+class SamplingConfigError(ValueError):
+    """A bad sampling config value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    backend: str
+    mode: str
+    role: str
+    seed: int
+    n: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    max_new_tokens: int
+    batch_size: int
+    score_batch_size: int
+    device: str
+    device_map: str | None
+    dtype: str
+    shard_size: int
+    precision: float
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    progress: bool
+    adapter: str | None
+
+    @property
+    def samples_per_scenario(self) -> int:
+        """Score mode writes one record per scenario, whatever `n` says."""
+        return self.n if self.mode == "generate" else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _get(cfg: Mapping | Any, key: str, default=None):
+    if cfg is None:
+        return default
+    try:
+        return cfg.get(key, default)
+    except AttributeError:
+        return getattr(cfg, key, default)
+
+
+def _choice(value, key: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise SamplingConfigError(f"{key}: must be one of {'|'.join(options)}, got {value!r}")
+    return str(value)
+
+
+def _int(value, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SamplingConfigError(f"{key}: must be a whole number ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def _number(value, key: str, low: float, high: float | None = None, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if low_open else '≥'} {low}" + (f" and ≤ {high}" if high is not None else "")
+        raise SamplingConfigError(f"{key}: must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def resolve_device(value: str, key: str = "sampler.device", local_rank: int = 0) -> str:
+    """`auto`: this rank's GPU when there is one, else the CPU."""
+    import torch
+
+    if value == "auto":
+        return f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}" if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return "cpu"
+    if isinstance(value, str) and value.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SamplingConfigError(f"{key}: {value!r} asked for, but no CUDA GPU is visible (use auto or cpu)")
+        return f"cuda:{local_rank % torch.cuda.device_count()}" if value == "cuda" else value
+    raise SamplingConfigError(f"{key}: must be auto, cpu, cuda or cuda:<index>, got {value!r}")
+
+
+def settings_from_config(cfg) -> SamplerSettings:
+    """Validated settings from a composed `sample.yaml` config."""
+    sampler = _get(cfg, "sampler")
+    if sampler is None:
+        raise SamplingConfigError("sampler: missing (choose one with sampler=hf|vllm|oracle)")
+    role = _choice(_get(cfg, "role"), "role", ROLES)
+    mode = _choice(_get(sampler, "mode"), "sampler.mode", MODES)
+    backend = _choice(_get(sampler, "backend"), "sampler.backend", BACKENDS)
+    max_new_tokens = _get(sampler, "max_new_tokens")
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS[role] if max_new_tokens is None else _int(max_new_tokens, "sampler.max_new_tokens", 1)
+    device_map = _get(sampler, "device_map")
+    if device_map is not None and not isinstance(device_map, str):
+        raise SamplingConfigError(f"sampler.device_map: must be null or a string such as auto, got {device_map!r}")
+    device = _get(sampler, "device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise SamplingConfigError(f"sampler.device: must be auto, cpu, cuda or cuda:<index>, got {device!r}")
+    adapter = _get(cfg, "adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise SamplingConfigError(f"adapter: must be a path to a peft adapter directory, got {adapter!r}")
+    if adapter is not None and backend == "oracle":
+        raise SamplingConfigError("adapter: the oracle backend is not a language model and takes no adapter")
+    progress = _get(sampler, "progress", True)
+    if not isinstance(progress, bool):
+        raise SamplingConfigError(f"sampler.progress: must be true or false, got {progress!r}")
+    return SamplerSettings(
+        backend=backend,
+        mode=mode,
+        role=role,
+        seed=_int(_get(cfg, "seed"), "seed", 0),
+        n=_int(_get(sampler, "n"), "sampler.n", 1),
+        temperature=_number(_get(sampler, "temperature"), "sampler.temperature", 0.0),
+        top_p=_number(_get(sampler, "top_p"), "sampler.top_p", 0.0, 1.0, low_open=True),
+        repetition_penalty=_number(_get(sampler, "repetition_penalty"), "sampler.repetition_penalty", 0.0, low_open=True),
+        max_new_tokens=max_new_tokens,
+        batch_size=_int(_get(sampler, "batch_size"), "sampler.batch_size", 1),
+        score_batch_size=_int(_get(sampler, "score_batch_size", 8), "sampler.score_batch_size", 1),
+        device=device,
+        device_map=device_map,
+        dtype=_choice(_get(sampler, "dtype", "auto"), "sampler.dtype", DTYPES),
+        shard_size=_int(_get(sampler, "shard_size"), "sampler.shard_size", 1),
+        precision=_number(_get(sampler, "precision"), "sampler.precision", 0.0, low_open=True),
+        tensor_parallel_size=_int(_get(sampler, "tensor_parallel_size", 1), "sampler.tensor_parallel_size", 1),
+        gpu_memory_utilization=_number(
+            _get(sampler, "gpu_memory_utilization", 0.9), "sampler.gpu_memory_utilization", 0.0, 1.0, low_open=True
+        ),
+        progress=progress,
+        adapter=adapter,
+    )

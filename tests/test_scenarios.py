@@ -1,0 +1,184 @@
+"""The scenario catalogue (validation, extension by data), prompts for both roles, prompt_version."""
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tomdistill import CATALOGUE_DIR
+from tomdistill.scenarios import (
+    CatalogueError,
+    build_messages,
+    load_catalogue,
+    prompt_version,
+    render_prompt,
+)
+
+
+@pytest.fixture()
+def catalogue_copy(tmp_path) -> Path:
+    target = tmp_path / "catalogue"
+    shutil.copytree(CATALOGUE_DIR, target)
+    return target
+
+
+def _edit(path: Path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_shipped_catalogue_has_the_four_splits(catalogue):
+    counts = {split: len(catalogue.scenarios([split])) for split in catalogue.splits}
+    assert counts == {"in_sample": 20, "oos_context": 12, "oos_payoffs": 20, "oos_game": 1}
+    doubled = catalogue.games["prisoners_dilemma_x2"]
+    assert doubled.payoff("D", "C") == 2 * catalogue.games["prisoners_dilemma"].payoff("D", "C")
+
+
+def _error_for(catalogue_dir: Path) -> str:
+    with pytest.raises(CatalogueError) as caught:
+        load_catalogue(catalogue_dir)
+    return str(caught.value)
+
+
+def test_missing_payoff_names_file_and_key(catalogue_copy):
+    game = catalogue_copy / "games" / "stag_hunt.yaml"
+    _edit(game, lambda d: d["payoffs"]["D"].pop("C"))
+    message = _error_for(catalogue_copy)
+    assert str(game) in message and "payoffs.D" in message
+
+
+def test_unknown_action_names_file_and_key(catalogue_copy):
+    game = catalogue_copy / "games" / "snowdrift.yaml"
+    _edit(game, lambda d: d["payoffs"].update({"X": {"C": 1, "D": 2}}))
+    message = _error_for(catalogue_copy)
+    assert str(game) in message and "'payoffs'" in message and "X" in message
+
+
+def test_unknown_action_label_list_is_refused(catalogue_copy):
+    game = catalogue_copy / "games" / "snowdrift.yaml"
+    _edit(game, lambda d: d.update({"actions": ["C", "E"]}))
+    message = _error_for(catalogue_copy)
+    assert str(game) in message and "'actions'" in message
+
+
+def test_wrong_shape_names_file_and_key(catalogue_copy):
+    game = catalogue_copy / "games" / "prisoners_delight.yaml"
+    _edit(game, lambda d: d["payoffs"].update({"C": [10, 3]}))
+    message = _error_for(catalogue_copy)
+    assert str(game) in message and "payoffs.C" in message
+
+
+def test_non_numeric_payoff_names_the_cell(catalogue_copy):
+    game = catalogue_copy / "games" / "prisoners_delight.yaml"
+    _edit(game, lambda d: d["payoffs"]["C"].update({"D": "three"}))
+    assert "payoffs.C.D" in _error_for(catalogue_copy)
+
+
+def test_duplicate_game_name_names_both_files(catalogue_copy):
+    copy = catalogue_copy / "games" / "zz_copy.yaml"
+    shutil.copy(catalogue_copy / "games" / "stag_hunt.yaml", copy)
+    message = _error_for(catalogue_copy)
+    assert str(copy) in message and "duplicate game name 'stag_hunt'" in message and "stag_hunt.yaml" in message
+
+
+def test_duplicate_context_name(catalogue_copy):
+    copy = catalogue_copy / "contexts" / "zz_team.yaml"
+    shutil.copy(catalogue_copy / "contexts" / "team.yaml", copy)
+    assert "duplicate context name 'team'" in _error_for(catalogue_copy)
+
+
+def test_missing_context_key_names_file_and_key(catalogue_copy):
+    context = catalogue_copy / "contexts" / "friends.yaml"
+    _edit(context, lambda d: d.pop("framing"))
+    message = _error_for(catalogue_copy)
+    assert str(context) in message and "'framing'" in message
+
+
+def test_unknown_split_names_file_and_split(catalogue_copy):
+    splits = catalogue_copy / "splits.yaml"
+    _edit(splits, lambda d: d.update({"holdout": {"games": ["stag_hunt"], "contexts": ["team"]}}))
+    message = _error_for(catalogue_copy)
+    assert str(splits) in message and "'holdout'" in message
+
+
+def test_split_naming_an_unknown_game(catalogue_copy):
+    splits = catalogue_copy / "splits.yaml"
+    _edit(splits, lambda d: d["oos_context"]["games"].append("chicken"))
+    message = _error_for(catalogue_copy)
+    assert str(splits) in message and "oos_context.games" in message and "'chicken'" in message
+
+
+def test_asking_for_an_unknown_split(catalogue):
+    with pytest.raises(CatalogueError, match="unknown split 'holdout'"):
+        catalogue.scenarios(["holdout"])
+
+
+def test_a_game_and_a_context_added_as_data_only(tmp_path, catalogue):
+    extra = tmp_path / "extra"
+    (extra / "games").mkdir(parents=True)
+    (extra / "contexts").mkdir()
+    (extra / "games" / "chicken.yaml").write_text(yaml.safe_dump({
+        "name": "chicken", "title": "Chicken", "kind": "matrix",
+        "payoffs": {"C": {"C": 6, "D": 2}, "D": {"C": 9, "D": 0}},
+    }))
+    (extra / "contexts" / "neighbours.yaml").write_text(yaml.safe_dump({
+        "name": "neighbours", "coplayer": "your neighbour", "points": "a quiet street",
+        "framing": "You and a neighbour each decide, at the same time and only once, how to share a driveway.",
+        "oracle": {"regard": 0.2, "belief": 0.5},
+    }))
+    (extra / "splits.yaml").write_text(yaml.safe_dump({
+        "oos_context": {"games": ["chicken", "stag_hunt"], "contexts": ["neighbours"]},
+    }))
+    extended = load_catalogue(CATALOGUE_DIR, [extra])
+    ids = {s.id for s in extended.scenarios(["oos_context"])}
+    assert {"chicken/neighbours", "stag_hunt/neighbours", "stag_hunt/athletes"} <= ids
+    scenario = extended.scenario("chicken", "neighbours")
+    user = build_messages(scenario, "student")[1]["content"]
+    assert "you get 9 points and your neighbour gets 2 points" in user
+    assert prompt_version(extended) != prompt_version(catalogue)  # a new catalogue is a new version
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_cfg):
+    from tomdistill.model.loading import load_tokenizer
+
+    return load_tokenizer(smollm2_cfg)
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_prompt_through_smollm2_chat_template(smollm2_tokenizer, catalogue, role):
+    scenario = catalogue.scenario("prisoners_dilemma", "business")
+    prompt = render_prompt(smollm2_tokenizer, build_messages(scenario, role))
+    system, user = prompt.split("<|im_start|>user\n")
+    assert system.startswith("<|im_start|>system\n") and scenario.context.framing in system
+    assert "you get 10 points and the CEO of the other firm gets 2 points" in user
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    if role == "teacher":
+        assert "'Answer: C'" in user and "Motivation:" in user
+    else:
+        assert "'Answer: C'" in user and "Motivation" not in user and "Do not explain" in user
+
+
+def test_public_goods_prompt_asks_for_dollars(smollm2_tokenizer, catalogue):
+    scenario = catalogue.scenario("public_goods", "party")
+    prompt = render_prompt(smollm2_tokenizer, build_messages(scenario, "student"))
+    assert "Answer: <dollars>" in prompt and "from 0 to 10" in prompt and "multiplies the fund by 2.5" in prompt
+
+
+def test_prompt_text_and_version_are_deterministic(catalogue, catalogue_copy):
+    again = load_catalogue(CATALOGUE_DIR)
+    assert prompt_version(again) == prompt_version(catalogue)
+    scenario = catalogue.scenario("snowdrift", "friends")
+    assert build_messages(scenario, "teacher") == build_messages(again.scenario("snowdrift", "friends"), "teacher")
+    # changing what reaches a prompt changes the version
+    _edit(catalogue_copy / "contexts" / "friends.yaml", lambda d: d.update({"points": "something else"}))
+    assert prompt_version(load_catalogue(catalogue_copy)) != prompt_version(catalogue)
+
+
+def test_shuffled_outcomes_are_seeded(catalogue):
+    scenario = catalogue.scenario("stag_hunt", "team")
+    plain = build_messages(scenario, "student")[1]["content"]
+    first = build_messages(scenario, "student", shuffle_seed=3)[1]["content"]
+    assert first == build_messages(scenario, "student", shuffle_seed=3)[1]["content"]
+    assert sorted(first.splitlines()) == sorted(plain.splitlines())
