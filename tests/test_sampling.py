@@ -220,7 +220,9 @@ def test_hf_generate_and_score_on_the_tiny_llama(tmp_path):
     out = run(make_cfg(tmp_path / "gen", *args))
     data = load_samples(out)
     assert len(data) == 2 * 3 and set(data["model"]) == {"tiny_llama"}
-    assert all(p.startswith("<|im_start|>system") and p.endswith("<|im_start|>assistant\n") for p in data["prompt"])
+    # the assistant turn is prefilled with "Answer:" and the record holds the whole turn
+    assert all(p.startswith("<|im_start|>system") and p.endswith("<|im_start|>assistant\nAnswer:") for p in data["prompt"])
+    assert all(c.startswith("Answer: ") for c in data["completion"])
     manifest = read_manifest(out)
     # a random model answers garbage: kept and counted, never dropped
     assert manifest["unparsed"] == sum(a == UNPARSED for a in data["action"]) > 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..records import load_samples
-from ..scenarios import ANSWER_PREFIX, Scenario, load_catalogue, parse_action, parse_motivation, prompt_version
+from ..scenarios import ANSWER_PREFIX, Scenario, catalogue_from_config, parse_action, parse_motivation, prompt_version
 from .backends import Backend, GenerationRequest, backend_model_name, make_backend
 from .distributed import World, setup_world
 from .manifest import build_manifest, build_plan, check_or_write_plan, write_manifest
@@ -29,7 +29,7 @@ from .summary import summarise, summary_table
 def select_scenarios(cfg) -> tuple[list[Scenario], str]:
     """The configured scenarios and the prompt_version of their catalogue."""
     sc = cfg.scenarios
-    catalogue = load_catalogue(sc.catalogue_dir, list(sc.get("extra_dirs") or []))
+    catalogue = catalogue_from_config(sc)
     for key, known in (("games", catalogue.games), ("contexts", catalogue.contexts)):
         wanted = sc.get(key)
         unknown = sorted(set(wanted or []) - set(known))
@@ -82,14 +82,23 @@ def resolved_config(cfg, output_dir: Path) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def prefilled(backend: Backend, settings: SamplerSettings) -> bool:
+    """Language-model backends start the assistant turn with `Answer:` (as score mode and the
+    training targets do), so a small model answers in the format instead of chatting."""
+    return settings.answer_prefill and settings.mode == "generate" and settings.backend != "oracle"
+
+
 def generation_records(backend: Backend, settings: SamplerSettings, shard: Shard, prompt: str,
                        completions, version: str, model: str) -> list[dict]:
     scenario = shard.scenario
     records = []
     for index, completion in zip(shard.indices, completions):
-        records.append(_record(scenario, settings, model, version, index, prompt, completion.text,
-                               parse_action(completion.text, scenario.game),
-                               parse_motivation(completion.text) if settings.role == "teacher" else ""))
+        text = completion.text
+        if prefilled(backend, settings):  # the model continued after "Answer:"; record the whole turn
+            text = f"{ANSWER_PREFIX} {text}"
+        records.append(_record(scenario, settings, model, version, index, prompt, text,
+                               parse_action(text, scenario.game),
+                               parse_motivation(text) if settings.role == "teacher" else ""))
     return records
 
 
@@ -164,7 +173,8 @@ def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Sha
     for batch in _batches(pending, settings):
         for shard in batch:
             if shard.scenario.id not in prompts:
-                prompts[shard.scenario.id] = backend.prompt(shard.scenario)
+                prompts[shard.scenario.id] = backend.prompt(shard.scenario) + (
+                    ANSWER_PREFIX if prefilled(backend, settings) else "")
         if settings.mode == "generate":
             requests = [GenerationRequest(s.scenario, prompts[s.scenario.id], s.sample_seeds(settings.seed),
                                           s.shard_seed(settings.seed)) for s in batch]

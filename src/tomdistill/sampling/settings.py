@@ -42,6 +42,7 @@ class SamplerSettings:
     gpu_memory_utilization: float
     progress: bool
     adapter: str | None
+    answer_prefill: bool = True
 
     @property
     def samples_per_scenario(self) -> int:
@@ -144,5 +145,6 @@ def settings_from_config(cfg) -> SamplerSettings:
             _get(sampler, "gpu_memory_utilization", 0.9), "sampler.gpu_memory_utilization", 0.0, 1.0, low_open=True
         ),
         progress=progress,
+        answer_prefill=bool(_get(sampler, "answer_prefill", True)),
         adapter=adapter,
     )
