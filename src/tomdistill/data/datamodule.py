@@ -1,0 +1,441 @@
+"""`TeacherQADataModule`: the teacher's question/answer pairs as chat-formatted training examples.
+
+From a samples dataset (records.py schema) it builds, for the configured splits:
+- SFT examples, one per parsed teacher answer (generate mode): the student's prompt
+  (system = context, user = game + the student's question) through the student's chat template,
+  then the assistant turn `Answer: X` (+ `Motivation: ...` when `target=answer_motivation`) and the
+  template's end of turn. Labels are -100 everywhere but the assistant turn.
+- Soft targets, one per scenario: the teacher's action distribution (score-mode `action_probs`,
+  else the empirical distribution of its parsed answers) and the token ids of each action after
+  `Answer:` (prompt and action tokenized together, `scoring.prepare_item`). The soft loss uses
+  the distribution over each action's first token (the exact marginal at the answer position).
+- A validation set of whole scenarios: held-out contexts (`val_contexts`, or `num_val_contexts`
+  chosen by seed), so `val/alignment` measures transfer to contexts the student never saw.
+Batches are grouped by length (less padding; the fraction is reported). Tokenization goes
+through `datasets.map` with a cache file keyed by tokenizer and texts, so a rerun reuses it.
+Every data error is raised by `setup()`, which the recipe calls before any model loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import datasets
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
+from ..sampling.scoring import ScoringItem, prepare_item
+from ..scenarios import ANSWER_PREFIX, UNPARSED, Catalogue, Scenario, answer_text, build_messages, render_prompt
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("answer_motivation", "answer_only")
+LOSSES = ("sft", "soft", "sft_soft")
+IGNORE_INDEX = -100
+
+
+class DataError(SamplesError):
+    """Teacher data that cannot be trained on; raised before any model loads."""
+
+
+@dataclass
+class ScenarioTarget:
+    """One scenario's soft target and its exact-scoring item."""
+
+    scenario: Scenario
+    teacher_probs: dict[str, float]
+    item: ScoringItem                      # prompt + "Answer:" and each action's continuation ids
+    first_token_ids: list[int] = field(default_factory=list)     # distinct first tokens of the actions
+    first_token_probs: list[float] = field(default_factory=list)  # teacher mass on each of them
+
+    @property
+    def id(self) -> str:
+        return self.scenario.id
+
+
+def propensity(probs: dict[str, float]) -> float:
+    """The propensity to cooperate: P(C) for C/D games, the expected share given for amounts."""
+    if "C" in probs:
+        return float(probs["C"])
+    amounts = {int(a): p for a, p in probs.items()}
+    return sum(a * p for a, p in amounts.items()) / max(amounts)
+
+
+def teacher_distributions(records: datasets.Dataset) -> dict[tuple[str, str], dict[str, float]]:
+    """Per scenario: the mean of score-mode `action_probs`, else the empirical answer frequencies."""
+    scored: dict[tuple[str, str], list[dict[str, float]]] = {}
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for row in records.select_columns(["game", "context", "action", "action_probs"]):
+        key = (row["game"], row["context"])
+        probs = action_probs_of(row)
+        if probs:
+            scored.setdefault(key, []).append({a: float(p) for a, p in probs.items()})
+        elif row["action"] != UNPARSED:
+            bucket = counts.setdefault(key, {})
+            bucket[row["action"]] = bucket.get(row["action"], 0) + 1
+    out = {}
+    for key in set(scored) | set(counts):
+        if key in scored:
+            actions = sorted({a for p in scored[key] for a in p})
+            out[key] = {a: sum(p.get(a, 0.0) for p in scored[key]) / len(scored[key]) for a in actions}
+        else:
+            total = sum(counts[key].values())
+            out[key] = {a: c / total for a, c in counts[key].items()}
+    return out
+
+
+def choose_val_contexts(contexts: Sequence[str], n: int, seed: int) -> list[str]:
+    """`n` held-out contexts, rotating with the seed (seed 0: the first n, seed 1: the next n, ...)."""
+    ordered = sorted(contexts)
+    if n <= 0 or not ordered:
+        return []
+    if n >= len(ordered):
+        raise DataError(f"data.num_val_contexts={n} would hold out every training context {ordered}")
+    return [ordered[(seed * n + i) % len(ordered)] for i in range(n)]
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length: shuffle, sort within mega-batches, shuffle the batches.
+
+    Rank-aware (each of `num_replicas` ranks gets every num_replicas-th batch, all ranks the same
+    count), so Lightning's distributed sampler is not needed; `set_epoch` reshuffles per epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, group_by_length: bool = True,
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0, mega_batch_factor: int = 16):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.mega_batch_factor = mega_batch_factor
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """All batches of this epoch, over all ranks."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            mega = self.batch_size * self.mega_batch_factor
+            order = [i for s in range(0, len(order), mega)
+                     for i in sorted(order[s:s + mega], key=lambda j: -self.lengths[j])]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        if self.num_replicas > 1 and batches:  # same number of batches on every rank
+            per_rank = math.ceil(len(batches) / self.num_replicas)
+            batches += batches[: per_rank * self.num_replicas - len(batches)]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.rank::self.num_replicas]
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
+
+
+def padding_fraction(batches: list[list[int]], lengths: Sequence[int]) -> float:
+    """Share of the tokens in padded batches that are padding."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)
+    return 1.0 - real / padded if padded else 0.0
+
+
+class Collator:
+    """Right-pads a batch and attaches each example's soft target (first-token ids and probs)."""
+
+    def __init__(self, pad_id: int, targets: list[ScenarioTarget]):
+        self.pad_id = pad_id
+        width = max((len(t.first_token_ids) for t in targets), default=1)
+        self.soft_ids = torch.zeros((max(len(targets), 1), width), dtype=torch.long)
+        self.soft_probs = torch.zeros((max(len(targets), 1), width), dtype=torch.float32)
+        for row, target in enumerate(targets):
+            self.soft_ids[row, : len(target.first_token_ids)] = torch.tensor(target.first_token_ids)
+            self.soft_probs[row, : len(target.first_token_probs)] = torch.tensor(target.first_token_probs)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[row, :n] = torch.tensor(e["input_ids"])
+            mask[row, :n] = 1
+            labels[row, :n] = torch.tensor(e["labels"])
+        scenario = torch.tensor([e["scenario"] for e in examples], dtype=torch.long)
+        return {
+            "input_ids": ids, "attention_mask": mask, "labels": labels,
+            "answer_pos": torch.tensor([e["answer_pos"] for e in examples], dtype=torch.long),
+            "scenario": scenario, "soft_ids": self.soft_ids[scenario], "soft_probs": self.soft_probs[scenario],
+        }
+
+
+class TeacherQADataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        teacher: str | Path,
+        tokenizer,
+        catalogue: Catalogue,
+        *,
+        teacher_probs: str | Path | None = None,
+        splits: Sequence[str] = ("in_sample",),
+        target: str = "answer_motivation",
+        loss: str = "sft",
+        val_contexts: Sequence[str] | None = None,
+        num_val_contexts: int = 1,
+        samples_per_scenario: int | None = None,
+        batch_size: int = 8,
+        scenario_batch_size: int = 0,
+        eval_batch_size: int = 16,
+        max_length: int = 512,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+    ):
+        super().__init__()
+        if target not in TARGETS:
+            raise DataError(f"data.target must be one of {TARGETS}, got {target!r}")
+        if loss not in LOSSES:
+            raise DataError(f"loss.name must be one of {LOSSES}, got {loss!r}")
+        self.teacher, self.teacher_probs_source = teacher, teacher_probs
+        self.tokenizer, self.catalogue = tokenizer, catalogue
+        self.splits, self.target, self.loss = list(splits), target, loss
+        self.val_contexts_cfg = list(val_contexts) if val_contexts else None
+        self.num_val_contexts = num_val_contexts
+        self.samples_per_scenario = samples_per_scenario
+        self.batch_size, self.scenario_batch_size, self.eval_batch_size = batch_size, scenario_batch_size, eval_batch_size
+        self.max_length, self.group_by_length = max_length, group_by_length
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.stats: dict = {}
+        self._ready = False
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        if not getattr(self.tokenizer, "chat_template", None):
+            name = getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
+            raise DataError(f"tokenizer {name!r} has no chat template; set `model.chat_template` to a Jinja template "
+                            "(or use an instruct/chat checkpoint)")
+        records = self._load_records()
+        distributions = self._teacher_distributions(records)
+        scenarios = self._training_scenarios(records, distributions)
+        contexts = sorted({s.context.name for s in scenarios})
+        self.val_context_names = self._val_contexts(contexts)
+        prompts = {s.key: render_prompt(self.tokenizer, build_messages(s, "student")) for s in scenarios}
+        self.targets = [self._scenario_target(s, distributions[s.key], prompts[s.key]) for s in scenarios]
+        index = {t.scenario.key: i for i, t in enumerate(self.targets)}
+        self.val_targets = [t for t in self.targets if t.scenario.context.name in self.val_context_names]
+        self.train_targets = [t for t in self.targets if t.scenario.context.name not in self.val_context_names]
+
+        if self.loss == "soft":  # one example per scenario: the prompt up to "Answer:"
+            rows = [{"scenario": index[t.scenario.key], "prompt": t.item.prompt, "completion": ""} for t in self.targets]
+        else:
+            rows = self._sft_rows(records, prompts, index)
+        tokenized = self._tokenize(rows)
+        is_val = [self.targets[s].scenario.context.name in self.val_context_names for s in tokenized["scenario"]]
+        self.train_set = tokenized.select([i for i, v in enumerate(is_val) if not v])
+        self.val_set = tokenized.select([i for i, v in enumerate(is_val) if v])
+        if len(self.train_set) == 0:
+            raise DataError(f"teacher dataset {self.teacher}: no training examples left after holding out "
+                            f"contexts {self.val_context_names}")
+        self.stats.update({
+            "train_examples": len(self.train_set), "val_examples": len(self.val_set),
+            "train_scenarios": len(self.train_targets), "val_scenarios": len(self.val_targets),
+            "val_contexts": self.val_context_names,
+        })
+        lengths = self.train_set["length"]
+        grouped = LengthGroupedBatchSampler(lengths, self._train_batch_size(), group_by_length=True, seed=self.seed)
+        plain = LengthGroupedBatchSampler(lengths, self._train_batch_size(), group_by_length=False, seed=self.seed)
+        self.stats["padding_fraction"] = padding_fraction(grouped.batches(), lengths) if self.group_by_length \
+            else padding_fraction(plain.batches(), lengths)
+        self.stats["padding_fraction_random"] = padding_fraction(plain.batches(), lengths)
+        log.info("teacher data: %s", json.dumps(self.stats))
+        self._ready = True
+
+    def _load_records(self) -> datasets.Dataset:
+        records = load_samples(self.teacher, "teacher")
+        named = {"teacher": records}
+        if self.teacher_probs_source:
+            self.probs_records = load_samples(self.teacher_probs_source, "teacher_probs")
+            named["teacher_probs"] = self.probs_records
+        else:
+            self.probs_records = None
+        version = check_same_prompt_version(named)
+        from ..scenarios import prompt_version
+
+        if version != prompt_version(self.catalogue):
+            raise DataError(
+                f"teacher dataset {self.teacher} has prompt_version {version!r} but the configured scenario catalogue "
+                f"is {prompt_version(self.catalogue)!r}: resample the teacher with this catalogue, or configure the "
+                "catalogue it was sampled with"
+            )
+        kept = records.filter(lambda split: split in self.splits, input_columns="split")
+        if len(kept) == 0:
+            found = sorted(set(records.unique("split")))
+            raise DataError(f"teacher dataset {self.teacher}: no records of split(s) {self.splits} (it has {found})")
+        generated = kept.filter(lambda p: p in (None, ""), input_columns="action_probs")
+        unparsed = sum(1 for a in generated["action"] if a == UNPARSED)
+        self.stats["records"] = len(kept)
+        self.stats["unparsed_dropped"] = unparsed
+        if unparsed:
+            log.warning("teacher data: dropped %d unparsed answer(s) of %d", unparsed, len(generated))
+        return kept
+
+    def _teacher_distributions(self, records):
+        source = self.probs_records if self.probs_records is not None else records
+        distributions = teacher_distributions(source)
+        if self.probs_records is not None:  # scenarios without scores fall back to the samples
+            for key, probs in teacher_distributions(records).items():
+                distributions.setdefault(key, probs)
+        return distributions
+
+    def _training_scenarios(self, records, distributions) -> list[Scenario]:
+        keys = sorted({(g, c) for g, c in zip(records["game"], records["context"])})
+        scenarios = []
+        for game, context in keys:
+            try:
+                scenario = self.catalogue.scenario(game, context)
+            except KeyError as err:
+                raise DataError(f"teacher dataset {self.teacher}: {err.args[0]}") from err
+            if (game, context) not in distributions:  # no parsed answer and no score: nothing to learn
+                log.warning("teacher data: scenario %s/%s has only unparsed answers; left out", game, context)
+                self.stats.setdefault("scenarios_left_out", []).append(f"{game}/{context}")
+                continue
+            scenarios.append(scenario)
+        return scenarios
+
+    def _val_contexts(self, contexts: list[str]) -> list[str]:
+        if self.val_contexts_cfg is not None:
+            unknown = [c for c in self.val_contexts_cfg if c not in contexts]
+            if unknown:
+                raise DataError(f"data.val_contexts {unknown} are not among the training contexts {contexts}")
+            if set(self.val_contexts_cfg) == set(contexts):
+                raise DataError(f"data.val_contexts {self.val_contexts_cfg} would hold out every training context")
+            return sorted(self.val_contexts_cfg)
+        return choose_val_contexts(contexts, self.num_val_contexts, self.seed)
+
+    def _scenario_target(self, scenario: Scenario, probs: dict[str, float], prompt: str) -> ScenarioTarget:
+        actions = scenario.game.actions
+        item = prepare_item(self.tokenizer, prompt + ANSWER_PREFIX, actions)
+        full = {a: float(probs.get(a, 0.0)) for a in actions}
+        first: dict[int, float] = {}
+        for action, continuation in zip(actions, item.continuation_ids):
+            first[continuation[0]] = first.get(continuation[0], 0.0) + full[action]
+        return ScenarioTarget(scenario, full, item, list(first), list(first.values()))
+
+    def _end_of_turn(self) -> str:
+        """What the chat template appends after an assistant message (e.g. `<|im_end|>`)."""
+        sentinel = "\x00SENTINEL\x00"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}], tokenize=False)
+        return text.split(sentinel, 1)[1].rstrip()
+
+    def _sft_rows(self, records, prompts, index) -> list[dict]:
+        rows, per_scenario = [], {}
+        end = self._end_of_turn()
+        columns = records.select_columns(["game", "context", "action", "motivation", "action_probs"])
+        for row in columns:
+            if row["action_probs"] not in (None, "") or row["action"] == UNPARSED:
+                continue  # score-mode records are soft targets, not samples
+            key = (row["game"], row["context"])
+            per_scenario[key] = per_scenario.get(key, 0) + 1
+            if self.samples_per_scenario and per_scenario[key] > self.samples_per_scenario:
+                continue
+            motivation = row["motivation"] if self.target == "answer_motivation" else None
+            rows.append({"scenario": index[key], "prompt": prompts[key],
+                         "completion": answer_text(row["action"], motivation) + end})
+        if not rows:
+            raise DataError(f"teacher dataset {self.teacher}: loss={self.loss} needs sampled answers (generate mode), "
+                            "but it holds only score-mode records; use loss=soft or add generated samples")
+        return rows
+
+    def _tokenize(self, rows: list[dict]) -> datasets.Dataset:
+        tokenizer, max_length = self.tokenizer, self.max_length
+
+        def tokenize(batch):
+            out = {"input_ids": [], "labels": [], "answer_pos": [], "length": []}
+            for prompt, completion in zip(batch["prompt"], batch["completion"]):
+                prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+                if ids[: len(prompt_ids)] != prompt_ids:  # merged across the boundary: keep them apart
+                    ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+                labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+                # the answer position: the last token of "Answer:", whose next token is the action
+                if not completion:  # a soft-loss prompt already ends with "Answer:"
+                    answer_pos = len(ids) - 1
+                else:
+                    prefix_ids = tokenizer(prompt + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+                    answer_pos = len(prefix_ids) - 1 if ids[: len(prefix_ids)] == prefix_ids else -1
+                ids, labels = ids[:max_length], labels[:max_length]
+                if answer_pos >= len(ids) - (1 if completion else 0):
+                    answer_pos = -1
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["answer_pos"].append(answer_pos)
+                out["length"].append(len(ids))
+            return out
+
+        dataset = datasets.Dataset.from_list(rows)
+        key = hashlib.sha256(json.dumps({
+            "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer), "max_length": max_length,
+            "template": getattr(tokenizer, "chat_template", ""), "rows": rows, "revision": 1,
+        }, sort_keys=True).encode()).hexdigest()[:16]
+        cache_file = None
+        if self.cache_dir is not None:
+            (self.cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
+            cache_file = str(self.cache_dir / "tokenized" / f"{key}.arrow")
+            self.stats["tokenization_cached"] = Path(cache_file).exists()
+        tokenized = dataset.map(tokenize, batched=True, remove_columns=["prompt", "completion"],
+                                cache_file_name=cache_file, load_from_cache_file=True,
+                                desc="tokenizing teacher answers")
+        too_long = sum(1 for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])
+                       if self.loss != "soft" and all(x == IGNORE_INDEX for x in labels))
+        if too_long:
+            raise DataError(f"data.max_length={max_length} cuts off the whole answer of {too_long} example(s): "
+                            "raise data.max_length")
+        if self.loss != "sft" and any(p < 0 for p in tokenized["answer_pos"]):
+            raise DataError(f"the tokenizer does not keep '{ANSWER_PREFIX}' as its own tokens after the prompt, "
+                            f"so loss={self.loss} cannot find the answer position")
+        return tokenized
+
+    # ---------------------------------------------------------------- loaders
+    def _train_batch_size(self) -> int:
+        if self.loss == "soft":  # one example per scenario; 0 = all training scenarios in one batch
+            return self.scenario_batch_size or max(len(self.train_targets), 1)
+        return self.batch_size
+
+    def _collator(self) -> Collator:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return Collator(pad, self.targets)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = LengthGroupedBatchSampler(
+            self.train_set["length"], self._train_batch_size(), shuffle=True, group_by_length=self.group_by_length,
+            seed=self.seed, num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
+        )
+        return DataLoader(self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"]),
+                          batch_sampler=sampler, collate_fn=self._collator(), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # every rank sees every validation example (few); val/alignment is computed on all of them anyway
+        sampler = LengthGroupedBatchSampler(self.val_set["length"], self.eval_batch_size, shuffle=False,
+                                            group_by_length=self.group_by_length)
+        return DataLoader(self.val_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"]),
+                          batch_sampler=sampler, collate_fn=self._collator(), num_workers=self.num_workers)

@@ -1,0 +1,303 @@
+"""`LoRADistillModule`: a causal LM with a peft LoRA adapter, trained toward the teacher.
+
+Losses (`loss.name`):
+- `sft`: next-token cross-entropy on the assistant turn (the teacher's answer [+ motivation]).
+- `soft`: at the answer position (after `Answer:`), cross-entropy of the student's next-token
+  distribution over the WHOLE vocabulary toward the teacher's action probabilities placed on
+  the action tokens. Whole-vocabulary (not renormalised over the actions) keeps the probability
+  mass on the answer tokens. With temperature T both sides are softened and the loss scaled by T².
+- `sft_soft`: `sft + soft_weight * soft`, from the same forward pass (the answer position lies
+  inside each SFT sequence).
+Only the logits that a loss needs are projected onto the vocabulary (`logits_to_keep`): the
+prompt's hidden states never meet the (large) output layer.
+
+Each validation epoch: `val/alignment` of the student's exact action probabilities
+(`scoring.action_logprobs`) toward the teacher on the held-out scenarios, against the base
+student's (adapter disabled, computed once); and `val/action_mass`, the mass on the action tokens.
+The model is built in `__init__` (not `configure_model`: under ZeRO-3 Lightning wraps that in
+`deepspeed.zero.Init` and `from_pretrained` breaks).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..metrics.transfer import alignment
+from ..sampling.scoring import ScoringItem, action_logprobs
+from .loading import load_causal_lm
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ValidationScenarios:
+    """What `val/alignment` needs: scoring items, the teacher's propensities, and a pad id."""
+
+    ids: list[str]
+    items: list[ScoringItem]
+    teacher_propensity: list[float]
+    tokenizer: Any
+    batch_size: int = 16
+
+
+def _plain(value):
+    """OmegaConf containers to plain Python (peft and hparams want lists and dicts)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool = False, cache_dir=None):
+    """The base causal LM (optionally 4-bit) with a fresh LoRA adapter; only the adapter trains."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    quantization = model_cfg.get("quantization")
+    device_map = None
+    if quantization == "4bit":
+        import os
+
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = load_causal_lm(model_cfg, cache_dir=cache_dir, device_map=device_map)
+    model.config.use_cache = False
+    checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing + frozen embeddings = no grads
+    if quantization == "4bit":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    targets = lora.get("target_modules", "all-linear")
+    config = LoraConfig(
+        r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 32)), lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=targets if isinstance(targets, str) else list(targets), bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    model.train()  # from_pretrained returns eval mode; Lightning does not switch submodules back
+    return model
+
+
+def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Mean over rows of −Σ_k q_k log p(token_k), p over the whole vocabulary.
+
+    `token_ids`/`probs`: (rows, K), padded with probability 0. With temperature T the teacher's
+    distribution becomes q^(1/T) (renormalised), the student's softmax(z/T), and the loss is × T².
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = logp.gather(-1, token_ids)
+    if temperature != 1.0:
+        q = torch.where(probs > 0, probs.clamp_min(1e-12) ** (1.0 / temperature), torch.zeros_like(probs))
+        probs = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(probs * chosen).sum(-1).mean() * temperature**2
+
+
+class LoRADistillModule(pl.LightningModule):
+    def __init__(
+        self,
+        model_cfg: dict,
+        lora: dict,
+        optim: dict,
+        loss: dict,
+        gradient_checkpointing: bool = False,
+        cache_dir: str | None = None,
+        validation: ValidationScenarios | None = None,
+    ):
+        super().__init__()
+        model_cfg, lora, optim, loss = (_plain(x) for x in (model_cfg, lora, optim, loss))
+        # configs only: never a model object (DESIGN pitfall 4)
+        self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss,
+                                   "gradient_checkpointing": gradient_checkpointing})
+        self.model = build_lora_model(model_cfg, lora, gradient_checkpointing, cache_dir)
+        self.loss_name = loss.get("name", "sft")
+        self.soft_weight = float(loss.get("soft_weight", 1.0))
+        self.temperature = float(loss.get("temperature", 1.0))
+        self.optim_cfg = optim
+        self.validation = validation
+        self.strict_loading = False  # checkpoints hold the adapter only (see on_save_checkpoint)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE_INDEX, validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE_INDEX, validate_args=False)
+        self._base_propensity: list[float] | None = None
+        self._batch_start = 0.0
+
+    # ---------------------------------------------------------------- losses
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward once; return the configured loss and its parts (plus accuracy inputs)."""
+        labels, answer_pos = batch["labels"], batch["answer_pos"]
+        want_sft, want_soft = self.loss_name in ("sft", "sft_soft"), self.loss_name in ("soft", "sft_soft")
+        next_labels = torch.full_like(labels, IGNORE_INDEX)
+        next_labels[:, :-1] = labels[:, 1:]  # the token each position predicts
+        keep = next_labels != IGNORE_INDEX if want_sft else torch.zeros_like(labels, dtype=torch.bool)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        has_answer = answer_pos >= 0
+        if want_soft:
+            keep[rows[has_answer], answer_pos[has_answer]] = True
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            logits_to_keep=keep).logits  # (kept positions, vocab), row-major
+        out: dict[str, torch.Tensor] = {}
+        total = logits.new_zeros(())
+        if want_sft:
+            targets = next_labels[keep]
+            sft = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+            out.update(sft=sft, preds=logits.argmax(-1), targets=targets)
+            total = total + sft
+        if want_soft:
+            kept_rows, kept_cols = keep.nonzero(as_tuple=True)
+            at_answer = kept_cols == answer_pos[kept_rows]
+            soft = soft_cross_entropy(logits[at_answer], batch["soft_ids"][kept_rows[at_answer]],
+                                      batch["soft_probs"][kept_rows[at_answer]], self.temperature)
+            out["soft"] = soft
+            total = total + (self.soft_weight if want_sft else 1.0) * soft
+        out["loss"] = total
+        return out
+
+    def _check_finite(self, loss: torch.Tensor, stage: str, batch_idx: int, batch: dict) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite {stage} loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx} "
+                f"(scenario indices {batch['scenario'].tolist()}); lower optim.lr or check the data"
+            )
+
+    # ---------------------------------------------------------------- training
+    def on_train_batch_start(self, batch, batch_idx):
+        self._batch_start = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.compute_losses(batch)
+        self._check_finite(out["loss"], "training", batch_idx, batch)
+        size = batch["input_ids"].shape[0]
+        self.train_loss(out["loss"].detach())
+        self.log("train/loss", out["loss"].detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        for part in ("sft", "soft"):
+            if part in out:
+                self.log(f"train/{part}_loss", out[part].detach(), on_step=True, batch_size=size)
+        if "preds" in out:
+            self.train_acc(out["preds"], out["targets"])
+            self.log("train/token_acc", self.train_acc, on_step=True, on_epoch=False, batch_size=size)
+        mask = batch["attention_mask"]
+        self.log("train/padding_frac", 1.0 - mask.float().mean(), on_step=True, batch_size=size)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        seconds = max(time.perf_counter() - self._batch_start, 1e-9)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        tokens = int(batch["attention_mask"].sum()) * world
+        self.log("train/tokens_per_s", tokens / seconds, on_step=True, batch_size=1)
+        self.log("train/samples_per_s", batch["input_ids"].shape[0] * world / seconds, on_step=True, batch_size=1)
+        self.log("train/step_s", seconds, on_step=True, batch_size=1)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            self.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True, batch_size=1)
+
+    def on_train_epoch_end(self):
+        self.log("train/loss_epoch", self.train_loss.compute(), sync_dist=True)
+        self.train_loss.reset()
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.compute_losses(batch)
+        size = batch["input_ids"].shape[0]
+        self.val_loss.update(out["loss"], weight=size)
+        if "preds" in out:
+            self.val_acc(out["preds"], out["targets"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count:
+            self.log("val/loss", self.val_loss.compute(), sync_dist=True)
+            self.val_loss.reset()
+        if self.val_acc.update_count:
+            self.log("val/token_acc", self.val_acc.compute(), sync_dist=True)
+            self.val_acc.reset()
+        if self.validation is None or not self.validation.items:
+            return
+        if self._base_propensity is None:
+            with self.model.disable_adapter():
+                self._base_propensity, base_mass = self.score_validation()
+            self._base_mass = base_mass
+        tuned, mass = self.score_validation()
+        value = alignment(self._base_propensity, tuned, self.validation.teacher_propensity)
+        # every rank scored every validation scenario: the values agree, no reduction needed
+        self.log("val/alignment", float(value), prog_bar=True)
+        self.log("val/action_mass", mass)
+        self.log("val/base_action_mass", self._base_mass)
+        self.log("val/propensity_gap", float(np.mean(np.abs(np.array(tuned) - self.validation.teacher_propensity))))
+
+    @torch.no_grad()
+    def score_validation(self) -> tuple[list[float], float]:
+        """The student's propensity on each validation scenario and its mean mass on the actions."""
+        from ..data.datamodule import propensity
+
+        v = self.validation
+        logprobs = action_logprobs(self.model, v.tokenizer, v.items, v.batch_size)
+        propensities, masses = [], []
+        for lp in logprobs:
+            raw = {a: math.exp(float(x)) for a, x in lp.items()}
+            mass = sum(raw.values())
+            masses.append(mass)
+            propensities.append(propensity({a: p / mass for a, p in raw.items()}) if mass > 0 else float("nan"))
+        return propensities, float(np.mean(masses))
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]  # the adapter only (pitfall 4)
+        optimizer = torch.optim.AdamW(params, lr=float(cfg.get("lr", 2e-4)), weight_decay=float(cfg.get("weight_decay", 0.0)),
+                                      betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(round(float(cfg.get("warmup_ratio", 0.0)) * total))
+        name = cfg.get("scheduler", "cosine")
+        scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(name, name), optimizer,
+                                  num_warmup_steps=warmup, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainable_state_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the adapter in Lightning checkpoints: the frozen base model is reloaded from its source."""
+        if "state_dict" in checkpoint:
+            keep = self.trainable_state_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """Write the adapter in plain peft format. Collective: call on every rank.
+
+        Under ZeRO-3 the LoRA parameters are partitioned; they are gathered on all ranks
+        (`GatheredParameters`) and rank 0 writes them (an un-gathered save is empty: peft #453).
+        """
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        gathered = contextlib.nullcontext()
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gathered:
+            state = {n: p.detach().to("cpu").clone() for n, p in named}
+        if self.global_rank == 0:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+        if self._trainer is not None:
+            self.trainer.strategy.barrier("save_adapter")

@@ -1,0 +1,310 @@
+"""The training recipe: LoRA-distil a student on a teacher's answers. Read top to bottom.
+
+`train(cfg)` (cfg = conf/train.yaml, composed by Hydra):
+  1. seed; output directory; the resolved config saved as OUTPUT/config.yaml
+  2. data: teacher samples -> chat examples, validation on held-out contexts (errors here, before
+     any model loads)
+  3. module: the student + a LoRA adapter, losses sft | soft | sft_soft
+  4. callbacks (checkpoints, best adapter, early stopping, SIGTERM), logger (W&B | CSV), strategy
+  5. `Trainer.fit(ckpt_path=...)`; the adapter is written to OUTPUT/adapter (peft format)
+  6. return the objective (best `val/alignment`) for sweeps; OUTPUT/train_summary.json
+Writes: OUTPUT/adapter/, OUTPUT/adapter_best/, OUTPUT/checkpoints/{last.ckpt,best-*.ckpt},
+OUTPUT/config.yaml, OUTPUT/train_summary.json, OUTPUT/logs/ (CSV) or OUTPUT/wandb/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .model.loading import ModelLoadError
+from .paths import UnsafePathError, safe_output_dir
+from .records import SamplesError
+from .scenarios import CatalogueError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingConfigError(ValueError):
+    """A training configuration that cannot run; the message says which key to change."""
+
+
+def register_resolvers() -> None:
+    """`${if_null:a,b}`: a unless it is null (train.yaml: the run directory is `output=` when given)."""
+    if not OmegaConf.has_resolver("if_null"):
+        OmegaConf.register_new_resolver("if_null", lambda value, default: default if value in (None, "") else value)
+
+
+# errors that are the user's input, reported as one clean line (train.py exits with code 2)
+USER_ERRORS = (SamplesError, ModelLoadError, CatalogueError, UnsafePathError, TrainingConfigError)
+
+
+def train(cfg: DictConfig) -> float:
+    import pytorch_lightning as pl
+
+    # 1. seed, output, resolved config ---------------------------------------------------------
+    pl.seed_everything(int(cfg.seed), workers=True)
+    output = output_dir(cfg)
+    check_process_layout(cfg)
+    ckpt_path = resume_path(cfg, output)
+    save_resolved_config(cfg, output)
+
+    # 2. data (all data errors surface here, before the model loads) ----------------------------
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+
+    # 3. module -----------------------------------------------------------------------------------
+    from .model.lora_module import LoRADistillModule
+
+    module = LoRADistillModule(
+        model_cfg=cfg.model, lora=cfg.model.lora, optim=cfg.optim, loss=cfg.loss,
+        gradient_checkpointing=bool(cfg.model.gradient_checkpointing), cache_dir=cfg.paths.cache_dir,
+        validation=validation_scenarios(datamodule, cfg),
+    )
+
+    # 4. callbacks, logger, trainer ---------------------------------------------------------------
+    has_validation = bool(datamodule.val_targets)
+    callbacks = build_callbacks(cfg, output, has_validation)
+    logger = build_logger(cfg, output)
+    trainer = build_trainer(cfg, output, callbacks, logger, has_validation)
+
+    # 5. fit (resumes from ckpt_path: a path, or `last` = OUTPUT/checkpoints/last.ckpt) -----------
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_logger(logger)
+    seconds = time.perf_counter() - started
+
+    # 6. objective and summary ---------------------------------------------------------------------
+    export = next(c for c in callbacks if type(c).__name__ == "AdapterExport")
+    metric = cfg.get("optimized_metric") or "val/alignment"
+    final = trainer.callback_metrics.get(metric)
+    objective = export.best_score if export.best_score is not None else (float(final) if final is not None else math.nan)
+    if trainer.is_global_zero:
+        summary = {
+            "objective": metric, "value": objective, "best_step": export.best_step,
+            "global_step": trainer.global_step, "epochs": trainer.current_epoch, "fit_seconds": round(seconds, 2),
+            "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "data": datamodule.stats, "adapter": str(output / "adapter"),
+        }
+        (output / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        log.info("trained in %.1f s, %d steps; %s = %s; adapter: %s", seconds, trainer.global_step, metric,
+                 objective, output / "adapter")
+    return float(objective)
+
+
+# ------------------------------------------------------------------------------------------------
+def output_dir(cfg: DictConfig) -> Path:
+    """`output=` or the Hydra run directory."""
+    if cfg.get("output"):
+        path = safe_output_dir(cfg.output)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise TrainingConfigError("set `output=DIR` when calling train() outside a Hydra app")
+        path = Path(HydraConfig.get().runtime.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.output = str(path)
+        cfg.paths.output_dir = str(path)
+    return path
+
+
+def check_process_layout(cfg: DictConfig) -> None:
+    """Lightning relaunches ranks with this process's argv: under `-m` they would re-enter the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    processes = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    external = any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and processes > 1 and not external:
+        raise TrainingConfigError(
+            f"trainer.devices={processes} inside a local multirun (-m): Lightning would relaunch the whole sweep in "
+            "every rank. Run multi-process jobs through a launcher that creates the processes (hydra/launcher=slurm, "
+            "srun, torchrun), or sweep single-process runs."
+        )
+
+
+def save_resolved_config(cfg: DictConfig, output: Path) -> None:
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(cfg, output / "config.yaml", resolve=True)
+
+
+def build_datamodule(cfg: DictConfig):
+    from .data.datamodule import TeacherQADataModule
+    from .data.oracle_teacher import oracle_teacher_dir
+    from .model.loading import load_tokenizer
+    from .scenarios.catalogue import catalogue_from_config
+
+    data = cfg.data
+    catalogue = catalogue_from_config(cfg.scenarios)
+    teacher = data.teacher
+    if not teacher:  # the embedded default: the oracle teacher, sampled in-process and cached
+        teacher = oracle_teacher_dir(catalogue, cfg.paths.cache_dir, n=int(data.oracle.samples_per_scenario),
+                                     seed=int(data.oracle.seed))
+        log.info("data.teacher is null: training on the oracle teacher's samples in %s", teacher)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir, padding_side="right")
+    return TeacherQADataModule(
+        teacher, tokenizer, catalogue, teacher_probs=data.teacher_probs, splits=list(data.splits), target=data.target,
+        loss=cfg.loss.name, val_contexts=data.val_contexts, num_val_contexts=int(data.num_val_contexts),
+        samples_per_scenario=data.samples_per_scenario, batch_size=int(data.batch_size),
+        scenario_batch_size=int(data.scenario_batch_size), eval_batch_size=int(data.eval_batch_size),
+        max_length=int(data.max_length), group_by_length=bool(data.group_by_length),
+        num_workers=int(data.num_workers), seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir,
+    )
+
+
+def validation_scenarios(datamodule, cfg: DictConfig):
+    from .data.datamodule import propensity
+    from .model.lora_module import ValidationScenarios
+
+    targets = datamodule.val_targets
+    if not targets:
+        log.warning("no validation contexts held out (data.num_val_contexts=0): no val/alignment, no early stopping")
+        return None
+    return ValidationScenarios(
+        ids=[t.id for t in targets], items=[t.item for t in targets],
+        teacher_propensity=[propensity(t.teacher_probs) for t in targets], tokenizer=datamodule.tokenizer,
+        batch_size=int(cfg.data.eval_batch_size),
+    )
+
+
+def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool) -> list:
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    from .callbacks import AdapterExport, CheckpointOnSigterm
+    from .model.loading import model_identity
+
+    metric = cfg.get("optimized_metric") or "val/alignment"
+    ckpt_dir = output / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best-step{step}", auto_insert_metric_name=False,
+            monitor=metric if has_validation else None, mode="max", save_top_k=1 if has_validation else 0,
+            save_last=True,
+        ),
+        AdapterExport(output / "adapter", output / "adapter_best" if has_validation else None,
+                      model_identity(cfg.model), monitor=metric),
+        CheckpointOnSigterm(ckpt_dir / "last.ckpt"),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    stopping = cfg.callbacks.early_stopping
+    if has_validation and stopping.patience:
+        callbacks.append(EarlyStopping(monitor=metric, mode="max", patience=int(stopping.patience),
+                                       min_delta=float(stopping.min_delta), check_finite=False))
+    return callbacks
+
+
+def build_logger(cfg: DictConfig, output: Path):
+    name = cfg.logger.name
+    if name == "none":
+        return False
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if name == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        logger = CSVLogger(save_dir=str(output), name="logs", version="")
+    elif name == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        from .tracking import resolve_wandb_mode
+
+        mode = resolve_wandb_mode(cfg.logger.mode)  # never hangs: offline without network or key
+        logger = WandbLogger(
+            project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+            tags=list(cfg.logger.tags or []), save_dir=str(output), name=output.name, mode=mode,
+            job_type="train",
+        )
+    else:
+        raise TrainingConfigError(f"logger={name!r}: expected wandb, csv or none")
+    logger.log_hyperparams(resolved)  # the whole resolved config, not only the module's
+    return logger
+
+
+def finish_logger(logger) -> None:
+    """Close the W&B run so the next multirun job starts its own (DESIGN pitfall 7)."""
+    if logger and type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+
+
+def build_strategy(strategy_cfg, accelerator: str):
+    """`auto` | `ddp` | {name: deepspeed, config: <json>, ...}; DeepSpeed on CPU gets the CPU subclass."""
+    if strategy_cfg in (None, "auto"):
+        return "auto"
+    if isinstance(strategy_cfg, str):
+        if strategy_cfg == "ddp":
+            from pytorch_lightning.strategies import DDPStrategy
+
+            return DDPStrategy(find_unused_parameters=False)
+        return strategy_cfg
+    options = dict(strategy_cfg)
+    name = options.pop("name")
+    if name != "deepspeed":
+        raise TrainingConfigError(f"trainer.strategy.name={name!r}: expected deepspeed (or a plain strategy string)")
+    config = options.pop("config")
+    if not Path(config).exists():
+        raise TrainingConfigError(f"trainer.strategy.config: DeepSpeed config {config} not found")
+    if accelerator == "cpu":
+        from .model.strategy import CPUDeepSpeedStrategy as Strategy
+    else:
+        from pytorch_lightning.strategies import DeepSpeedStrategy as Strategy
+    return Strategy(config=str(config), **options)
+
+
+def resolve_accelerator(name: str) -> str:
+    if name == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_precision(precision, accelerator: str):
+    if precision == "auto":
+        if accelerator == "gpu" and torch.cuda.is_bf16_supported():
+            return "bf16-mixed"
+        return "32-true"
+    return precision
+
+
+def build_trainer(cfg: DictConfig, output: Path, callbacks: list, logger, has_validation: bool):
+    import pytorch_lightning as pl
+
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    accelerator = resolve_accelerator(options.pop("accelerator"))
+    strategy = build_strategy(options.pop("strategy"), accelerator)
+    precision = resolve_precision(options.pop("precision"), accelerator)
+    if not has_validation:
+        options["limit_val_batches"] = 0
+    return pl.Trainer(
+        accelerator=accelerator, strategy=strategy, precision=precision, callbacks=callbacks, logger=logger,
+        default_root_dir=str(output), use_distributed_sampler=False,  # the batch sampler is rank-aware
+        **options,
+    )
+
+
+def resume_path(cfg: DictConfig, output: Path) -> str | None:
+    path = cfg.get("ckpt_path")
+    if path in (None, ""):
+        return None
+    if path == "last":
+        last = output / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise TrainingConfigError(
+                f"ckpt_path=last: no checkpoint at {last}; resume with the interrupted run's output "
+                "(`output=DIR ckpt_path=last`) or give the checkpoint's path"
+            )
+        return str(last)
+    if not Path(path).exists():
+        raise TrainingConfigError(f"ckpt_path={path}: no such checkpoint")
+    return str(path)

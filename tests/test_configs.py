@@ -1,0 +1,59 @@
+"""Every training config composes (and prints with --cfg job); experiments compose for sample.py too."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from helpers import ROOT, run_train
+from tomdistill.training import register_resolvers
+
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TRAIN_EXPERIMENTS = [e for e in EXPERIMENTS if e != "paper_published"]  # that one configures evaluate.py only
+TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml") if p.stem != "default")
+
+
+def compose_train(overrides):
+    register_resolvers()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", TRAIN_EXPERIMENTS)
+def test_every_experiment_composes_for_train_and_sample(experiment):
+    cfg = compose_train([f"+experiment={experiment}", "output=/tmp/x"])
+    OmegaConf.to_container(cfg.model, resolve=True)
+    assert cfg.loss.name in ("sft", "soft", "sft_soft") and cfg.model.lora.r > 0 and cfg.optim.lr > 0
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        compose("sample", overrides=[f"+experiment={experiment}"])
+
+
+def test_paper_experiment_has_the_papers_settings():
+    cfg = compose_train(["+experiment=paper"])
+    assert cfg.model.name == "llama2_7b"
+    assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (8, 16, 0.0)
+    assert list(cfg.model.lora.target_modules) == ["q_proj", "v_proj"]
+    assert (cfg.optim.lr, cfg.optim.scheduler, cfg.trainer.max_epochs) == (5e-5, "cosine", 3)
+    assert (cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == (4, 4)
+    assert cfg.trainer.strategy.name == "deepspeed" and cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.sampler.temperature, cfg.sampler.max_new_tokens, cfg.sampler.repetition_penalty, cfg.sampler.n) == (
+        0.8, 600, 1.1, 300)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_composes_and_names_an_existing_deepspeed_config(trainer):
+    cfg = compose_train([f"trainer={trainer}", f"paths.root_dir={ROOT}"])
+    strategy = cfg.trainer.strategy
+    if not isinstance(strategy, str):
+        assert strategy.name == "deepspeed" and Path(strategy.config).exists()
+
+
+def test_cfg_job_prints_the_resolved_training_config():
+    result = run_train(["+experiment=demo", "--cfg", "job", "--resolve"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.loss.name == "soft" and printed.model.name == "smollm2_135m" and "lora" in printed.model
+    assert printed.paths.root_dir == str(ROOT) and printed.trainer.max_steps == 60

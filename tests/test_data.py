@@ -1,0 +1,183 @@
+"""TeacherQADataModule: loss masking, soft targets, held-out contexts, length grouping, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers import TINY, run_train, write_teacher
+from tomdistill.data.datamodule import (
+    IGNORE_INDEX, DataError, LengthGroupedBatchSampler, TeacherQADataModule, padding_fraction,
+)
+from tomdistill.records import SamplesError
+from tomdistill.scenarios import ANSWER_PREFIX, answer_text
+from tomdistill.scenarios.oracle import action_probabilities
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_cfg):
+    from tomdistill.model.loading import load_tokenizer
+
+    return load_tokenizer(tiny_model_cfg, padding_side="right")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, catalogue):
+    return write_teacher(tmp_path_factory.mktemp("teacher"), catalogue, n=3)
+
+
+def make(teacher, tokenizer, catalogue, tmp_path, **kwargs):
+    dm = TeacherQADataModule(teacher, tokenizer, catalogue, cache_dir=tmp_path / "cache", **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_labels_mask_everything_but_the_assistant_turn_token_by_token(teacher_dir, tokenizer, catalogue, tmp_path):
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="sft_soft")
+    end = dm._end_of_turn()
+    assert end == "<|im_end|>"
+    for example in dm.train_set.select(range(5)):
+        ids, labels = example["input_ids"], example["labels"]
+        target = dm.targets[example["scenario"]]
+        prompt_ids = tokenizer(target.item.prompt[: -len(ANSWER_PREFIX)], add_special_tokens=False)["input_ids"]
+        start = len(prompt_ids)
+        assert ids[:start] == prompt_ids
+        for position, (token, label) in enumerate(zip(ids, labels)):
+            assert label == (IGNORE_INDEX if position < start else token), position
+        completion = tokenizer.decode(ids[start:])
+        assert completion.startswith(f"{ANSWER_PREFIX} ") and completion.endswith(end)
+        assert "Motivation:" in completion
+        action = completion[len(ANSWER_PREFIX) + 1]
+        # the answer position predicts the action token, exactly as exact scoring tokenizes it
+        pos = example["answer_pos"]
+        assert ids[: pos + 1] == target.item.prompt_ids
+        assert [ids[pos + 1]] == target.item.continuation_ids[target.item.actions.index(action)]
+
+
+def test_answer_only_target_has_no_motivation(teacher_dir, tokenizer, catalogue, tmp_path):
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, target="answer_only")
+    example = dm.train_set[0]
+    kept = [t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX]
+    assert tokenizer.decode(kept) in {answer_text(a) + "<|im_end|>" for a in ("C", "D")}
+
+
+def test_soft_targets_come_from_score_records_or_answer_frequencies(teacher_dir, tokenizer, catalogue, tmp_path):
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="soft")
+    for target in dm.targets:
+        exact = action_probabilities(target.scenario)
+        assert target.teacher_probs == pytest.approx(exact)
+        c, d = (target.item.continuation_ids[target.item.actions.index(a)][0] for a in "CD")
+        assert target.first_token_ids == [c, d] and target.first_token_probs == pytest.approx([exact["C"], exact["D"]])
+    # soft examples: one per scenario, the prompt up to "Answer:", answer position = last token
+    assert len(dm.train_set) + len(dm.val_set) == len(dm.targets)
+    example = dm.train_set[0]
+    assert example["answer_pos"] == len(example["input_ids"]) - 1
+    assert all(label == IGNORE_INDEX for label in example["labels"])
+
+    generated = write_teacher(tmp_path / "gen", catalogue, n=4, modes=("generate",))
+    dm = make(generated, tokenizer, catalogue, tmp_path, loss="soft")
+    records = dm._load_records()
+    for target in dm.targets:
+        answers = [a for g, c, a in zip(records["game"], records["context"], records["action"])
+                   if (g, c) == target.scenario.key]
+        assert target.teacher_probs["C"] == pytest.approx(answers.count("C") / len(answers))
+
+
+def test_validation_holds_out_whole_contexts_rotating_by_seed(teacher_dir, tokenizer, catalogue, tmp_path):
+    seen = []
+    for seed in (0, 1):
+        dm = make(teacher_dir, tokenizer, catalogue, tmp_path, seed=seed, num_val_contexts=1)
+        val = {t.scenario.context.name for t in dm.val_targets}
+        train = {t.scenario.context.name for t in dm.train_targets}
+        assert len(val) == 1 and not val & train and len(dm.val_targets) == 4
+        assert {dm.targets[s].scenario.context.name for s in dm.val_set["scenario"]} == val
+        assert not {dm.targets[s].scenario.context.name for s in dm.train_set["scenario"]} & val
+        seen.append(val)
+    assert seen[0] != seen[1]
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, val_contexts=["team", "friends"])
+    assert dm.val_context_names == ["friends", "team"] and len(dm.val_targets) == 8
+    with pytest.raises(DataError, match="not among the training contexts"):
+        make(teacher_dir, tokenizer, catalogue, tmp_path, val_contexts=["athletes"])
+
+
+def test_length_grouping_cuts_padding(teacher_dir, tokenizer, catalogue, tmp_path):
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, batch_size=4)
+    lengths = dm.train_set["length"]
+    grouped = LengthGroupedBatchSampler(lengths, 4, group_by_length=True, seed=0).batches()
+    plain = LengthGroupedBatchSampler(lengths, 4, group_by_length=False, seed=0).batches()
+    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
+    assert padding_fraction(grouped, lengths) < 0.5 * padding_fraction(plain, lengths)
+    assert dm.stats["padding_fraction"] < dm.stats["padding_fraction_random"]
+
+
+def test_batches_split_evenly_over_ranks():
+    lengths = list(range(10, 37))
+    ranks = [list(LengthGroupedBatchSampler(lengths, 4, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(LengthGroupedBatchSampler(lengths, 4, num_replicas=2))
+    covered = {i for r in ranks for b in r for i in b}
+    assert covered == set(range(len(lengths)))
+
+
+def test_tokenization_is_cached_across_runs(teacher_dir, tokenizer, catalogue, tmp_path):
+    first = make(teacher_dir, tokenizer, catalogue, tmp_path)
+    second = make(teacher_dir, tokenizer, catalogue, tmp_path)
+    assert first.stats["tokenization_cached"] is False and second.stats["tokenization_cached"] is True
+    assert list((tmp_path / "cache" / "tokenized").glob("*.arrow"))
+    assert second.train_set["input_ids"] == first.train_set["input_ids"]
+
+
+def test_unparsed_answers_are_dropped_and_counted(tokenizer, catalogue, tmp_path):
+    def spoil(records):
+        for record in records[:5]:
+            record["action"], record["motivation"] = "unparsed", ""
+        return records
+
+    teacher = write_teacher(tmp_path / "t", catalogue, n=3, modes=("generate",), edit=spoil)
+    dm = make(teacher, tokenizer, catalogue, tmp_path)
+    assert dm.stats["unparsed_dropped"] == 5
+    assert len(dm.train_set) + len(dm.val_set) == 20 * 3 - 5
+    # the first scenario had only unparsed answers: left out (no target), named in the stats
+    assert dm.stats["scenarios_left_out"] == ["prisoners_dilemma/diplomacy"] and len(dm.targets) == 19
+
+
+def test_bad_teacher_data_is_refused_with_a_clear_message(tokenizer, catalogue, tmp_path):
+    with pytest.raises(SamplesError, match="no such directory"):
+        make(str(tmp_path / "missing"), tokenizer, catalogue, tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SamplesError, match="no parquet shards"):
+        make(tmp_path / "empty", tokenizer, catalogue, tmp_path)
+    zero = write_teacher(tmp_path / "zero", catalogue, modes=("generate",), edit=lambda r: [])
+    with pytest.raises(SamplesError, match="empty"):
+        make(zero, tokenizer, catalogue, tmp_path)
+    oos = write_teacher(tmp_path / "oos", catalogue, splits=("oos_context",))
+    with pytest.raises(DataError, match=r"no records of split\(s\) \['in_sample'\]"):
+        make(oos, tokenizer, catalogue, tmp_path)
+
+    def other_version(records):
+        for record in records[:3]:
+            record["prompt_version"] = "p0-deadbeef"
+        return records
+
+    mixed = write_teacher(tmp_path / "mixed", catalogue, modes=("generate",), edit=other_version)
+    with pytest.raises(SamplesError, match="mixes prompt versions"):
+        make(mixed, tokenizer, catalogue, tmp_path)
+    only_scores = write_teacher(tmp_path / "scores", catalogue, modes=("score",))
+    with pytest.raises(DataError, match="needs sampled answers"):
+        make(only_scores, tokenizer, catalogue, tmp_path, loss="sft")
+
+
+def test_tokenizer_without_chat_template_is_refused(teacher_dir, tiny_model_cfg, catalogue, tmp_path):
+    from tomdistill.model.loading import load_tokenizer
+
+    bare = load_tokenizer(tiny_model_cfg, padding_side="right")
+    bare.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        make(teacher_dir, bare, catalogue, tmp_path)
+
+
+def test_train_py_reports_data_errors_before_loading_a_model(tmp_path):
+    result = run_train([*TINY, f"data.teacher={tmp_path}/nowhere", f"output={tmp_path}/out"], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: teacher dataset" in result.stderr and "no such directory" in result.stderr
+    assert "Loading weights" not in result.stderr + result.stdout

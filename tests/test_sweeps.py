@@ -1,0 +1,68 @@
+"""Sweeps and clusters: a local multirun (with W&B offline runs), an Optuna sweep, the SLURM launcher."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import yaml
+
+from helpers import check, run_train, summary, write_teacher
+
+SHORT = ["model=tiny_llama", "loss=sft_soft", "data.batch_size=4", "trainer.max_steps=2",
+         "trainer.val_check_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, catalogue):
+    return write_teacher(tmp_path_factory.mktemp("teacher"), catalogue, n=2)
+
+
+def test_multirun_of_two_jobs_each_with_its_own_offline_wandb_run(tmp_path, teacher):
+    sweep = tmp_path / "sweep"
+    check(run_train(["-m", *SHORT, "logger=wandb", f"data.teacher={teacher}", "optim.lr=1e-3,3e-3",
+                     f"hydra.sweep.dir={sweep}"]))
+    runs = []
+    for job in ("0", "1"):
+        assert summary(sweep / job)["global_step"] == 2
+        assert (sweep / job / "adapter/adapter_model.safetensors").exists()
+        files = list((sweep / job / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, files  # wandb.finish() between jobs: one run per job
+        data = files[0].read_bytes()
+        for key in (b"val/alignment", b"train/loss", b"val/action_mass", b"optim"):  # metrics and the config
+            assert key in data, key
+        runs.append(files[0].parent.name)
+    assert runs[0] != runs[1]
+    lrs = [yaml.safe_load((sweep / job / "config.yaml").read_text())["optim"]["lr"] for job in ("0", "1")]
+    assert lrs == [1e-3, 3e-3]
+
+
+def test_optuna_sweep_of_two_trials_maximises_val_alignment(tmp_path, teacher):
+    sweep = tmp_path / "optuna"
+    check(run_train(["-m", "hparams_search=lora_optuna", *SHORT, "logger=csv", f"data.teacher={teacher}",
+                     "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]))
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = [summary(sweep / job)["value"] for job in ("0", "1")]
+    assert result["best_value"] == pytest.approx(max(values))
+    assert {"optim.lr", "model.lora.r"} <= set(result["best_params"])  # (loss is fixed on the command line)
+
+
+def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(tmp_path):
+    bin_dir, captured = tmp_path / "bin", tmp_path / "job.sbatch"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"  # a stand-in: keeps the script submitit renders, then refuses (no cluster)
+    sbatch.write_text(f'#!/bin/sh\ncp "$1" "{captured}"\necho "sbatch: no cluster here" >&2\nexit 1\n')
+    srun = bin_dir / "srun"  # submitit only checks that srun exists
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    for tool in (sbatch, srun):
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    result = run_train(["-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                        "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=90", "optim.lr=1e-3,2e-3",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, timeout=180)
+    assert result.returncode != 0 and captured.exists(), result.stderr[-3000:]
+    script = captured.read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --time=90", "#SBATCH --array=0-1"):
+        assert line in script, (line, script)
+    assert "srun" in script and "submitit" in script

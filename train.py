@@ -1,0 +1,37 @@
+"""Fine-tune a student on a teacher's answers (LoRA). `python train.py --help` lists the config groups.
+
+    python train.py                                  # SmolLM2-135M on the oracle teacher, CPU, minutes
+    python train.py +experiment=paper                # LLaMa2-7b student, DeepSpeed ZeRO-2, bf16
+    python train.py output=DIR ckpt_path=last        # resume an interrupted run
+    python train.py -m hparams_search=lora_optuna    # Optuna sweep on val/alignment
+"""
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from tomdistill.training import register_resolvers  # noqa: E402
+
+register_resolvers()
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from tomdistill.training import USER_ERRORS, train
+
+
+    try:
+        return train(cfg)
+    except USER_ERRORS as err:
+        logging.getLogger("train").error("%s", err)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
