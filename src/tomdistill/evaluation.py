@@ -177,9 +177,14 @@ def compute_evaluation(
     point = transfer.group_transfer(p["teacher"], p["base"], p["tuned"], masks, per_scenario["defined"])
 
     rng = np.random.default_rng(seed)
-    resampled = {role: stats.bootstrap_scenario_means(answers[role], order, n_bootstrap, rng) for role in ROLES}
-    boot = transfer.group_transfer(resampled["teacher"], resampled["base"], resampled["tuned"], masks,
-                                   per_scenario["defined"])
+    exact = all(((props[r]["mode"] == "score") & (props[r]["n_parsed"] == 1)).all() for r in ROLES)
+    if exact:  # exact probabilities: resample the scenarios within each group instead of answers
+        weights = stats.scenario_bootstrap_weights(masks, n_bootstrap, rng)
+        boot = transfer.group_transfer_weighted(p["teacher"], p["base"], p["tuned"], weights, per_scenario["defined"])
+    else:
+        resampled = {role: stats.bootstrap_scenario_means(answers[role], order, n_bootstrap, rng) for role in ROLES}
+        boot = transfer.group_transfer(resampled["teacher"], resampled["base"], resampled["tuned"], masks,
+                                       per_scenario["defined"])
     groups = pd.DataFrame(groups_meta)
     for metric in ("improvement", "alignment"):
         low, high = stats.percentile_interval(boot[metric], confidence)
@@ -203,7 +208,9 @@ def compute_evaluation(
         scored = props[role][props[role]["mode"] == "score"]
         if len(scored) and (scored["n_parsed"] == 1).all():
             warnings.append(f"{role}: score mode with one record per scenario — its probabilities are exact, so the "
-                            "bootstrap has no answers to resample for it and its intervals carry no sampling error")
+                            "bootstrap has no answers to resample for it" + (
+                                "; the intervals resample scenarios within each group instead" if exact else
+                                " and its intervals carry no sampling error"))
     undefined = scenarios[~scenarios["defined"]]
     for _, row in undefined.iterrows():
         warnings.append(f"improvement undefined for {row['game']}/{row['context']} ({row['split']}): "
@@ -368,8 +375,12 @@ def evaluate(cfg) -> dict:
         if not HydraConfig.initialized():
             raise EvaluationError("no output directory: pass output=DIR")
         output = HydraConfig.get().runtime.output_dir
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    from tomdistill.paths import UnsafePathError, safe_output_dir
+
+    try:
+        output = safe_output_dir(output)  # no `..` climbing out of where the config points
+    except UnsafePathError as err:
+        raise EvaluationError(str(err)) from err
     cache_dir = cfg.paths.cache_dir
     metrics_cfg = cfg.metrics
     if int(metrics_cfg.n_bootstrap) < 1000:

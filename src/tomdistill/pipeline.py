@@ -44,6 +44,10 @@ class Stage:
         return (self.output / "summary.json").exists()
 
 
+def variants(cfg: DictConfig) -> dict[str, list[str]]:
+    return {name: list(o or []) for name, o in (cfg.pipeline.variants or {"default": []}).items()}
+
+
 def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
     """The study's stages, in order, with their outputs under `study_dir`."""
     p = cfg.pipeline
@@ -55,13 +59,13 @@ def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
         Stage("teacher choice probabilities", "sample.py", teacher_scores, list(p.teacher_scores)),
         Stage("base student", "sample.py", base, list(p.student)),
     ]
-    for variant, train_overrides in p.variants.items():
+    for variant, train_overrides in variants(cfg).items():
         train_dir = study_dir / f"train_{variant}"
         tuned = study_dir / f"tuned_{variant}"
         stages += [
             Stage(
                 f"train [{variant}]", "train.py", train_dir,
-                [f"data.teacher={teacher}", f"data.soft_targets={teacher_scores}", *p.train, *train_overrides],
+                [f"data.teacher={teacher}", f"data.teacher_probs={teacher_scores}", *p.train, *train_overrides],
             ),
             Stage(f"tuned student [{variant}]", "sample.py", tuned, [*p.student, f"adapter={train_dir / 'adapter'}"]),
             Stage(
@@ -96,16 +100,18 @@ def _pipeline_overrides() -> list[str]:
 
 
 def study_table(study_dir: Path, variants: list[str]) -> dict:
-    """Alignment and improvement per split for every variant, from each evaluation's summary.json."""
+    """Alignment and improvement per split for every variant (and the paper's own numbers when an
+    evaluation compared against them), from each evaluation's summary.json."""
     table = {}
+    paper = None
     for variant in variants:
         summary = json.loads((study_dir / f"evaluate_{variant}" / "summary.json").read_text())
-        table[variant] = {
-            metric: {split: summary[metric][split] for split in summary[metric]}
-            for metric in ("alignment", "improvement")
-        }
-        if "action_mass" in summary:
-            table[variant]["action_mass"] = summary["action_mass"]
+        table[variant] = {metric: dict(summary[metric]) for metric in ("alignment", "improvement")}
+        mass = (summary.get("action_mass") or {}).get("tuned")
+        table[variant]["action_mass"] = {"base": (summary.get("action_mass") or {}).get("base"), "tuned": mass}
+        paper = (summary.get("compare") or {}).get("paper_published") or paper
+    if paper:
+        table["paper (70b → 7b, published counts)"] = {m: dict(paper[m]) for m in ("alignment", "improvement")}
     return table
 
 
@@ -113,21 +119,28 @@ def print_study(table: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=160)
     splits = ["in_sample", "oos_context", "oos_payoffs", "oos_game", "overall"]
     for metric in ("alignment", "improvement"):
         out = Table(title=f"{metric} toward the teacher (1.0 = indistinguishable; 95% bootstrap CI)")
         out.add_column("variant")
         for split in splits:
             out.add_column(split, justify="right")
+        if metric == "alignment":
+            out.add_column("mass on actions (base → tuned)", justify="right")
         for variant, metrics in table.items():
             cells = []
             for split in splits:
                 cell = metrics[metric].get(split) or {}
                 value = cell.get("value")
                 cells.append("—" if value is None or value != value else
-                             f"{value:.2f} [{cell.get('ci_low', float('nan')):.2f}, {cell.get('ci_high', float('nan')):.2f}]")
+                             f"{value:.2f} [{cell.get('ci_low') or float('nan'):.2f}, {cell.get('ci_high') or float('nan'):.2f}]")
+            if metric == "alignment":
+                mass = metrics.get("action_mass") or {}
+                base, tuned = (mass.get(k) or {} for k in ("base", "tuned"))
+                cells.append(f"{base['mean']:.2f} → {tuned['mean']:.2f}" if base and tuned else "—")
             out.add_row(variant, *cells)
-        Console().print(out)
+        console.print(out)
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="pipeline", version_base="1.3")
@@ -144,7 +157,7 @@ def main(cfg: DictConfig) -> None:
             continue
         seconds = run_stage(stage, common, index, len(stages))
         print(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s", flush=True)
-    table = study_table(study_dir, list(cfg.pipeline.variants))
+    table = study_table(study_dir, list(variants(cfg)))
     tmp = study_dir / "study.json.tmp"
     tmp.write_text(json.dumps(table, indent=2))
     os.replace(tmp, study_dir / "study.json")

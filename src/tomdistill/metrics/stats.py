@@ -78,3 +78,16 @@ def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[
         low = np.nanquantile(samples, alpha, axis=0)
         high = np.nanquantile(samples, 1 - alpha, axis=0)
     return low, high
+
+
+def scenario_bootstrap_weights(masks, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicities (n_resamples × groups × scenarios): each group's scenarios resampled with
+    replacement. Used when the propensities are exact (score mode): the remaining uncertainty is
+    which scenarios the study happened to ask, not the answers."""
+    masks = np.asarray(masks, dtype=bool)
+    weights = np.zeros((n_resamples, *masks.shape))
+    for g, mask in enumerate(masks):
+        members = np.flatnonzero(mask)
+        if members.size:
+            weights[:, g, members] = rng.multinomial(members.size, np.full(members.size, 1 / members.size), size=n_resamples)
+    return weights

@@ -118,3 +118,21 @@ def group_transfer(p_teacher, p_base, p_tuned, masks, defined) -> dict[str, np.n
     improvement_mean = np.where(np.isfinite(improvement_mean), improvement_mean, np.nan)
     return {"improvement": improvement_mean, "alignment": alignment_ratio, "n_defined": n_defined.astype(int),
             "n_scenarios": masks.sum(axis=1).astype(int)}
+
+
+def group_transfer_weighted(p_teacher, p_base, p_tuned, weights, defined) -> dict[str, np.ndarray]:
+    """`group_transfer` with scenario multiplicities `weights` (..., groups, scenarios) instead of
+    0/1 masks: the scenario bootstrap (resampling scenarios within each group)."""
+    p_teacher, p_base, p_tuned = (np.asarray(x, dtype=float) for x in (p_teacher, p_base, p_tuned))
+    weights = np.asarray(weights, dtype=float)
+    defined = np.asarray(defined, dtype=bool)
+    gap = p_base - p_teacher
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_scenario = np.where(defined, (p_base - p_tuned) / np.where(defined, gap, 1.0), 0.0)
+        used = weights * defined
+        n_defined = used.sum(-1)
+        improvement_mean = np.where(n_defined > 0, (used * per_scenario).sum(-1) / np.maximum(n_defined, 1), np.nan)
+        before = (weights * np.abs(gap)).sum(-1)
+        after = (weights * np.abs(p_tuned - p_teacher)).sum(-1)
+        alignment_ratio = np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
+    return {"improvement": improvement_mean, "alignment": alignment_ratio}

@@ -86,9 +86,23 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
     targets = lora.get("target_modules", "all-linear")
+    layers = None
+    if lora.get("top_layers"):
+        # adapt only the top k decoder layers: backpropagation then stops there (the frozen lower
+        # layers need no backward pass), which makes a CPU step several times cheaper
+        n_layers = model.config.num_hidden_layers
+        k = int(lora["top_layers"])
+        if not 0 < k <= n_layers:
+            raise ValueError(f"model.lora.top_layers={k}: must be between 1 and the model's {n_layers} layers")
+        layers = list(range(n_layers - k, n_layers))
+        if targets == "all-linear":  # peft wants explicit names together with layers_to_transform
+            output_layer = model.get_output_embeddings()
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and module is not output_layer})
     config = LoraConfig(
         r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 32)), lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=targets if isinstance(targets, str) else list(targets), bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=layers,
     )
     model = get_peft_model(model, config)
     model.train()  # from_pretrained returns eval mode; Lightning does not switch submodules back

@@ -72,7 +72,7 @@ def transfer_by_figure(evaluation, by: str, path: Path) -> Path | None:
             low = values - rows[f"{metric}_ci_low"].to_numpy(float)
             high = rows[f"{metric}_ci_high"].to_numpy(float) - values
             ax.bar(x + offset, values, width, color=METRIC_COLORS[metric], label=metric,
-                   yerr=np.nan_to_num(np.vstack([low, high])), capsize=3, error_kw={"elinewidth": 0.8})
+                   yerr=np.clip(np.nan_to_num(np.vstack([low, high])), 0, None), capsize=3, error_kw={"elinewidth": 0.8})
             mean = groups[(groups["kind"] == "split") & (groups["group"] == split)][metric].iloc[0]
             ax.axhline(mean, color=METRIC_COLORS[metric], linestyle="--", linewidth=1.2,
                        label=f"{split} {metric} {100 * mean:.1f}%")
