@@ -93,3 +93,24 @@ def test_percentile_interval_ignores_nan_resamples():
     samples = np.array([[np.nan, 1.0], [np.nan, 2.0], [np.nan, 3.0]])
     low, high = stats.percentile_interval(samples, 0.5)
     assert np.isnan(low[0]) and low[1] == pytest.approx(1.5) and high[1] == pytest.approx(2.5)
+
+
+def test_scenario_bootstrap_resamples_within_each_group():
+    import numpy as np
+
+    from tomdistill.metrics.stats import scenario_bootstrap_weights
+    from tomdistill.metrics.transfer import group_transfer, group_transfer_weighted
+
+    masks = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=float)
+    weights = scenario_bootstrap_weights(masks, 500, np.random.default_rng(0))
+    assert weights.shape == (500, 3, 5)
+    assert (weights.sum(-1) == masks.sum(-1)).all()  # each group keeps its size
+    assert (weights[:, masks == 0] == 0).all()  # and draws only its own scenarios
+    teacher, base = np.array([0.2, 0.3, 0.4, 0.5, 0.6]), np.array([0.8, 0.8, 0.8, 0.8, 0.8])
+    tuned = np.array([0.5, 0.55, 0.6, 0.65, 0.7])
+    defined = np.ones(5, dtype=bool)
+    point = group_transfer(teacher, base, tuned, masks, defined)
+    boot = group_transfer_weighted(teacher, base, tuned, weights, defined)
+    low, high = np.quantile(boot["alignment"], [0.025, 0.975], axis=0)
+    assert ((low <= point["alignment"]) & (point["alignment"] <= high)).all()
+    assert (high - low)[2] > 0  # scenarios differ, so the interval is not degenerate

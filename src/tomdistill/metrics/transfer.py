@@ -101,29 +101,18 @@ def group_transfer(p_teacher, p_base, p_tuned, masks, defined) -> dict[str, np.n
     (scenarios,) is fixed — taken from the point estimate — so a resample cannot change which
     scenarios a mean is over. Returns arrays (..., groups), NaN where a group has nothing to average.
     """
-    p_teacher, p_base, p_tuned = (np.asarray(x, dtype=float) for x in (p_teacher, p_base, p_tuned))
     masks = np.asarray(masks, dtype=float)
-    defined = np.asarray(defined, dtype=bool)
-    gap = p_base - p_teacher
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_scenario = np.where(defined, (p_base - p_tuned) / np.where(defined, gap, 1.0), 0.0)
-        used = masks * defined
-        n_defined = used.sum(axis=1)
-        improvement_mean = np.where(n_defined > 0, (per_scenario @ used.T) / np.maximum(n_defined, 1), np.nan)
-        before = np.abs(gap) @ masks.T
-        after = np.abs(p_tuned - p_teacher) @ masks.T
-        alignment_ratio = np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
-    # A resample whose base–teacher gap hits exactly 0 in a defined scenario divides by zero: that
-    # resample has no improvement value (NaN), rather than ±inf dominating the interval.
-    improvement_mean = np.where(np.isfinite(improvement_mean), improvement_mean, np.nan)
-    return {"improvement": improvement_mean, "alignment": alignment_ratio, "n_defined": n_defined.astype(int),
-            "n_scenarios": masks.sum(axis=1).astype(int)}
+    out = group_transfer_weighted(p_teacher, p_base, p_tuned, masks, defined)
+    out["n_defined"] = (masks * np.asarray(defined, dtype=bool)).sum(-1).astype(int)
+    out["n_scenarios"] = masks.sum(-1).astype(int)
+    return out
 
 
 def group_transfer_weighted(p_teacher, p_base, p_tuned, weights, defined) -> dict[str, np.ndarray]:
-    """`group_transfer` with scenario multiplicities `weights` (..., groups, scenarios) instead of
-    0/1 masks: the scenario bootstrap (resampling scenarios within each group)."""
-    p_teacher, p_base, p_tuned = (np.asarray(x, dtype=float) for x in (p_teacher, p_base, p_tuned))
+    """Improvement and alignment per group with scenario multiplicities `weights` (..., groups,
+    scenarios): 0/1 masks for the point estimate and the answer bootstrap, resampled counts for the
+    scenario bootstrap. Propensities (..., scenarios) broadcast against the weights."""
+    p_teacher, p_base, p_tuned = (np.asarray(x, dtype=float)[..., None, :] for x in (p_teacher, p_base, p_tuned))
     weights = np.asarray(weights, dtype=float)
     defined = np.asarray(defined, dtype=bool)
     gap = p_base - p_teacher
@@ -135,4 +124,7 @@ def group_transfer_weighted(p_teacher, p_base, p_tuned, weights, defined) -> dic
         before = (weights * np.abs(gap)).sum(-1)
         after = (weights * np.abs(p_tuned - p_teacher)).sum(-1)
         alignment_ratio = np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
+    # A resample whose base–teacher gap hits exactly 0 in a defined scenario divides by zero: that
+    # resample has no improvement value (NaN), rather than ±inf dominating the interval.
+    improvement_mean = np.where(np.isfinite(improvement_mean), improvement_mean, np.nan)
     return {"improvement": improvement_mean, "alignment": alignment_ratio}
