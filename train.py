@@ -15,7 +15,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from tomdistill.training import register_resolvers  # noqa: E402
+from tomdistill.training import refuse_unsafe_output_override, register_resolvers  # noqa: E402
 
 register_resolvers()
 
@@ -34,4 +34,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory at `output`
     main()

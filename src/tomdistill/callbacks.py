@@ -26,6 +26,7 @@ class AdapterExport(pl.Callback):
         self.base_identity, self.monitor, self.mode = base_identity, monitor, mode
         self.best_score: float | None = None
         self.best_step: int | None = None
+        self.exported = False  # the final adapter of this fit has been written
 
     def _save(self, trainer: pl.Trainer, module, directory: Path, extra: dict) -> None:
         module.save_adapter(directory)
@@ -45,7 +46,11 @@ class AdapterExport(pl.Callback):
             self._save(trainer, module, self.best_dir, {self.monitor: value, "global_step": trainer.global_step})
 
     def on_train_end(self, trainer: pl.Trainer, module) -> None:
+        self.export_final(trainer, module)
+
+    def export_final(self, trainer: pl.Trainer, module) -> None:
         self._save(trainer, module, self.final_dir, {"global_step": trainer.global_step})
+        self.exported = True
 
     def state_dict(self) -> dict:
         return {"best_score": self.best_score, "best_step": self.best_step}
@@ -70,3 +75,54 @@ class CheckpointOnSigterm(pl.Callback):
             trainer.save_checkpoint(str(self.path))
             self.saved = True
             log.warning("SIGTERM: checkpoint saved to %s at global step %d", self.path, trainer.global_step)
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss exploded (a learning rate that is too high); the message names the step."""
+
+
+class StopOnDivergence(pl.Callback):
+    """Stops training when the loss explodes relative to where it started.
+
+    The baseline is the mean training loss of the first `baseline_steps` batches (default 1: the
+    loss before the adapter has moved; a blow-up inside a longer window would hide in it); when the loss
+    exceeds `factor` × that baseline on `patience` consecutive batches, training stops with a
+    `TrainingDivergedError` naming the step, the batch and the learning rate (no adapter is exported:
+    `AdapterExport` runs at the end of a finished fit only). Non-finite losses are stopped at once by
+    the module itself (`LoRADistillModule._check_finite`). The decision is taken on every rank
+    together, so DDP/DeepSpeed ranks never wait on one that stopped.
+    """
+
+    def __init__(self, factor: float = 10.0, baseline_steps: int = 1, patience: int = 2):
+        if factor <= 1 or baseline_steps < 1 or patience < 1:
+            raise ValueError("callbacks.divergence: factor must be > 1, baseline_steps and patience ≥ 1")
+        self.factor, self.baseline_steps, self.patience = float(factor), int(baseline_steps), int(patience)
+        self.start: list[float] = []
+        self.strikes = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return  # the module raises on non-finite losses itself
+        if len(self.start) < self.baseline_steps:
+            self.start.append(value)
+            return
+        baseline = sum(self.start) / len(self.start)
+        self.strikes = self.strikes + 1 if value > self.factor * abs(baseline) else 0
+        if trainer.strategy.reduce_boolean_decision(self.strikes >= self.patience, all=False):
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+            raise TrainingDivergedError(
+                f"training diverged: loss {value:.4g} at global step {trainer.global_step}, batch {batch_idx} is "
+                f"{value / abs(baseline):.1f}× its starting level {baseline:.4g} ({self.patience} batch(es) in a row "
+                f"above callbacks.divergence.factor={self.factor:g}); lower optim.lr (now {lr:.3g}) and restart, "
+                "or resume an earlier checkpoint with ckpt_path=..."
+            )
+
+    def state_dict(self) -> dict:
+        return {"start": list(self.start), "strikes": self.strikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start, self.strikes = list(state.get("start", [])), int(state.get("strikes", 0))

@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import signal
 import time
 from pathlib import Path
 
@@ -41,8 +43,24 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("if_null", lambda value, default: default if value in (None, "") else value)
 
 
+def refuse_unsafe_output_override(argv: list[str]) -> None:
+    """`output=...` on the command line with `..` is refused before Hydra creates its run directory there
+    (train.yaml points hydra.run.dir at `output`); `output_dir()` checks the composed config again."""
+    import sys
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "output" and value not in ("", "null"):
+            try:
+                safe_output_dir(value)
+            except UnsafePathError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                sys.exit(2)
+
+
 # errors that are the user's input, reported as one clean line (train.py exits with code 2)
-USER_ERRORS = (SamplesError, ModelLoadError, CatalogueError, UnsafePathError, TrainingConfigError)
+# a non-finite or exploding loss stops the run the same way: one line naming the step and batch, no adapter
+USER_ERRORS = (SamplesError, ModelLoadError, CatalogueError, UnsafePathError, TrainingConfigError, FloatingPointError)
 
 
 def train(cfg: DictConfig) -> float:
@@ -76,14 +94,28 @@ def train(cfg: DictConfig) -> float:
 
     # 5. fit (resumes from ckpt_path: a path, or `last` = OUTPUT/checkpoints/last.ckpt) -----------
     started = time.perf_counter()
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only=True: a checkpoint is tensors and plain containers; a pickled object in it is refused
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise TrainingConfigError(f"ckpt_path={ckpt_path}: refusing to load it, it holds pickled objects "
+                                  f"(only plain weights are loaded: torch.load(weights_only=True)): {err}") from err
+    except SIGTERMException as err:  # pre-empted: CheckpointOnSigterm saved last.ckpt; not a finished run
+        log.warning("stopped by SIGTERM at global step %d; resume with `output=%s ckpt_path=last`",
+                    trainer.global_step, output)
+        raise SystemExit(128 + signal.SIGTERM) from err
     finally:
         finish_logger(logger)
     seconds = time.perf_counter() - started
+    export = next(c for c in callbacks if type(c).__name__ == "AdapterExport")
+    if not export.exported and trainer.state.status == "finished":
+        # resumed from a checkpoint already at max_steps (killed between the last checkpoint and the export):
+        # Lightning skips the loop and its on_train_end, so the adapter is exported here
+        export.export_final(trainer, module)
 
     # 6. objective and summary ---------------------------------------------------------------------
-    export = next(c for c in callbacks if type(c).__name__ == "AdapterExport")
     metric = cfg.get("optimized_metric") or "val/alignment"
     final = trainer.callback_metrics.get(metric)
     objective = export.best_score if export.best_score is not None else (float(final) if final is not None else math.nan)
@@ -182,7 +214,7 @@ def validation_scenarios(datamodule, cfg: DictConfig):
 def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool) -> list:
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-    from .callbacks import AdapterExport, CheckpointOnSigterm
+    from .callbacks import AdapterExport, CheckpointOnSigterm, StopOnDivergence
     from .model.loading import model_identity
 
     metric = cfg.get("optimized_metric") or "val/alignment"
@@ -198,6 +230,13 @@ def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool) -> list
         CheckpointOnSigterm(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
     ]
+    divergence = cfg.callbacks.get("divergence")
+    if divergence and divergence.get("factor"):
+        try:
+            callbacks.append(StopOnDivergence(float(divergence.factor), int(divergence.get("baseline_steps", 1)),
+                                              int(divergence.get("patience", 2))))
+        except ValueError as err:
+            raise TrainingConfigError(str(err)) from err
     stopping = cfg.callbacks.early_stopping
     if has_validation and stopping.patience:
         callbacks.append(EarlyStopping(monitor=metric, mode="max", patience=int(stopping.patience),

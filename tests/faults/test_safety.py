@@ -68,3 +68,51 @@ def test_output_paths_cannot_climb_out_with_dotdot(path):
 
 def test_plain_output_paths_are_accepted(tmp_path):
     assert safe_output_dir(tmp_path / "run") == (tmp_path / "run").resolve()
+
+
+# --- end to end, through the entry points ----------------------------------------------------------
+
+@pytest.mark.parametrize("script, args", [
+    ("sample.py", ["sampler=oracle", "sampler.n=1", "scenarios.games=[stag_hunt]", "scenarios.contexts=[team]"]),
+    ("train.py", ["model=tiny_llama", "logger=csv"]),
+    ("evaluate.py", ["teacher=reference:paper_published/teacher", "base=reference:paper_published/base",
+                     "tuned=reference:paper_published/tuned"]),
+], ids=["sample", "train", "evaluate"])
+def test_entry_points_refuse_dotdot_in_output(tmp_path, script, args):
+    from .common import describe, entry
+
+    inside = tmp_path / "runs"
+    inside.mkdir()
+    result = entry(script, [*args, f"output={inside}/../escaped"], timeout=300)
+    assert result.returncode == 2, describe(result)
+    assert "contains '..'" in result.stderr and "Traceback" not in result.stderr, describe(result)
+    assert not (tmp_path / "escaped").exists()
+
+
+class _Planted:
+    """Unpickling this would run code (touch a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_on_resume(tmp_path, catalogue):
+    import torch
+
+    from helpers import write_teacher
+
+    from .common import describe, entry
+
+    teacher = write_teacher(tmp_path / "teacher", catalogue, n=2)
+    output, marker = tmp_path / "run", tmp_path / "code-ran"
+    (output / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 0, "payload": _Planted(marker)}, output / "checkpoints/last.ckpt")
+    result = entry("train.py", ["model=tiny_llama", "logger=csv", "trainer.max_steps=1", f"data.teacher={teacher}",
+                                f"output={output}", "ckpt_path=last"], timeout=300)
+    assert result.returncode == 2, describe(result)
+    assert "refusing to load it, it holds pickled objects" in result.stderr, describe(result)
+    assert not marker.exists()  # the planted code never ran
+    assert not (output / "adapter").exists()

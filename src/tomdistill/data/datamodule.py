@@ -117,9 +117,20 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.mega_batch_factor = mega_batch_factor
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) after a checkpoint restore
+
+    @property
+    def sampler(self) -> "LengthGroupedBatchSampler":
+        # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only (never
+        # on the batch sampler itself): pointing `.sampler` here is what makes each epoch reshuffle
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """The next iteration over `epoch` starts after its first `batches_done` batches (this rank's)."""
+        self._resume = (epoch, batches_done)
 
     def batches(self) -> list[list[int]]:
         """All batches of this epoch, over all ranks."""
@@ -140,10 +151,36 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()[self.rank::self.num_replicas]
+        mine = self.batches()[self.rank::self.num_replicas]
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1] if self._resume[1] < len(mine) else 0
+        self._resume = None
+        yield from mine[skip:]
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader, with its place in the epoch saved in checkpoints.
+
+    Lightning stores `state_dict()` of a loader that has one in every checkpoint and hands it back
+    through `load_state_dict` on `ckpt_path=...`, so a run resumed mid-epoch goes on with the next
+    batch of the same epoch order, instead of restarting the epoch's order (which would repeat some
+    batches and skip others). `batches_done` reads the trainer's count of batches trained this epoch.
+    """
+
+    def __init__(self, *args, batches_done=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        done = int(self._batches_done()) if self._batches_done is not None else 0
+        return {"epoch": int(self.batch_sampler.epoch), "batches_done": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches_done"]))
 
 
 def padding_fraction(batches: list[list[int]], lengths: Sequence[int]) -> float:
@@ -430,8 +467,11 @@ class TeacherQADataModule(pl.LightningDataModule):
             self.train_set["length"], self._train_batch_size(), shuffle=True, group_by_length=self.group_by_length,
             seed=self.seed, num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
         )
-        return DataLoader(self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"]),
-                          batch_sampler=sampler, collate_fn=self._collator(), num_workers=self.num_workers)
+        progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed) if trainer else None
+        return ResumableDataLoader(
+            self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"]),
+            batch_sampler=sampler, collate_fn=self._collator(), num_workers=self.num_workers, batches_done=progress,
+        )
 
     def val_dataloader(self) -> DataLoader:
         # every rank sees every validation example (few); val/alignment is computed on all of them anyway

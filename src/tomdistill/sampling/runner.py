@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..model.loading import check_adapter_dir
+from ..paths import UnsafePathError, safe_output_dir
 from ..records import load_samples
 from ..scenarios import ANSWER_PREFIX, Scenario, catalogue_from_config, parse_action, parse_motivation, prompt_version
 from .backends import Backend, GenerationRequest, backend_model_name, make_backend
@@ -66,7 +68,10 @@ def resolve_output_dir(cfg, world: World) -> Path:
             except ValueError as err:  # not inside a Hydra app
                 raise SamplingConfigError("output: not set, and there is no Hydra run directory to default to") from err
         output = world.broadcast(output)
-    directory = Path(str(output)).expanduser().resolve()
+    try:
+        directory = safe_output_dir(output)  # no `..` climbing out of where the config points
+    except UnsafePathError as err:
+        raise SamplingConfigError(str(err)) from err
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
@@ -205,6 +210,8 @@ def run(cfg) -> Path:
         output_dir = resolve_output_dir(cfg, world)
         model = backend_model_name(cfg, settings)
         plan = plan_shards(scenarios, settings.samples_per_scenario, settings.shard_size)
+        if settings.adapter:  # a wrong adapter is refused before plan.json pins the directory to it
+            check_adapter_dir(settings.adapter, model)
         check_or_write_plan(output_dir, build_plan(settings, model, version, [s.id for s in scenarios]))
         mine = shards_for_rank(plan, world.rank, world.world_size)
         pending = missing_shards(output_dir, mine)

@@ -69,6 +69,8 @@ def action_logprobs(model, tokenizer, items: list[ScoringItem], batch_size: int 
     results: list[dict[str, float] | None] = [None] * len(items)
     single = [i for i, it in enumerate(items) if all(len(c) == 1 for c in it.continuation_ids)]
     multi = [i for i in range(len(items)) if i not in set(single)]
+    # batch prompts of similar length together: less left padding for the forward passes to carry
+    single.sort(key=lambda i: len(items[i].prompt_ids), reverse=True)
     for start in range(0, len(single), batch_size):
         chunk = single[start:start + batch_size]
         ids, mask = _pad_left([items[i].prompt_ids for i in chunk], pad_id, device)

@@ -1,0 +1,100 @@
+"""Pipeline resume: the one-command study, killed (with its children) inside a stage, resumes at that
+stage; completed stages print "complete, skipped"."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from .common import describe, entry, finish, ok, start, wait_for
+
+pytestmark = pytest.mark.slow  # a tiny study is ~1 min on 2 cores; each case reruns part of it
+
+TINY_STUDY = ["model=tiny_llama", "logger=csv", "scenarios.games=[prisoners_dilemma,stag_hunt]",
+              "scenarios.contexts=[team,business]", "sampler.n=2", "sampler.progress=false", "trainer.max_steps=2",
+              "trainer.enable_progress_bar=false", "data.batch_size=4", "data.num_val_contexts=0"]
+STAGES = ["teacher samples", "teacher choice probabilities", "base student", "train [default]",
+          "tuned student [default]", "evaluate [default]"]
+DIRS = ["teacher", "teacher_scores", "base", "train_default", "tuned_default", "evaluate_default"]
+
+
+def pipeline(study: Path):
+    return entry("-m tomdistill.pipeline", [*TINY_STUDY, f"output={study}"], timeout=600)
+
+
+def assert_resumed_at(stdout: str, stage: int) -> None:
+    """Stages before `stage` (0-based) skipped, `stage` and after run, the study completes."""
+    total = len(STAGES)
+    for i, name in enumerate(STAGES):
+        line = f"[{i + 1}/{total}] {name}: "
+        expected = "complete, skipped" if i < stage else "running"
+        assert f"{line}{expected}" in stdout, f"expected '{line}{expected}'\n{stdout[-3000:]}"
+    assert "Study complete" in stdout
+
+
+def test_killed_in_training_the_study_resumes_at_training(tmp_path):
+    study = tmp_path / "study"
+    log = tmp_path / "first.log"
+    process = start("-m tomdistill.pipeline", [*TINY_STUDY, f"output={study}"], log, new_session=True)
+    try:
+        wait_for(lambda: "[4/6] train [default]: running" in log.read_text(), process, timeout=400,
+                 what="the training stage")
+        wait_for(lambda: (study / "train_default" / "config.yaml").exists(), process, timeout=200,
+                 what="train.py to start writing")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the pipeline and the train.py it runs
+        finish(process)
+    assert not (study / "train_default" / "adapter").exists() and not (study / "study.json").exists()
+
+    resumed = ok(pipeline(study))
+    assert_resumed_at(resumed.stdout, 3)
+    again = ok(pipeline(study))
+    assert all(f"{name}: complete, skipped" in again.stdout for name in STAGES), again.stdout
+    assert (study / "study.json").exists()
+
+
+@pytest.fixture(scope="module")
+def complete_study(tmp_path_factory):
+    study = tmp_path_factory.mktemp("complete") / "study"
+    ok(pipeline(study))
+    return study
+
+
+def interrupt_inside(study: Path, stage: int) -> None:
+    """The state a kill inside `stage` leaves: earlier stages complete, this one partial, later ones absent."""
+    for later in DIRS[stage + 1:]:
+        shutil.rmtree(study / later)
+    (study / "study.json").unlink()
+    partial = study / DIRS[stage]
+    if DIRS[stage] in ("teacher", "teacher_scores", "base", "tuned_default"):  # sampling: no manifest, some shards
+        (partial / "manifest.json").unlink()
+        shards = sorted((partial / "train").glob("shard-*.parquet"))
+        for shard in shards[len(shards) // 2:]:
+            shard.unlink()
+        (partial / "train" / f".{shards[-1].name}.999.part").write_bytes(b"PAR1 half")  # a write cut short
+    elif DIRS[stage] == "train_default":  # training: checkpoint written, adapter not exported yet
+        shutil.rmtree(partial / "adapter")
+        (partial / "train_summary.json").unlink(missing_ok=True)
+    else:  # evaluation: the report not finished
+        (partial / "summary.json").unlink()
+
+
+@pytest.mark.parametrize("stage", range(len(STAGES)), ids=DIRS)
+def test_a_study_interrupted_inside_each_stage_resumes_at_that_stage(tmp_path, complete_study, stage):
+    study = Path(shutil.copytree(complete_study, tmp_path / "study"))
+    # plan.json pins the adapter by absolute path: point the copy's at the copy's own adapter, as it would be
+    # for a study resumed where it was interrupted (a moved study is refused there: see README)
+    for plan in study.glob("*/plan.json"):
+        plan.write_text(plan.read_text().replace(str(complete_study), str(study)))
+    interrupt_inside(study, stage)
+    result = pipeline(study)
+    assert result.returncode == 0, describe(result)
+    assert_resumed_at(result.stdout, stage)
+    assert (study / "study.json").exists()
+    if DIRS[stage] in ("teacher", "teacher_scores", "base", "tuned_default"):
+        leftovers = [p.name for p in (study / DIRS[stage] / "train").iterdir() if not p.name.startswith("shard-")]
+        assert leftovers == []

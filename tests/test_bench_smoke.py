@@ -1,0 +1,51 @@
+"""Smoke tests of the benchmarks' core functions on the tiny Llama: the tables are well formed.
+
+Benchmarks are run by hand (`python -m bench.<name>`); nothing here asserts a timing.
+"""
+import math
+
+import pytest
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_sample_throughput_core():
+    from bench import sample_throughput
+
+    result = sample_throughput.measure("tiny_llama", n=2, naive_samples=1, scenario_count=2, repetitions=1)
+    for side in (result["naive"], result["tomdistill"]):
+        assert len(side.seconds) == len(side.new_tokens) == 1
+        assert _positive(side.completions_per_s) and _positive(side.new_tokens_per_s)
+    assert result["tomdistill"].completions == 4 and result["naive"].completions == 2
+    assert _positive(result["ratio"])
+    assert sample_throughput.render(result, "t").row_count == 3
+
+
+def test_score_vs_sample_core():
+    from bench import score_vs_sample
+
+    result = score_vs_sample.measure("tiny_llama", n=3, scenario_count=2, repetitions=2, mc_repetitions=1)
+    assert len(result["score_seconds"]) == 2 and len(result["sample_seconds"]) == 1
+    assert _positive(result["speedup"])
+    assert 0.0 <= result["parsed_share"] <= 1.0
+    for estimate in result["estimates"]:
+        assert 0.0 <= estimate.p_score <= 1.0 and 0 <= estimate.parsed <= estimate.sampled == 3
+    summary, agreement = score_vs_sample.render(result, "t")
+    assert summary.row_count == 3 and agreement.row_count == 3
+
+
+@pytest.mark.slow
+def test_train_throughput_core(tmp_path):
+    pytest.importorskip("trl")
+    from bench import train_throughput
+
+    result = train_throughput.measure("tiny_llama", steps=2, repetitions=1, batch_size=2, max_length=512,
+                                      samples_per_scenario=2, cache_dir=tmp_path)
+    for side in ("tomdistill", "trl"):
+        s = result[side]
+        assert _positive(s["useful_tokens_per_s"]) and _positive(s["peak_rss_mib"])
+        assert 0.0 <= s["padding_fraction"] < 1.0 and s["useful_per_step"] > 0
+    assert _positive(result["ratio"]) and result["examples"] == 40
+    assert train_throughput.render(result, "t").row_count == 3
