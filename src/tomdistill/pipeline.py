@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -84,7 +85,16 @@ def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
     print(f"[{index}/{total}] {stage.name}: running → {stage.output}", flush=True)
     started = time.perf_counter()
     env = {**os.environ, "PROJECT_ROOT": str(PROJECT_ROOT)}
-    result = subprocess.run(command, env=env)
+    child = subprocess.Popen(command, env=env)
+    # forward SIGTERM/SIGINT (SLURM pre-emption, Ctrl-C) to the stage, so it checkpoints and stops too
+    previous = {sig: signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    result = subprocess.CompletedProcess(command, returncode)
     if result.returncode != 0:
         print(f"[{index}/{total}] {stage.name}: FAILED (exit {result.returncode}); command:\n  {' '.join(command)}", flush=True)
         raise SystemExit(result.returncode)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -120,8 +121,11 @@ def write_report(evaluation, output: str | Path, reference=None, sources=None) -
     artefacts = {"tables": [f"{n}.csv" for n in written] + [f"{n}.md" for n in written],
                  "figures": [p.name for p in made.values()], "report": "report.md"}
     summary = build_summary(evaluation, reference, sources, artefacts)
-    (output / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     (output / "report.md").write_text(report_markdown(evaluation, summary, headline_md, made))
+    # summary.json last and atomically: its presence marks a complete report (the pipeline relies on it)
+    tmp = output / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, output / SUMMARY)
     return summary
 
 
