@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -56,4 +57,5 @@ def test_cfg_job_prints_the_resolved_training_config():
     assert result.returncode == 0, result.stderr
     printed = OmegaConf.create(result.stdout)
     assert printed.loss.name == "soft" and printed.model.name == "smollm2_135m" and "lora" in printed.model
-    assert printed.paths.root_dir == str(ROOT) and printed.trainer.max_steps == 60
+    assert printed.paths.root_dir == str(ROOT) and printed.trainer.max_steps == yaml.safe_load(
+        (ROOT / "conf/experiment/demo.yaml").read_text())["trainer"]["max_steps"]

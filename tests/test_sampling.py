@@ -285,7 +285,7 @@ def test_smollm2_generate_and_score(tmp_path):
     assert math.isclose(probs["C"] + probs["D"], 1.0, abs_tol=1e-6) and 0.0 < scored["action_mass"] <= 1.0
     generated = load_samples(run(make_cfg(tmp_path / "gen", *args, "sampler.n=16")))
     assert len(generated) == 16 and set(generated["model"]) == {"smollm2_135m"}
-    assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in generated)
+    assert all(r["prompt"].endswith("<|im_start|>assistant\nAnswer:") for r in generated)
     assert len(set(generated["completion"])) > 1  # sampled, not greedy
 
 
