@@ -13,7 +13,7 @@ TINY_STUDY = [
     "trainer.val_check_interval=1", "scenarios.splits=[in_sample,oos_context,oos_payoffs,oos_game]",
     "scenarios.games=[prisoners_dilemma,stag_hunt,prisoners_dilemma_x2,stag_hunt_x2,public_goods]",
     "~pipeline.variants.sft_soft", "pipeline.teacher=['sampler=oracle','role=teacher','sampler.n=4']",
-    "metrics.n_bootstrap=1000",
+    "metrics.n_bootstrap=1000", "pipeline.variants.soft=['loss=soft']",
 ]
 
 
