@@ -52,3 +52,42 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0
     assert again.stdout.count("complete, skipped") == 9
     assert json.loads((study / "study.json").read_text()) == table
+
+
+def _compose_pipeline(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("pipeline", overrides=["paths.root_dir=" + str(ROOT), *overrides])
+
+
+def test_seeds_train_each_variant_once_per_seed_and_the_tuned_student_loads_the_chosen_adapter(tmp_path):
+    from tomdistill.pipeline import plan
+
+    cfg = _compose_pipeline("+experiment=demo", "pipeline.seeds=[0,1,2]", "pipeline.adapter=adapter_best",
+                            "~pipeline.variants.sft", "~pipeline.variants.sft_soft")
+    stages = plan(cfg, tmp_path)
+    trains = [s for s in stages if s.script == "train.py"]
+    assert [s.output.name for s in trains] == ["train_soft_s0", "train_soft_s1", "train_soft_s2"]
+    assert [s.overrides[-1] for s in trains] == ["seed=0", "seed=1", "seed=2"]
+    tuned = [s for s in stages if s.name.startswith("tuned")]
+    assert tuned[1].overrides[-1] == f"adapter={tmp_path / 'train_soft_s1' / 'adapter_best'}"
+    assert [s.output.name for s in stages if s.script == "evaluate.py"] == [f"evaluate_soft_s{i}" for i in range(3)]
+
+
+def test_study_table_reports_mean_and_sd_over_seeds(tmp_path):
+    from tomdistill.pipeline import study_table
+
+    for seed, value in zip((0, 1, 2), (0.5, 0.7, 0.9)):
+        cell = {"value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "n_scenarios": 20}
+        summary = {"alignment": {"in_sample": cell}, "improvement": {"in_sample": cell},
+                   "action_mass": {"base": {"mean": 0.8}, "tuned": {"mean": 0.9 + seed / 100}}}
+        (tmp_path / f"evaluate_soft_s{seed}").mkdir()
+        (tmp_path / f"evaluate_soft_s{seed}" / "summary.json").write_text(json.dumps(summary))
+    table = study_table(tmp_path, ["soft"], [0, 1, 2])
+    cell = table["soft"]["alignment"]["in_sample"]
+    assert cell["value"] == pytest.approx(0.7) and cell["sd"] == pytest.approx(0.2)
+    assert cell["values"] == [0.5, 0.7, 0.9] and cell["seeds"] == [0, 1, 2]
+    assert table["soft"]["action_mass"]["tuned"]["mean"] == pytest.approx(0.91)
+    single = study_table(tmp_path, ["soft"], [1])  # one seed: the evaluation's own cell, CI and all
+    assert "sd" not in single["soft"]["alignment"]["in_sample"]

@@ -45,6 +45,12 @@ def test_optuna_sweep_of_two_trials_maximises_val_alignment(tmp_path, teacher):
     values = [summary(sweep / job)["value"] for job in ("0", "1")]
     assert result["best_value"] == pytest.approx(max(values))
     assert {"optim.lr", "model.lora.r"} <= set(result["best_params"])  # (loss is fixed on the command line)
+    import csv
+
+    trials = list(csv.DictReader((sweep / "trials.csv").open()))  # the trial table: one row per trial
+    assert [row["trial"] for row in trials] == ["0", "1"]
+    assert [float(row["value"]) for row in trials] == pytest.approx(values)
+    assert all("optim.lr=" in row["overrides"] and row["objective"] == "val/alignment" for row in trials)
 
 
 def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(tmp_path):

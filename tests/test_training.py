@@ -173,3 +173,41 @@ def test_non_finite_loss_names_step_and_batch(module):
     loss = module.compute_losses(batch)["loss"]
     with pytest.raises(FloatingPointError, match=r"global step 0, batch 7 \(scenario indices \[0, 1\]\)"):
         module._check_finite(loss, "training", 7, batch)
+
+
+def test_cached_frozen_layers_give_the_full_pass_losses_and_gradients(tiny_model_cfg):
+    """top_layers + cache_frozen_layers: same losses and adapter gradients as full passes; the second step reuses."""
+    from tomdistill.model.lora_module import LoRADistillModule
+
+    modules = {}
+    for cached in (False, True):
+        torch.manual_seed(0)
+        lora = {"r": 4, "alpha": 8, "target_modules": "all-linear", "top_layers": 1, "cache_frozen_layers": cached}
+        modules[cached] = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-2}, {"name": "sft_soft"})
+    assert modules[False].frozen_cache is None and modules[True].frozen_cache.first_layer >= 1
+    batch = toy_batch()
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch["labels"][:, :3] = -100
+    for module in modules.values():  # make the adapters non-zero, identically
+        torch.manual_seed(1)
+        for name, p in sorted(module.named_parameters()):
+            if p.requires_grad:
+                p.data.normal_(0, 0.05)
+    results = {}
+    for cached, module in modules.items():
+        module.zero_grad()
+        out = module.compute_losses(batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+        results[cached] = (out, grads)
+    (full, full_grads), (fast, fast_grads) = results[False], results[True]
+    for part in ("sft", "soft", "loss"):
+        torch.testing.assert_close(fast[part], full[part], atol=1e-5, rtol=1e-5)
+    assert full_grads.keys() == fast_grads.keys() and full_grads
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
+    cache = modules[True].frozen_cache
+    assert cache.verified and cache.misses == 2 and cache.hits == 0
+    again = modules[True].compute_losses(batch)  # the lower layers come from the cache now
+    assert cache.hits == 2 and cache.misses == 2
+    torch.testing.assert_close(again["loss"], fast["loss"])

@@ -49,31 +49,46 @@ def variants(cfg: DictConfig) -> dict[str, list[str]]:
     return {name: list(o or []) for name, o in (cfg.pipeline.variants or {"default": []}).items()}
 
 
+def seeds(cfg: DictConfig) -> list[int | None]:
+    """Training seeds: `pipeline.seeds` (each variant trained once per seed), or [None] = the config's seed."""
+    chosen = cfg.pipeline.get("seeds")
+    return [int(s) for s in chosen] if chosen else [None]
+
+
+def run_name(variant: str, seed: int | None) -> str:
+    return variant if seed is None else f"{variant}_s{seed}"
+
+
 def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
     """The study's stages, in order, with their outputs under `study_dir`."""
     p = cfg.pipeline
     teacher = study_dir / "teacher"
     teacher_scores = study_dir / "teacher_scores"
     base = study_dir / "base"
+    adapter = p.get("adapter") or "adapter"  # adapter (final step) | adapter_best (best val/alignment)
     stages = [
         Stage("teacher samples", "sample.py", teacher, list(p.teacher)),
         Stage("teacher choice probabilities", "sample.py", teacher_scores, list(p.teacher_scores)),
         Stage("base student", "sample.py", base, list(p.student)),
     ]
     for variant, train_overrides in variants(cfg).items():
-        train_dir = study_dir / f"train_{variant}"
-        tuned = study_dir / f"tuned_{variant}"
-        stages += [
-            Stage(
-                f"train [{variant}]", "train.py", train_dir,
-                [f"data.teacher={teacher}", f"data.teacher_probs={teacher_scores}", *p.train, *train_overrides],
-            ),
-            Stage(f"tuned student [{variant}]", "sample.py", tuned, [*p.student, f"adapter={train_dir / 'adapter'}"]),
-            Stage(
-                f"evaluate [{variant}]", "evaluate.py", study_dir / f"evaluate_{variant}",
-                [f"teacher={teacher_scores}", f"base={base}", f"tuned={tuned}", *p.evaluate],
-            ),
-        ]
+        for seed in seeds(cfg):
+            name = run_name(variant, seed)
+            train_dir = study_dir / f"train_{name}"
+            tuned = study_dir / f"tuned_{name}"
+            seed_override = [] if seed is None else [f"seed={seed}"]
+            stages += [
+                Stage(
+                    f"train [{name}]", "train.py", train_dir,
+                    [f"data.teacher={teacher}", f"data.teacher_probs={teacher_scores}", *p.train, *train_overrides,
+                     *seed_override],
+                ),
+                Stage(f"tuned student [{name}]", "sample.py", tuned, [*p.student, f"adapter={train_dir / adapter}"]),
+                Stage(
+                    f"evaluate [{name}]", "evaluate.py", study_dir / f"evaluate_{name}",
+                    [f"teacher={teacher_scores}", f"base={base}", f"tuned={tuned}", *p.evaluate],
+                ),
+            ]
     return stages
 
 
@@ -109,17 +124,36 @@ def _pipeline_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if not o.startswith(("pipeline.", "hydra.", "output="))]
 
 
-def study_table(study_dir: Path, variants: list[str]) -> dict:
+def study_table(study_dir: Path, variants: list[str], seeds: list[int | None] = (None,)) -> dict:
     """Alignment and improvement per split for every variant (and the paper's own numbers when an
-    evaluation compared against them), from each evaluation's summary.json."""
+    evaluation compared against them), from each evaluation's summary.json. With several training
+    seeds a cell is the mean over seeds with its sample standard deviation (`sd`) and the per-seed `values`."""
     table = {}
     paper = None
     for variant in variants:
-        summary = json.loads((study_dir / f"evaluate_{variant}" / "summary.json").read_text())
-        table[variant] = {metric: dict(summary[metric]) for metric in ("alignment", "improvement")}
-        mass = (summary.get("action_mass") or {}).get("tuned")
-        table[variant]["action_mass"] = {"base": (summary.get("action_mass") or {}).get("base"), "tuned": mass}
-        paper = (summary.get("compare") or {}).get("paper_published") or paper
+        runs = [json.loads((study_dir / f"evaluate_{run_name(variant, seed)}" / "summary.json").read_text())
+                for seed in seeds]
+        row = {}
+        for metric in ("alignment", "improvement"):
+            row[metric] = {}
+            for split in runs[0][metric]:
+                cells = [r[metric][split] for r in runs]
+                if len(runs) == 1:
+                    row[metric][split] = dict(cells[0])
+                    continue
+                values = [c.get("value") for c in cells]
+                finite = [v for v in values if v is not None and v == v]
+                mean = sum(finite) / len(finite) if finite else float("nan")
+                sd = (sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) ** 0.5 if len(finite) > 1 else float("nan")
+                row[metric][split] = {"value": mean, "sd": sd, "values": values, "seeds": list(seeds),
+                                      "n_scenarios": cells[0].get("n_scenarios")}
+        masses = [r.get("action_mass") or {} for r in runs]
+        row["action_mass"] = {"base": masses[0].get("base"), "tuned": masses[0].get("tuned")}
+        if len(runs) > 1 and all(m.get("tuned") for m in masses):
+            tuned = [m["tuned"]["mean"] for m in masses]
+            row["action_mass"]["tuned"] = {**masses[0]["tuned"], "mean": sum(tuned) / len(tuned), "values": tuned}
+        table[variant] = row
+        paper = (runs[0].get("compare") or {}).get("paper_published") or paper
     if paper:
         table["paper (70b → 7b, published counts)"] = {m: dict(paper[m]) for m in ("alignment", "improvement")}
     return table
@@ -132,7 +166,8 @@ def print_study(table: dict) -> None:
     console = Console(width=160)
     splits = ["in_sample", "oos_context", "oos_payoffs", "oos_game", "overall"]
     for metric in ("alignment", "improvement"):
-        out = Table(title=f"{metric} toward the teacher (1.0 = indistinguishable; 95% bootstrap CI)")
+        out = Table(title=f"{metric} toward the teacher (1.0 = indistinguishable; 95% bootstrap CI, "
+                          "or mean ± sd over training seeds)")
         out.add_column("variant")
         for split in splits:
             out.add_column(split, justify="right")
@@ -143,8 +178,13 @@ def print_study(table: dict) -> None:
             for split in splits:
                 cell = metrics[metric].get(split) or {}
                 value = cell.get("value")
-                cells.append("—" if value is None or value != value else
-                             f"{value:.2f} [{cell.get('ci_low') or float('nan'):.2f}, {cell.get('ci_high') or float('nan'):.2f}]")
+                if value is None or value != value:
+                    cells.append("—")
+                elif "sd" in cell:  # several training seeds: mean ± sd
+                    cells.append(f"{value:.2f} ± {cell['sd']:.2f} (n={len(cell['values'])})")
+                else:
+                    cells.append(f"{value:.2f} [{cell.get('ci_low') or float('nan'):.2f}, "
+                                 f"{cell.get('ci_high') or float('nan'):.2f}]")
             if metric == "alignment":
                 mass = metrics.get("action_mass") or {}
                 base, tuned = (mass.get(k) or {} for k in ("base", "tuned"))
@@ -167,7 +207,7 @@ def main(cfg: DictConfig) -> None:
             continue
         seconds = run_stage(stage, common, index, len(stages))
         print(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s", flush=True)
-    table = study_table(study_dir, list(variants(cfg)))
+    table = study_table(study_dir, list(variants(cfg)), seeds(cfg))
     tmp = study_dir / "study.json.tmp"
     tmp.write_text(json.dumps(table, indent=2))
     os.replace(tmp, study_dir / "study.json")

@@ -127,9 +127,50 @@ def train(cfg: DictConfig) -> float:
             "data": datamodule.stats, "adapter": str(output / "adapter"),
         }
         (output / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        record_trial(summary, output)
         log.info("trained in %.1f s, %d steps; %s = %s; adapter: %s", seconds, trainer.global_step, metric,
                  objective, output / "adapter")
     return float(objective)
+
+
+TRIAL_COLUMNS = ("trial", "objective", "value", "best_step", "global_step", "fit_seconds", "val_action_mass",
+                 "overrides", "output")
+
+
+def record_trial(summary: dict, output: Path) -> Path | None:
+    """In a multirun (`train.py -m`, Optuna or grid), append this trial to SWEEP_DIR/trials.csv: the trial
+    number, its overrides and its objective. One row per finished trial, appended under a file lock, so
+    the table of a sweep is complete even when trials run in parallel or a sweep stops half way."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    import csv
+    import fcntl
+    import io
+
+    hydra_cfg = HydraConfig.get()
+    table = Path(hydra_cfg.sweep.dir) / "trials.csv"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    row = {
+        "trial": hydra_cfg.job.get("num"), "objective": summary["objective"], "value": summary["value"],
+        "best_step": summary["best_step"], "global_step": summary["global_step"],
+        "fit_seconds": summary["fit_seconds"], "val_action_mass": summary["final_metrics"].get("val/action_mass"),
+        "overrides": " ".join(hydra_cfg.overrides.task), "output": str(output),
+    }
+    line = io.StringIO()
+    csv.DictWriter(line, TRIAL_COLUMNS).writerow(row)
+    with open(table, "a+", newline="") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        if not handle.read(1):
+            csv.DictWriter(handle, TRIAL_COLUMNS).writeheader()
+        handle.write(line.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.info("trial %s: %s = %s (table: %s)", row["trial"], row["objective"], row["value"], table)
+    return table
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,11 +349,23 @@ def resolve_accelerator(name: str) -> str:
     return name
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated, slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_precision(precision, accelerator: str):
     if precision == "auto":
         if accelerator == "gpu" and torch.cuda.is_bf16_supported():
             return "bf16-mixed"
         return "32-true"
+    if accelerator == "cpu" and str(precision).startswith("bf16") and not cpu_has_native_bf16():
+        log.warning("trainer.precision=%s on a CPU without AVX512-BF16/AMX: bf16 is emulated and may be slower "
+                    "than trainer.precision=32-true", precision)
     return precision
 
 

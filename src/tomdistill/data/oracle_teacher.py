@@ -20,6 +20,7 @@ import datasets
 
 from ..records import FEATURES
 from ..scenarios import Catalogue, answer_text, build_messages, prompt_version
+from ..scenarios.catalogue import AUGMENT_SPLIT
 from ..scenarios.oracle import ORACLE_MODEL_NAME, action_probabilities, motivation, sample_actions
 from ..scenarios.prompts import plain_prompt
 
@@ -55,7 +56,12 @@ def write_records(records: list[dict], path: Path) -> None:
 
 def oracle_teacher_dir(catalogue: Catalogue, cache_dir: str | Path, n: int = 16, seed: int = 0) -> Path:
     """A cached samples directory of the oracle teacher (both modes); built once per key."""
-    target = Path(cache_dir) / "oracle_teacher" / f"{prompt_version(catalogue)}-n{n}-s{seed}"
+    key = f"{prompt_version(catalogue)}-n{n}-s{seed}"
+    augmented = catalogue.splits.get(AUGMENT_SPLIT)
+    if augmented:  # the training-only augment split is not part of prompt_version: key it here
+        scales = sorted({catalogue.games[game].scale for game, _ in augmented})
+        key += "-aug" + "_".join(f"{s:g}" for s in scales)
+    target = Path(cache_dir) / "oracle_teacher" / key
     if (target / "manifest.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,12 @@ Losses (`loss.name`):
 Only the logits that a loss needs are projected onto the vocabulary (`logits_to_keep`): the
 prompt's hidden states never meet the (large) output layer.
 
+With `model.lora.top_layers=k` the layers below the adapted ones are frozen, so their output for
+a given token sequence never changes: with `model.lora.cache_frozen_layers` (the default) it is
+computed once per training example and reused every later epoch/step, and each step runs only the
+top k layers (`FrozenLayerCache`). The first use checks the cached path against a full forward
+pass and falls back to full passes (with a warning) for an architecture where they differ.
+
 Each validation epoch: `val/alignment` of the student's exact action probabilities
 (`scoring.action_logprobs`) toward the teacher on the held-out scenarios, against the base
 student's (adapter disabled, computed once); and `val/action_mass`, the mass on the action tokens.
@@ -124,6 +130,102 @@ def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: tor
     return -(probs * chosen).sum(-1).mean() * temperature**2
 
 
+class _Captured(Exception):
+    """Stops a forward pass once the input of the first adapted layer has been captured."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+class FrozenLayerCache:
+    """The input of the first adapted decoder layer, per token sequence (exact: the layers below are frozen).
+
+    `logits(model, input_ids, attention_mask, keep)` returns what
+    `model(input_ids, attention_mask, logits_to_keep=keep).logits` returns, running only the layers
+    from `first_layer` up on cached hidden states (computed without gradients on first sight of a
+    sequence). Works for decoders whose layer stack is `get_decoder().layers` and whose forward accepts
+    `inputs_embeds` unchanged (Llama, Mistral, Qwen2, ...); `verify` checks that once.
+    """
+
+    def __init__(self, first_layer: int, max_bytes: int):
+        self.first_layer, self.max_bytes = first_layer, max_bytes
+        self.entries: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self.verified: bool | None = None  # None: not checked yet
+
+    @staticmethod
+    def _decoder(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.get_decoder()
+
+    @torch.no_grad()
+    def _lower(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        layer = self._decoder(model).layers[self.first_layer]
+
+        def capture(_module, args, kwargs):
+            raise _Captured(args[0] if args else kwargs["hidden_states"])
+
+        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        except _Captured as captured:
+            return captured.hidden.detach()
+        finally:
+            handle.remove()
+        raise RuntimeError("the first adapted layer never ran")  # pragma: no cover
+
+    def hidden(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, width, d): the first adapted layer's input, cached rows reused, new rows computed."""
+        lengths = attention_mask.sum(-1).tolist()
+        keys = [input_ids[r, :n].cpu().numpy().tobytes() for r, n in enumerate(lengths)]
+        missing = [r for r, k in enumerate(keys) if k not in self.entries]
+        computed = {}
+        if missing:
+            self.misses += len(missing)
+            rows = torch.tensor(missing, device=input_ids.device)
+            lower = self._lower(model, input_ids[rows], attention_mask[rows])
+            for i, r in enumerate(missing):
+                computed[keys[r]] = lower[i, : lengths[r]]
+                size = computed[keys[r]].numel() * computed[keys[r]].element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.entries[keys[r]] = computed[keys[r]]
+                    self.bytes += size
+        self.hits += len(keys) - len(missing)
+        rows = [self.entries.get(k, computed.get(k)) for k in keys]
+        out = rows[0].new_zeros((len(rows), input_ids.shape[1], rows[0].shape[-1]))
+        for r, h in enumerate(rows):
+            out[r, : h.shape[0]] = h
+        return out
+
+    def logits(self, model, input_ids, attention_mask, keep) -> torch.Tensor:
+        hidden = self.hidden(model, input_ids, attention_mask)
+        decoder = self._decoder(model)
+        layers = decoder.layers
+        decoder.layers = torch.nn.ModuleList(list(layers)[self.first_layer:])  # only the adapted layers run
+        try:
+            return model(inputs_embeds=hidden, attention_mask=attention_mask, logits_to_keep=keep).logits
+        finally:
+            decoder.layers = layers
+
+    def verify(self, model, input_ids, attention_mask, keep, tolerance: float = 1e-3) -> bool:
+        """Whether the cached path gives the full forward pass's logits (checked once, on one row)."""
+        if self.verified is None:
+            with torch.no_grad():
+                row = slice(0, 1)
+                full = model(input_ids=input_ids[row], attention_mask=attention_mask[row], logits_to_keep=keep[row]).logits
+                cached = self.logits(model, input_ids[row], attention_mask[row], keep[row])
+            difference = (full.float() - cached.float()).abs().max().item() if full.numel() else 0.0
+            self.verified = full.shape == cached.shape and difference <= tolerance * max(1.0, full.abs().max().item())
+            if not self.verified:
+                log.warning("model.lora.cache_frozen_layers: the cached path differs from a full forward pass by %.3g "
+                            "for this architecture; running full forward passes instead", difference)
+            self.entries.clear()
+            self.bytes = self.hits = self.misses = 0
+        return self.verified
+
+
 class LoRADistillModule(pl.LightningModule):
     def __init__(
         self,
@@ -153,6 +255,11 @@ class LoRADistillModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE_INDEX, validate_args=False)
         self._base_propensity: list[float] | None = None
         self._batch_start = 0.0
+        self.frozen_cache: FrozenLayerCache | None = None
+        if lora.get("top_layers") and lora.get("cache_frozen_layers", True):
+            first = self.model.get_base_model().config.num_hidden_layers - int(lora["top_layers"])
+            if first > 0:
+                self.frozen_cache = FrozenLayerCache(first, int(float(lora.get("cache_max_mb", 2048)) * 2**20))
 
     # ---------------------------------------------------------------- losses
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -166,8 +273,7 @@ class LoRADistillModule(pl.LightningModule):
         has_answer = answer_pos >= 0
         if want_soft:
             keep[rows[has_answer], answer_pos[has_answer]] = True
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            logits_to_keep=keep).logits  # (kept positions, vocab), row-major
+        logits = self._logits(batch["input_ids"], batch["attention_mask"], keep)  # (kept positions, vocab), row-major
         out: dict[str, torch.Tensor] = {}
         total = logits.new_zeros(())
         if want_sft:
@@ -184,6 +290,24 @@ class LoRADistillModule(pl.LightningModule):
             total = total + (self.soft_weight if want_sft else 1.0) * soft
         out["loss"] = total
         return out
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        cache = self.frozen_cache
+        if cache is not None and cache.verify(self.model, input_ids, attention_mask, keep):
+            return cache.logits(self.model, input_ids, attention_mask, keep)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+
+    def on_fit_start(self) -> None:
+        strategy = type(self.trainer.strategy).__name__.lower()
+        if self.frozen_cache is not None and "deepspeed" in strategy:
+            # ZeRO partitions the layers' weights: the cached path's direct layer calls are not set up for that
+            log.info("model.lora.cache_frozen_layers: off under %s", type(self.trainer.strategy).__name__)
+            self.frozen_cache = None
+
+    def on_train_end(self) -> None:
+        if self.frozen_cache is not None:
+            cache = self.frozen_cache
+            log.info("frozen-layer cache: %d hits, %d misses, %.1f MB", cache.hits, cache.misses, cache.bytes / 2**20)
 
     def _check_finite(self, loss: torch.Tensor, stage: str, batch_idx: int, batch: dict) -> None:
         if not torch.isfinite(loss):
