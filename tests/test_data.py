@@ -62,6 +62,21 @@ def test_answer_only_target_has_no_motivation(teacher_dir, tokenizer, catalogue,
     assert tokenizer.decode(kept) in {answer_text(a) + "<|im_end|>" for a in ("C", "D")}
 
 
+def test_reasoning_before_the_answer_puts_the_answer_position_after_the_motivation(teacher_dir, tokenizer, catalogue,
+                                                                                  tmp_path):
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="sft_soft", target="motivation_answer")
+    for example in dm.train_set.select(range(5)):
+        ids, labels, pos = example["input_ids"], example["labels"], example["answer_pos"]
+        kept = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+        assert kept.startswith("Motivation: ") and kept.endswith("<|im_end|>")
+        before, answer = kept[: -len("<|im_end|>")].rsplit("\n", 1)
+        assert answer in (f"{ANSWER_PREFIX} C", f"{ANSWER_PREFIX} D") and len(before) > len("Motivation: ")
+        # the soft loss's position: the last token of the "Answer:" that follows the reasoning
+        assert tokenizer.decode(ids[: pos + 1]).endswith(before + "\n" + ANSWER_PREFIX)
+        target = dm.targets[example["scenario"]]
+        assert [ids[pos + 1]] == target.item.continuation_ids[target.item.actions.index(answer[-1])]
+
+
 def test_soft_targets_come_from_score_records_or_answer_frequencies(teacher_dir, tokenizer, catalogue, tmp_path):
     dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="soft")
     for target in dm.targets:

@@ -3,7 +3,8 @@
 From a samples dataset (records.py schema) it builds, for the configured splits:
 - SFT examples, one per parsed teacher answer (generate mode): the student's prompt
   (system = context, user = game + the student's question) through the student's chat template,
-  then the assistant turn `Answer: X` (+ `Motivation: ...` when `target=answer_motivation`) and the
+  then the assistant turn `Answer: X` (+ `Motivation: ...` when `target=answer_motivation`, or the motivation
+  first and then `Answer: X` when `target=motivation_answer`) and the
   template's end of turn. Labels are -100 everywhere but the assistant turn.
 - Soft targets, one per scenario: the teacher's action distribution (score-mode `action_probs`,
   else the empirical distribution of its parsed answers) and the token ids of each action after
@@ -33,11 +34,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
 from ..sampling.scoring import ScoringItem, prepare_item
-from ..scenarios import ANSWER_PREFIX, UNPARSED, Catalogue, Scenario, answer_text, build_messages, render_prompt
+from ..scenarios import ANSWER_PREFIX, MOTIVATION_PREFIX, UNPARSED, Catalogue, Scenario, answer_text, build_messages, render_prompt
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("answer_motivation", "answer_only")
+# the assistant turn the student learns: the answer then its motivation (the paper's format), the
+# motivation first (reasoning before the answer: the answer token then sees the reasoning), or the answer alone
+TARGETS = ("answer_motivation", "motivation_answer", "answer_only")
 LOSSES = ("sft", "soft", "sft_soft")
 IGNORE_INDEX = -100
 
@@ -394,9 +397,14 @@ class TeacherQADataModule(pl.LightningDataModule):
             per_scenario[key] = per_scenario.get(key, 0) + 1
             if self.samples_per_scenario and per_scenario[key] > self.samples_per_scenario:
                 continue
-            motivation = row["motivation"] if self.target == "answer_motivation" else None
-            rows.append({"scenario": index[key], "prompt": prompts[key],
-                         "completion": answer_text(row["action"], motivation) + end})
+            if self.target == "motivation_answer" and row["motivation"]:
+                before = f"{MOTIVATION_PREFIX} {row['motivation']}\n"  # reasoning first, then "Answer: X"
+                completion = before + answer_text(row["action"])
+            else:
+                before = ""
+                completion = answer_text(row["action"], row["motivation"] if self.target == "answer_motivation" else None)
+            rows.append({"scenario": index[key], "prompt": prompts[key], "completion": completion + end,
+                         "answer_prefix": before + ANSWER_PREFIX})
         if not rows:
             raise DataError(f"teacher dataset {self.teacher}: loss={self.loss} needs sampled answers (generate mode), "
                             "but it holds only score-mode records; use loss=soft or add generated samples")
@@ -407,7 +415,8 @@ class TeacherQADataModule(pl.LightningDataModule):
 
         def tokenize(batch):
             out = {"input_ids": [], "labels": [], "answer_pos": [], "length": []}
-            for prompt, completion in zip(batch["prompt"], batch["completion"]):
+            answer_prefixes = batch.get("answer_prefix") or [ANSWER_PREFIX] * len(batch["prompt"])
+            for prompt, completion, answer_prefix in zip(batch["prompt"], batch["completion"], answer_prefixes):
                 prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
                 if ids[: len(prompt_ids)] != prompt_ids:  # merged across the boundary: keep them apart
@@ -417,7 +426,7 @@ class TeacherQADataModule(pl.LightningDataModule):
                 if not completion:  # a soft-loss prompt already ends with "Answer:"
                     answer_pos = len(ids) - 1
                 else:
-                    prefix_ids = tokenizer(prompt + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+                    prefix_ids = tokenizer(prompt + answer_prefix, add_special_tokens=False)["input_ids"]
                     answer_pos = len(prefix_ids) - 1 if ids[: len(prefix_ids)] == prefix_ids else -1
                 ids, labels = ids[:max_length], labels[:max_length]
                 if answer_pos >= len(ids) - (1 if completion else 0):
@@ -431,14 +440,14 @@ class TeacherQADataModule(pl.LightningDataModule):
         dataset = datasets.Dataset.from_list(rows)
         key = hashlib.sha256(json.dumps({
             "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer), "max_length": max_length,
-            "template": getattr(tokenizer, "chat_template", ""), "rows": rows, "revision": 1,
+            "template": getattr(tokenizer, "chat_template", ""), "rows": rows, "revision": 2,
         }, sort_keys=True).encode()).hexdigest()[:16]
         cache_file = None
         if self.cache_dir is not None:
             (self.cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
             cache_file = str(self.cache_dir / "tokenized" / f"{key}.arrow")
             self.stats["tokenization_cached"] = Path(cache_file).exists()
-        tokenized = dataset.map(tokenize, batched=True, remove_columns=["prompt", "completion"],
+        tokenized = dataset.map(tokenize, batched=True, remove_columns=[c for c in ("prompt", "completion", "answer_prefix") if c in dataset.column_names],
                                 cache_file_name=cache_file, load_from_cache_file=True,
                                 desc="tokenizing teacher answers")
         too_long = sum(1 for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])
