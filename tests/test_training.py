@@ -211,3 +211,15 @@ def test_cached_frozen_layers_give_the_full_pass_losses_and_gradients(tiny_model
     again = modules[True].compute_losses(batch)  # the lower layers come from the cache now
     assert cache.hits == 2 and cache.misses == 2
     torch.testing.assert_close(again["loss"], fast["loss"])
+
+
+def test_soft_batches_run_unpadded_per_length_with_the_padded_batch_logits(module):
+    batch = toy_batch()  # rows of length 6 and 4, right-padded
+    keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    keep[torch.arange(2), batch["answer_pos"]] = True
+    keep[0, 2] = True  # several kept positions in one row keep their row-major order
+    with torch.no_grad():
+        padded = module._logits(batch["input_ids"], batch["attention_mask"], keep)
+        unpadded = module._logits_by_length(batch["input_ids"], batch["attention_mask"], keep)
+    assert unpadded.shape == padded.shape == (3, padded.shape[-1])
+    torch.testing.assert_close(unpadded, padded, atol=1e-5, rtol=1e-5)

@@ -46,7 +46,10 @@ class Stage:
 
 
 def variants(cfg: DictConfig) -> dict[str, list[str]]:
-    return {name: list(o or []) for name, o in (cfg.pipeline.variants or {"default": []}).items()}
+    """{name: train overrides}; without `pipeline.variants`, one run of the config as it is, named
+    `pipeline.default_variant`."""
+    default = cfg.pipeline.get("default_variant") or "default"
+    return {name: list(o or []) for name, o in (cfg.pipeline.variants or {default: []}).items()}
 
 
 def seeds(cfg: DictConfig) -> list[int | None]:

@@ -273,7 +273,10 @@ class LoRADistillModule(pl.LightningModule):
         has_answer = answer_pos >= 0
         if want_soft:
             keep[rows[has_answer], answer_pos[has_answer]] = True
-        logits = self._logits(batch["input_ids"], batch["attention_mask"], keep)  # (kept positions, vocab), row-major
+        if self.loss_name == "soft":  # one prompt per scenario, few distinct lengths: no padding at all
+            logits = self._logits_by_length(batch["input_ids"], batch["attention_mask"], keep)
+        else:
+            logits = self._logits(batch["input_ids"], batch["attention_mask"], keep)  # (kept positions, vocab), row-major
         out: dict[str, torch.Tensor] = {}
         total = logits.new_zeros(())
         if want_sft:
@@ -296,6 +299,24 @@ class LoRADistillModule(pl.LightningModule):
         if cache is not None and cache.verify(self.model, input_ids, attention_mask, keep):
             return cache.logits(self.model, input_ids, attention_mask, keep)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+
+    def _logits_by_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`_logits` run once per distinct sequence length, each on unpadded rows (a soft-loss batch holds a
+        few prompt lengths: padding them to the longest wasted ~12% of the demo's compute)."""
+        lengths = attention_mask.sum(-1)
+        distinct = lengths.unique()
+        if len(distinct) == 1:
+            width = int(distinct[0])
+            return self._logits(input_ids[:, :width], attention_mask[:, :width], keep[:, :width])
+        kept_rows = keep.nonzero(as_tuple=True)[0]
+        out = None
+        for width in distinct.tolist():
+            rows = (lengths == width).nonzero(as_tuple=True)[0]  # ascending: the kept order matches the full batch's
+            part = self._logits(input_ids[rows, :width], attention_mask[rows, :width], keep[rows, :width])
+            if out is None:
+                out = part.new_empty((len(kept_rows), part.shape[-1]))
+            out[torch.isin(kept_rows, rows)] = part
+        return out
 
     def on_fit_start(self) -> None:
         strategy = type(self.trainer.strategy).__name__.lower()
