@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STUDY = [
-    "+experiment=demo", "model=tiny_llama", "trainer.max_steps=2", "pipeline.variants.sft=[loss=sft]",
+    "+experiment=demo", "model=tiny_llama", "trainer.max_steps=2", "pipeline.variants.sft=['loss=sft']",
     "trainer.val_check_interval=1", "scenarios.splits=[in_sample,oos_context,oos_payoffs,oos_game]",
     "scenarios.games=[prisoners_dilemma,stag_hunt,prisoners_dilemma_x2,stag_hunt_x2,public_goods]",
     "~pipeline.variants.sft_soft", "pipeline.teacher=['sampler=oracle','role=teacher','sampler.n=4']",
