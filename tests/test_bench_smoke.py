@@ -49,3 +49,12 @@ def test_train_throughput_core(tmp_path):
         assert 0.0 <= s["padding_fraction"] < 1.0 and s["useful_per_step"] > 0
     assert _positive(result["ratio"]) and result["examples"] == 40
     assert train_throughput.render(result, "t").row_count == 3
+
+
+def test_soft_step_core():
+    from bench import soft_step
+
+    result = soft_step.measure("tiny_llama", steps=2, top_layers=1)
+    assert len(result["seconds"]) == 4 and all(_positive(s) for s in result["seconds"].values())
+    assert result["scenarios"] == 16 and result["tokens"] > 16 * 100 and result["timed_steps"] == 1
+    assert soft_step.render(result).row_count == 4
