@@ -25,6 +25,14 @@ def catalogue():
     return load_catalogue(CATALOGUE_DIR)
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, catalogue):
+    """The oracle teacher's samples (2 answers + exact scores per in-sample scenario), once per test module."""
+    from helpers import write_teacher
+
+    return write_teacher(tmp_path_factory.mktemp("teacher"), catalogue, n=2)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_cfg():
     return yaml.safe_load((ROOT / "conf/model/tiny_llama.yaml").read_text())

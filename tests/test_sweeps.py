@@ -7,15 +7,10 @@ import stat
 import pytest
 import yaml
 
-from helpers import check, run_train, summary, write_teacher
+from helpers import check, run_train, summary
 
 SHORT = ["model=tiny_llama", "loss=sft_soft", "data.batch_size=4", "trainer.max_steps=2",
          "trainer.val_check_interval=2"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, catalogue):
-    return write_teacher(tmp_path_factory.mktemp("teacher"), catalogue, n=2)
 
 
 def test_multirun_of_two_jobs_each_with_its_own_offline_wandb_run(tmp_path, teacher):

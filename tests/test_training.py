@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
-from helpers import TINY, check, run_train, summary, write_teacher
+from helpers import TINY, check, run_train, summary
 
 # two optimizer steps, validated at step 2, on a small oracle teacher (2 answers per scenario)
 SHORT = [*TINY, "loss=sft_soft", "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, catalogue):
-    return write_teacher(tmp_path_factory.mktemp("teacher"), catalogue, n=2)
 
 
 @pytest.fixture(scope="module")

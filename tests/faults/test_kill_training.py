@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_teacher
 
 from .common import TINY_TRAIN, entry, finish, ok, start, tail, wait_for
 
@@ -17,11 +16,6 @@ from .common import TINY_TRAIN, entry, finish, ok, start, tail, wait_for
 STEPS = 6
 ARGS = [*TINY_TRAIN, "loss=sft_soft", "data.batch_size=4", f"trainer.max_steps={STEPS}",
         "trainer.val_check_interval=2"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, catalogue):
-    return write_teacher(tmp_path_factory.mktemp("teacher"), catalogue, n=2)
 
 
 @pytest.fixture(scope="module")
