@@ -1,6 +1,7 @@
 """Test helpers: oracle teacher datasets in the record schema, and running train.py."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -33,11 +34,28 @@ def write_teacher(directory: Path, catalogue, n: int = 2, seed: int = 0, modes=(
 
 
 def run_train(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` in a subprocess (as a user runs it); raises with the log on failure."""
+    """`python train.py ARGS` in a subprocess (as a user runs it). On `timeout` the whole process group is
+    killed (the ranks Lightning started too, so a hung multi-rank run cannot outlive the test) and
+    `subprocess.TimeoutExpired` is raised."""
+    import signal
+
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
                    "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, str(ROOT / "train.py"), *args]
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # ranks left behind by a rank 0 that exited early
+        os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

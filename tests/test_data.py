@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from helpers import TINY, run_train, write_teacher
 from tomdistill.data.datamodule import (
@@ -132,6 +133,75 @@ def test_batches_split_evenly_over_ranks():
     assert len(ranks[0]) == len(ranks[1]) == len(LengthGroupedBatchSampler(lengths, 4, num_replicas=2))
     covered = {i for r in ranks for b in r for i in b}
     assert covered == set(range(len(lengths)))
+
+
+def test_one_rank_batches_and_their_order_are_unchanged():
+    """Pinned: the single-process batches of this sampler before it learnt to split batches over ranks."""
+    lengths = [(i * 7) % 13 + 1 for i in range(11)]
+    expected = {(3, 1, True, True): [[9, 7, 5], [8, 6, 4], [2, 0], [3, 1, 10]],
+                (3, 1, True, False): [[10, 3, 6], [1, 5, 9], [2, 7], [4, 8, 0]],
+                (4, 2, False, True): [[9, 7, 5, 3], [1, 10, 8, 6], [4, 2, 0]]}
+    for (size, seed, shuffle, grouped), batches in expected.items():
+        for split in (False, True):
+            sampler = LengthGroupedBatchSampler(lengths, size, shuffle=shuffle, group_by_length=grouped, seed=seed,
+                                                split_batches=split)
+            sampler.set_epoch(1)
+            assert list(sampler) == batches and len(sampler) == len(batches)
+
+
+@pytest.mark.parametrize("examples", [1, 2, 5, 9, 27])
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_every_rank_gets_distinct_batches_and_as_many_as_the_others(examples, ranks):
+    """Fewer batches than ranks included: the epoch's batches are cycled, never an empty rank (a hang)."""
+    lengths = [10 + i % 7 for i in range(examples)]
+    per_rank = [list(LengthGroupedBatchSampler(lengths, 4, num_replicas=ranks, rank=r, seed=3)) for r in range(ranks)]
+    count = len(LengthGroupedBatchSampler(lengths, 4, num_replicas=ranks))
+    assert count >= 1 and all(len(batches) == count for batches in per_rank)
+    assert {i for batches in per_rank for b in batches for i in b} == set(range(examples))
+    distinct = {tuple(b) for batches in per_rank for b in batches}
+    assert len(distinct) == math.ceil(examples / 4)  # each batch of the epoch; only the last round's fill repeats
+    for k in range(count):  # within a step the ranks train distinct batches whenever there are enough of them
+        assert len({tuple(batches[k]) for batches in per_rank}) == min(ranks, len(distinct))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 12])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_a_global_batch_splits_over_ranks_and_the_weighted_rank_losses_average_to_its_mean(size, ranks):
+    from tomdistill.data.datamodule import shard
+
+    batch = list(range(100, 100 + size))
+    losses = {i: 0.3 + (i % 7) * 0.11 for i in batch}
+    shards = [shard(batch, ranks, r) for r in range(ranks)]
+    assert all(indices for indices, _ in shards)  # never an empty rank
+    assert {i for indices, _ in shards for i in indices} == set(batch)
+    if size >= ranks:  # no copies, shard sizes differ by at most one
+        assert sorted(i for indices, _ in shards for i in indices) == batch
+        assert max(len(i) for i, _ in shards) - min(len(i) for i, _ in shards) <= 1
+    rank_losses = [sum(w * losses[i] for i, w in zip(indices, weights)) for indices, weights in shards]
+    # DDP and DeepSpeed average the ranks' gradients; the weighted rank losses average to the global mean
+    assert sum(rank_losses) / ranks == pytest.approx(sum(losses.values()) / size, rel=1e-12)
+
+
+def test_soft_loader_splits_the_global_scenario_batch_over_ranks(teacher_dir, tokenizer, catalogue, tmp_path):
+    from types import SimpleNamespace
+
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="soft")
+    scenarios = len(dm.train_targets)
+
+    def first_batch(ranks, rank):
+        dm.trainer = SimpleNamespace(world_size=ranks, global_rank=rank, fit_loop=None)
+        loader = dm.train_dataloader()
+        return len(loader), next(iter(loader))
+
+    count, alone = first_batch(1, 0)
+    assert count == 1 and "weight" not in alone and len(alone["scenario"]) == scenarios  # one rank: as before
+    parts = [first_batch(3, r) for r in range(3)]
+    assert all(count == 1 for count, _ in parts)
+    assert sorted(s for _, b in parts for s in b["scenario"].tolist()) == sorted(alone["scenario"].tolist())
+    assert all(len(b["scenario"]) in (scenarios // 3, -(-scenarios // 3)) for _, b in parts)
+    for _, b in parts:
+        torch.testing.assert_close(b["weight"], torch.full_like(b["weight"], 3 / scenarios))
+    dm.trainer = None
 
 
 def test_tokenization_is_cached_across_runs(teacher_dir, tokenizer, catalogue, tmp_path):

@@ -12,7 +12,8 @@ From a samples dataset (records.py schema) it builds, for the configured splits:
   the distribution over each action's first token (the exact marginal at the answer position).
 - A validation set of whole scenarios: held-out contexts (`val_contexts`, or `num_val_contexts`
   chosen by seed), so `val/alignment` measures transfer to contexts the student never saw.
-Batches are grouped by length (less padding; the fraction is reported). Tokenization goes
+Batches are grouped by length (less padding; the fraction is reported). On several ranks each rank trains
+distinct batches, as many as every other rank; the soft loss's scenario batch is global, split across them. Tokenization goes
 through `datasets.map` with a cache file keyed by tokenizer and texts, so a rerun reuses it.
 Every data error is raised by `setup()`, which the recipe calls before any model loads.
 """
@@ -105,20 +106,48 @@ def choose_val_contexts(contexts: Sequence[str], n: int, seed: int) -> list[str]
     return [ordered[(seed * n + i) % len(ordered)] for i in range(n)]
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
+def shard(batch: Sequence[int], num_replicas: int, rank: int) -> tuple[list[int], list[float]]:
+    """This rank's part of a global batch, and each example's loss weight.
+
+    With G examples on N ranks: G ≥ N gives contiguous shards of ⌊G/N⌋ or ⌈G/N⌉ examples (contiguous, so a
+    length-grouped batch keeps similar lengths together on each rank); G < N gives every rank one example,
+    cycling, so no rank is ever empty. The weight of an example with c copies across ranks is N / (G·c): a
+    rank's loss Σ weight·loss, averaged over the N ranks (what DDP and DeepSpeed do to gradients), is then
+    exactly the mean loss over the G examples of the global batch, whatever the shard sizes.
+    """
+    size, n = len(batch), num_replicas
+    if size >= n:
+        base, extra = divmod(size, n)
+        start = rank * base + min(rank, extra)
+        mine = list(batch[start:start + base + (1 if rank < extra else 0)])
+        return mine, [n / size] * len(mine)
+    slot = rank % size
+    copies = len(range(slot, n, size))
+    return [batch[slot]], [n / (size * copies)]
+
+
+class LengthGroupedBatchSampler(Sampler[list]):
     """Batches of similar length: shuffle, sort within mega-batches, shuffle the batches.
 
-    Rank-aware (each of `num_replicas` ranks gets every num_replicas-th batch, all ranks the same
-    count), so Lightning's distributed sampler is not needed; `set_epoch` reshuffles per epoch.
+    Rank-aware, so Lightning's distributed sampler is not needed; `set_epoch` reshuffles per epoch.
+    Every rank gets distinct batches and the same number of them (a collective step on one rank
+    and not on another is a hang):
+    - by default each of `num_replicas` ranks gets every num_replicas-th batch; when the count is not a
+      multiple of the ranks, the epoch's batches are cycled to fill the last round;
+    - with `split_batches` every batch is a global batch, split across the ranks (`shard`): each rank
+      yields `(index, weight)` pairs, the weights making the ranks' averaged loss the global batch's mean.
+    On one rank both yield exactly the batches of `batches()`, as plain indices.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, group_by_length: bool = True,
-                 seed: int = 0, num_replicas: int = 1, rank: int = 0, mega_batch_factor: int = 16):
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0, mega_batch_factor: int = 16,
+                 split_batches: bool = False):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.shuffle, self.group_by_length = shuffle, group_by_length
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.mega_batch_factor = mega_batch_factor
+        self.split_batches = split_batches
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) after a checkpoint restore
 
@@ -136,7 +165,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self._resume = (epoch, batches_done)
 
     def batches(self) -> list[list[int]]:
-        """All batches of this epoch, over all ranks."""
+        """All batches of this epoch, over all ranks (global batches when `split_batches`)."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         order = list(range(len(self.lengths)))
         if self.shuffle:
@@ -148,13 +177,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
-        if self.num_replicas > 1 and batches:  # same number of batches on every rank
-            per_rank = math.ceil(len(batches) / self.num_replicas)
-            batches += batches[: per_rank * self.num_replicas - len(batches)]
+        if self.num_replicas > 1 and batches and not self.split_batches:  # same number of batches on every rank
+            missing = len(self) * self.num_replicas - len(batches)
+            batches += [batches[i % len(batches)] for i in range(missing)]  # cycled: fewer batches than ranks too
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        mine = self.batches()[self.rank::self.num_replicas]
+    def rank_batches(self) -> list[list]:
+        """This rank's batches of the epoch: indices, or `(index, weight)` pairs when `split_batches`."""
+        batches = self.batches()
+        if self.num_replicas == 1:
+            return batches
+        if not self.split_batches:
+            return batches[self.rank::self.num_replicas]
+        return [list(zip(*shard(batch, self.num_replicas, self.rank))) for batch in batches]
+
+    def __iter__(self) -> Iterator[list]:
+        mine = self.rank_batches()
         skip = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             skip = self._resume[1] if self._resume[1] < len(mine) else 0
@@ -162,7 +200,32 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from mine[skip:]
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
+        batches = math.ceil(len(self.lengths) / self.batch_size)
+        return batches if self.split_batches else math.ceil(batches / self.num_replicas)
+
+
+class WeightedExamples(torch.utils.data.Dataset):
+    """A map-style dataset that also takes `(index, weight)` keys and returns the example with its `weight`.
+
+    What lets `LengthGroupedBatchSampler(split_batches=True)` hand each example's loss weight to the
+    collator; plain integer keys give the plain examples.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list[dict]:
+        if not keys or not isinstance(keys[0], tuple):
+            return self.dataset.__getitems__(list(keys))
+        indices, weights = zip(*keys)
+        examples = self.dataset.__getitems__(list(indices))
+        return [{**example, "weight": weight} for example, weight in zip(examples, weights)]
 
 
 class ResumableDataLoader(DataLoader):
@@ -216,11 +279,14 @@ class Collator:
             mask[row, :n] = 1
             labels[row, :n] = torch.tensor(e["labels"])
         scenario = torch.tensor([e["scenario"] for e in examples], dtype=torch.long)
-        return {
+        batch = {
             "input_ids": ids, "attention_mask": mask, "labels": labels,
             "answer_pos": torch.tensor([e["answer_pos"] for e in examples], dtype=torch.long),
             "scenario": scenario, "soft_ids": self.soft_ids[scenario], "soft_probs": self.soft_probs[scenario],
         }
+        if "weight" in examples[0]:  # a shard of a global batch: the soft loss sums weight × loss (see `shard`)
+            batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
+        return batch
 
 
 class TeacherQADataModule(pl.LightningDataModule):
@@ -462,6 +528,8 @@ class TeacherQADataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- loaders
     def _train_batch_size(self) -> int:
+        """Per device for the SFT losses (`data.batch_size`); global for `loss=soft` (`data.scenario_batch_size`,
+        0 = all training scenarios), split across the ranks."""
         if self.loss == "soft":  # one example per scenario; 0 = all training scenarios in one batch
             return self.scenario_batch_size or max(len(self.train_targets), 1)
         return self.batch_size
@@ -475,10 +543,11 @@ class TeacherQADataModule(pl.LightningDataModule):
         sampler = LengthGroupedBatchSampler(
             self.train_set["length"], self._train_batch_size(), shuffle=True, group_by_length=self.group_by_length,
             seed=self.seed, num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
+            split_batches=self.loss == "soft",
         )
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed) if trainer else None
         return ResumableDataLoader(
-            self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"]),
+            WeightedExamples(self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"])),
             batch_sampler=sampler, collate_fn=self._collator(), num_workers=self.num_workers, batches_done=progress,
         )
 

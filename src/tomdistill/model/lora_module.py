@@ -116,18 +116,22 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
 
 
 def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor,
-                       temperature: float = 1.0) -> torch.Tensor:
+                       temperature: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of −Σ_k q_k log p(token_k), p over the whole vocabulary.
 
     `token_ids`/`probs`: (rows, K), padded with probability 0. With temperature T the teacher's
     distribution becomes q^(1/T) (renormalised), the student's softmax(z/T), and the loss is × T².
+    With `weights` (rows,) the rows are summed with those weights instead of averaged: a rank's shard
+    of a global batch, weighted so that the ranks' average is the global batch's mean.
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     chosen = logp.gather(-1, token_ids)
     if temperature != 1.0:
         q = torch.where(probs > 0, probs.clamp_min(1e-12) ** (1.0 / temperature), torch.zeros_like(probs))
         probs = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
-    return -(probs * chosen).sum(-1).mean() * temperature**2
+    rows = -(probs * chosen).sum(-1)
+    loss = rows.mean() if weights is None else (rows * weights).sum()
+    return loss * temperature**2
 
 
 class _Captured(Exception):
@@ -255,6 +259,9 @@ class LoRADistillModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE_INDEX, validate_args=False)
         self._base_propensity: list[float] | None = None
         self._batch_start = 0.0
+        # ZeRO-3 gathers each layer's weights collectively in every forward pass: every rank must run as many
+        # forward passes as every other, so a soft batch runs padded in one pass there (on_fit_start)
+        self._one_forward_per_batch = False
         self.frozen_cache: FrozenLayerCache | None = None
         if lora.get("top_layers") and lora.get("cache_frozen_layers", True):
             first = self.model.get_base_model().config.num_hidden_layers - int(lora["top_layers"])
@@ -273,7 +280,7 @@ class LoRADistillModule(pl.LightningModule):
         has_answer = answer_pos >= 0
         if want_soft:
             keep[rows[has_answer], answer_pos[has_answer]] = True
-        if self.loss_name == "soft":  # one prompt per scenario, few distinct lengths: no padding at all
+        if self.loss_name == "soft" and not self._one_forward_per_batch:  # one prompt per scenario, few lengths
             logits = self._logits_by_length(batch["input_ids"], batch["attention_mask"], keep)
         else:
             logits = self._logits(batch["input_ids"], batch["attention_mask"], keep)  # (kept positions, vocab), row-major
@@ -287,8 +294,10 @@ class LoRADistillModule(pl.LightningModule):
         if want_soft:
             kept_rows, kept_cols = keep.nonzero(as_tuple=True)
             at_answer = kept_cols == answer_pos[kept_rows]
-            soft = soft_cross_entropy(logits[at_answer], batch["soft_ids"][kept_rows[at_answer]],
-                                      batch["soft_probs"][kept_rows[at_answer]], self.temperature)
+            answer_rows = kept_rows[at_answer]
+            weights = batch["weight"][answer_rows] if "weight" in batch else None
+            soft = soft_cross_entropy(logits[at_answer], batch["soft_ids"][answer_rows],
+                                      batch["soft_probs"][answer_rows], self.temperature, weights)
             out["soft"] = soft
             total = total + (self.soft_weight if want_sft else 1.0) * soft
         out["loss"] = total
@@ -302,7 +311,8 @@ class LoRADistillModule(pl.LightningModule):
 
     def _logits_by_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """`_logits` run once per distinct sequence length, each on unpadded rows (a soft-loss batch holds a
-        few prompt lengths: padding them to the longest wasted ~12% of the demo's compute)."""
+        few prompt lengths: padding them to the longest wasted ~12% of the demo's compute). The number of
+        passes depends on the batch, so not under ZeRO-3 (`_one_forward_per_batch`)."""
         lengths = attention_mask.sum(-1)
         distinct = lengths.unique()
         if len(distinct) == 1:
@@ -320,6 +330,7 @@ class LoRADistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         strategy = type(self.trainer.strategy).__name__.lower()
+        self._one_forward_per_batch = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         if self.frozen_cache is not None and "deepspeed" in strategy:
             # ZeRO partitions the layers' weights: the cached path's direct layer calls are not set up for that
             log.info("model.lora.cache_frozen_layers: off under %s", type(self.trainer.strategy).__name__)
