@@ -67,3 +67,5 @@ def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(t
                  "#SBATCH --gpus-per-node=4", "#SBATCH --time=90", "#SBATCH --array=0-1"):
         assert line in script, (line, script)
     assert "srun" in script and "submitit" in script
+    # one task dying without a Python exception (OOM kill) takes the others along, not the NCCL timeout later
+    assert script.index("export SLURM_KILL_BAD_EXIT=1") < script.index("srun")

@@ -20,6 +20,11 @@ def cpu_run(tmp_path_factory, teacher):
     return output
 
 
+def logged_losses(output) -> dict[int, float]:
+    with open(output / "logs/metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
 def load_adapter_state(directory):
     from safetensors.torch import load_file
 
@@ -99,6 +104,11 @@ def test_three_ranks_train_the_one_rank_adapter_on_the_same_global_batch(tmp_pat
     check(run_train([*SOFT, f"data.teacher={teacher}", f"output={output}", "trainer=ddp", "trainer.devices=3"],
                     timeout=480))
     assert summary(output)["global_step"] == summary(soft_one_rank)["global_step"] == 3
+    # the logged loss is the ranks' mean: the global batch's loss, as one process computes it
+    ranks_loss, alone_loss = logged_losses(output), logged_losses(soft_one_rank)
+    assert sorted(ranks_loss) == sorted(alone_loss) == [0, 1, 2]
+    for step in alone_loss:
+        assert ranks_loss[step] == pytest.approx(alone_loss[step], rel=1e-5), step
     ranks, alone = load_adapter_state(output / "adapter"), load_adapter_state(soft_one_rank / "adapter")
     assert ranks.keys() == alone.keys() and ranks
     moved = max(float(v.abs().max()) for k, v in alone.items() if "lora_B" in k)

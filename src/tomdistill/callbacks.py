@@ -1,13 +1,17 @@
-"""Training callbacks: adapter export (final and best-by-metric) and checkpoint-on-SIGTERM."""
+"""Training callbacks: adapter export (final and best-by-metric), checkpoint-on-SIGTERM, divergence, and keeping
+several ranks in step (`StepAgreement`)."""
 from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from . import distributed
 from .model.loading import tag_adapter
 
 log = logging.getLogger(__name__)
@@ -126,3 +130,63 @@ class StopOnDivergence(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.start, self.strikes = list(state.get("start", [])), int(state.get("strikes", 0))
+
+
+class StepAgreement(pl.Callback):
+    """Before each training step's forward pass (several ranks only): every rank agrees whether any rank
+    failed to load its batch, or received SIGTERM, and all act on it together.
+
+    A data error re-raises on the rank that had it and raises `RankFailedError` (naming that rank and
+    its error) on the others. A SIGTERM on any rank marks every rank's trainer as signalled at this
+    same step, so Lightning stops all of them at the end of it (and `CheckpointOnSigterm` saves there).
+    `sigterm_grace_s`: a rank still running that long after its SIGTERM exits by itself.
+    """
+
+    def __init__(self, sigterm_grace_s: float = 60.0):
+        self.sigterm_grace_s = float(sigterm_grace_s)
+        self.sigterm_pending = False
+        self._forwarded = False
+
+    def on_train_start(self, trainer: pl.Trainer, module) -> None:
+        # after Lightning registered its handlers (Trainer._run does that after on_fit_start)
+        if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
+            return
+        previous = trainer._signal_connector._original_handlers.get(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):
+            log.warning("rank %d: SIGTERM received; every rank stops at the next step boundary", trainer.global_rank)
+            self.sigterm_pending = True
+            launcher = trainer.strategy.launcher
+            if launcher is not None and not self._forwarded:  # the ranks this process started
+                self._forwarded = True
+                launcher.kill(signum)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        if self.sigterm_grace_s > 0:
+            distributed.exit_after_sigterm(self.sigterm_grace_s, on_exit=lambda: _kill_launched(trainer))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:
+        if trainer.world_size == 1:
+            return
+        error = batch.get("data_error") if isinstance(batch, dict) else None
+        message = f"{type(error).__name__}: {error}" if error is not None else None
+        flags = distributed.SIGTERM_FLAG if self.sigterm_pending else 0
+        failures, raised, _ = distributed.agree(message, module.device, flags)
+        if failures:
+            if error is not None:
+                raise error
+            raise distributed.RankFailedError(
+                f"stopping rank {trainer.global_rank} of {trainer.world_size} at global step {trainer.global_step}: "
+                f"another rank could not load its training batch ({distributed.describe(failures)})")
+        if raised[0] and not trainer.received_sigterm:
+            log.warning("rank %d: stopping at the end of global step %d (SIGTERM)", trainer.global_rank,
+                        trainer.global_step)
+            trainer._signal_connector.received_sigterm = True
+
+
+def _kill_launched(trainer: pl.Trainer) -> None:
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is not None:
+        launcher.kill(signal.SIGKILL)

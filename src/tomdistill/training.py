@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .distributed import RankFailedError
 from .model.loading import ModelLoadError
 from .paths import UnsafePathError, safe_output_dir
 from .records import SamplesError
@@ -59,8 +60,10 @@ def refuse_unsafe_output_override(argv: list[str]) -> None:
 
 
 # errors that are the user's input, reported as one clean line (train.py exits with code 2)
-# a non-finite or exploding loss stops the run the same way: one line naming the step and batch, no adapter
-USER_ERRORS = (SamplesError, ModelLoadError, CatalogueError, UnsafePathError, TrainingConfigError, FloatingPointError)
+# a non-finite or exploding loss stops the run the same way: one line naming the step and batch, no adapter;
+# on several ranks the others stop with it, each with a line naming the rank that failed (RankFailedError)
+USER_ERRORS = (SamplesError, ModelLoadError, CatalogueError, UnsafePathError, TrainingConfigError, FloatingPointError,
+               RankFailedError)
 
 
 def train(cfg: DictConfig) -> float:
@@ -255,7 +258,7 @@ def validation_scenarios(datamodule, cfg: DictConfig):
 def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool) -> list:
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-    from .callbacks import AdapterExport, CheckpointOnSigterm, StopOnDivergence
+    from .callbacks import AdapterExport, CheckpointOnSigterm, StepAgreement, StopOnDivergence
     from .model.loading import model_identity
 
     metric = cfg.get("optimized_metric") or "val/alignment"
@@ -270,6 +273,7 @@ def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool) -> list
                       model_identity(cfg.model), monitor=metric),
         CheckpointOnSigterm(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
+        StepAgreement(float(cfg.callbacks.get("sigterm_grace_s", 60))),  # a no-op on one rank
     ]
     divergence = cfg.callbacks.get("divergence")
     if divergence and divergence.get("factor"):

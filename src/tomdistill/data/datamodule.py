@@ -24,6 +24,8 @@ import json
 import logging
 import math
 import random
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -235,11 +237,41 @@ class ResumableDataLoader(DataLoader):
     through `load_state_dict` on `ckpt_path=...`, so a run resumed mid-epoch goes on with the next
     batch of the same epoch order, instead of restarting the epoch's order (which would repeat some
     batches and skip others). `batches_done` reads the trainer's count of batches trained this epoch.
+
+    On several ranks (`world_size` > 1) an error while loading a batch is not raised here but handed on as
+    the batch `{"data_error": exception}`: raised here it would stop this rank alone, the others waiting
+    for it in their next collective; `distributed.StepAgreement` raises it on every rank together.
     """
 
-    def __init__(self, *args, batches_done=None, **kwargs):
+    def __init__(self, *args, batches_done=None, world_size: int = 1, rank: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._batches_done = batches_done
+        self.world_size, self.rank = world_size, rank
+
+    def __iter__(self):
+        if self.world_size == 1:
+            return super().__iter__()
+        return self._errors_as_batches(super().__iter__())
+
+    def _errors_as_batches(self, iterator):
+        from ..testing_faults import injected
+
+        index = 0
+        while True:
+            try:
+                if injected("hang", self.rank, index):  # test-only: a rank that never delivers its batch
+                    print(f"test fault: rank {self.rank} hangs", file=sys.stderr, flush=True)
+                    threading.Event().wait()
+                if injected("data", self.rank, index):
+                    raise DataError(f"test fault: batch {index} of rank {self.rank} cannot be read")
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as err:  # noqa: BLE001 - raised on every rank by StepAgreement
+                yield {"data_error": err}
+                return
+            index += 1
+            yield batch
 
     def state_dict(self) -> dict:
         done = int(self._batches_done()) if self._batches_done is not None else 0
@@ -549,6 +581,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             WeightedExamples(self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"])),
             batch_sampler=sampler, collate_fn=self._collator(), num_workers=self.num_workers, batches_done=progress,
+            world_size=sampler.num_replicas, rank=sampler.rank,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -343,21 +343,54 @@ class LoRADistillModule(pl.LightningModule):
 
     def _check_finite(self, loss: torch.Tensor, stage: str, batch_idx: int, batch: dict) -> None:
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite {stage} loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx} "
-                f"(scenario indices {batch['scenario'].tolist()}); lower optim.lr or check the data"
-            )
+            raise FloatingPointError(self._non_finite_message(loss, stage, batch_idx, batch))
+
+    def _non_finite_message(self, loss: torch.Tensor, stage: str, batch_idx: int, batch: dict) -> str:
+        world = self._world_size()
+        where = f" on rank {self.global_rank} of {world}" if world > 1 else ""
+        return (f"non-finite {stage} loss ({loss.item()}){where} at global step {self.global_step}, batch {batch_idx} "
+                f"(scenario indices {batch['scenario'].tolist()}); lower optim.lr or check the data")
+
+    def _world_size(self) -> int:
+        from ..distributed import world_size
+
+        return world_size() if self._trainer is not None else 1
+
+    def _agree_finite(self, loss: torch.Tensor, batch_idx: int, batch: dict) -> torch.Tensor:
+        """The training loss to log: on several ranks their mean (the global batch's loss), after every rank
+        agreed that all losses are finite, before backward. A non-finite loss on any rank raises on every rank
+        (naming the rank); raised on that rank alone, the others would wait in backward for the collective
+        timeout."""
+        if self._world_size() == 1:
+            self._check_finite(loss, "training", batch_idx, batch)
+            return loss.detach()
+        from ..distributed import agree, describe
+
+        finite = bool(torch.isfinite(loss))
+        message = None if finite else self._non_finite_message(loss, "training", batch_idx, batch)
+        failures, _, mean = agree(message, loss.device, value=loss)
+        if failures:
+            if message is not None:
+                raise FloatingPointError(message)
+            raise FloatingPointError(f"stopping rank {self.global_rank} with the others: {describe(failures)}")
+        return mean.to(loss.device, loss.dtype)
 
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch, batch_idx):
         self._batch_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if "data_error" in batch:  # a loader error on several ranks; distributed.StepAgreement raises it first
+            raise batch["data_error"]
         out = self.compute_losses(batch)
-        self._check_finite(out["loss"], "training", batch_idx, batch)
+        from ..testing_faults import injected
+
+        if injected("nan", self.global_rank, self.global_step):  # test-only (TOMDISTILL_TEST_FAULT)
+            out["loss"] = out["loss"] * float("nan")
+        loss = self._agree_finite(out["loss"], batch_idx, batch)
         size = batch["input_ids"].shape[0]
-        self.train_loss(out["loss"].detach())
-        self.log("train/loss", out["loss"].detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.train_loss(loss)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         for part in ("sft", "soft"):
             if part in out:
                 self.log(f"train/{part}_loss", out[part].detach(), on_step=True, batch_size=size)

@@ -1,0 +1,104 @@
+"""Keeping several ranks in step: a failure or a SIGTERM on one rank stops every rank, together.
+
+Data-parallel ranks meet in collectives (gradient all-reduce, ZeRO-3 weight gathers); a rank that
+raises alone leaves the others waiting in the next collective until the NCCL/gloo timeout (30 min),
+and a process blocked in a collective never runs a Python signal handler, so SIGTERM cannot stop it.
+- `agree` is the one collective that decides: each rank brings its failure message (or none) and
+  its flags; every rank learns every failure, so all raise at the same point with the same story.
+- `callbacks.StepAgreement` runs it before each training step's forward pass: a data error on
+  one rank (the training loader hands it over as a batch, `ResumableDataLoader`) and a SIGTERM
+  received by any rank are decided there. Lightning's own SIGTERM handler broadcasts inside the
+  handler (a collective at a random point of the step; Lightning #21406); on several ranks it is
+  replaced by one that only sets a flag, and the checkpoint-and-stop starts at a step boundary on
+  every rank together.
+- `exit_after_sigterm`: a process still alive `grace_s` after SIGTERM (stuck in a collective) exits
+  by itself, taking the ranks it launched with it.
+The non-finite loss check (the module's `training_step`) uses `agree` too, before backward.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed; this rank stops with it (the message carries the other rank's error)."""
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def agree(message: str | None, device: torch.device, flags: int = 0,
+          value: torch.Tensor | None = None) -> tuple[dict[int, str], list[bool], torch.Tensor | None]:
+    """One all-reduce, on every rank at the same point: who failed (and why), which flags any rank raised,
+    and the mean of `value` over the ranks.
+
+    `message`: this rank's failure, or None. `flags`: a bit set (e.g. "SIGTERM received"); the result
+    lists each of the lowest 8 bits as set on any rank. The messages are gathered (a second collective,
+    on every rank alike) only when some rank failed.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    bits = 8
+    stats = torch.zeros(world + bits + 1, dtype=torch.float64, device=device)
+    stats[rank] = 1.0 if message is not None else 0.0
+    for bit in range(bits):
+        stats[world + bit] = float((flags >> bit) & 1)
+    if value is not None and message is None:
+        stats[-1] = value.detach().to(torch.float64)
+    dist.all_reduce(stats)
+    stats = stats.cpu()
+    failed = [r for r in range(world) if stats[r] > 0]
+    failures: dict[int, str] = {}
+    if failed:
+        messages: list[str | None] = [None] * world
+        dist.all_gather_object(messages, message)
+        failures = {r: messages[r] or "failed" for r in failed}
+    raised = [bool(stats[world + bit] > 0) for bit in range(bits)]
+    mean = stats[-1] / world if value is not None else None
+    return failures, raised, mean
+
+
+def describe(failures: dict[int, str]) -> str:
+    return "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+
+
+SIGTERM_FLAG = 1  # `agree` flag bit: this rank received SIGTERM
+
+
+def exit_after_sigterm(grace_s: float, on_exit=None) -> threading.Thread:
+    """Exit (code 143) `grace_s` seconds after a SIGTERM if the process is still running by then.
+
+    A process blocked in a collective never returns to the interpreter, so no Python signal handler
+    runs; the signal module's wakeup fd is written by the C-level handler regardless, and a daemon
+    thread waiting on it does the exit. Needs a Python handler installed for SIGTERM (the trainer has
+    one) and the main thread (set_wakeup_fd).
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while signal.SIGTERM not in os.read(read_fd, 64):
+            pass
+        time.sleep(grace_s)
+        print(f"error: still running {grace_s:g} s after SIGTERM (stuck, e.g. in a collective with a rank that is "
+              "gone); exiting", file=sys.stderr, flush=True)
+        try:
+            if on_exit is not None:
+                on_exit()
+        finally:
+            os._exit(128 + signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="exit-after-sigterm", daemon=True)
+    thread.start()
+    return thread
