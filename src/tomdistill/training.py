@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(int(cfg.seed), workers=True)
     output = output_dir(cfg)
     check_process_layout(cfg)
+    check_quantization_strategy(cfg)
     ckpt_path = resume_path(cfg, output)
     save_resolved_config(cfg, output)
 
@@ -194,18 +195,60 @@ def output_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def processes_per_node(devices, accelerator: str) -> int:
+    """How many processes Lightning starts on a node for `trainer.devices`: a count (`2`, `"2"`), `-1` or `"auto"`
+    (every visible GPU; one process on CPU), or the devices themselves (`[0, 1]`, `"0,1"`)."""
+    if isinstance(devices, (list, tuple)) or type(devices).__name__ == "ListConfig":
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        return max(torch.cuda.device_count(), 1) if accelerator == "gpu" else 1
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    try:
+        return max(int(text), 1)
+    except ValueError:
+        raise TrainingConfigError(f"trainer.devices={devices!r}: expected a count, -1, 'auto' or a list of devices") \
+            from None
+
+
 def check_process_layout(cfg: DictConfig) -> None:
     """Lightning relaunches ranks with this process's argv: under `-m` they would re-enter the sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    processes = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    accelerator = resolve_accelerator(str(cfg.trainer.get("accelerator", "auto")))
+    per_node = processes_per_node(cfg.trainer.devices, accelerator)
+    processes = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
     external = any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and processes > 1 and not external:
         raise TrainingConfigError(
-            f"trainer.devices={processes} inside a local multirun (-m): Lightning would relaunch the whole sweep in "
-            "every rank. Run multi-process jobs through a launcher that creates the processes (hydra/launcher=slurm, "
-            "srun, torchrun), or sweep single-process runs."
+            f"trainer.devices={cfg.trainer.devices} ({processes} processes) inside a local multirun (-m): Lightning "
+            "would relaunch the whole sweep in every rank. Run multi-process jobs through a launcher that creates the "
+            "processes (hydra/launcher=slurm, srun, torchrun), or sweep single-process runs."
+        )
+
+
+def zero_stage(strategy_cfg) -> int | None:
+    """The ZeRO stage of a `trainer.strategy` DeepSpeed config (None for any other strategy)."""
+    if not isinstance(strategy_cfg, (dict, DictConfig)) or strategy_cfg.get("name") != "deepspeed":
+        return None
+    config = strategy_cfg.get("config")
+    try:
+        settings = json.loads(Path(config).read_text()) if isinstance(config, str) else dict(config or {})
+    except (OSError, json.JSONDecodeError) as err:
+        raise TrainingConfigError(f"trainer.strategy.config: cannot read DeepSpeed config {config}: {err}") from err
+    return int(settings.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_quantization_strategy(cfg: DictConfig) -> None:
+    """QLoRA's 4-bit weights (bitsandbytes) cannot be partitioned by ZeRO-3; refused before any model loads."""
+    stage = zero_stage(cfg.trainer.get("strategy"))
+    if cfg.model.get("quantization") == "4bit" and stage == 3:
+        raise TrainingConfigError(
+            f"model.quantization=4bit with trainer.strategy.config={cfg.trainer.strategy.config} (ZeRO stage 3): "
+            "ZeRO-3 cannot partition bitsandbytes 4-bit weights. Use trainer=ddp or trainer=deepspeed_zero2 with "
+            "4-bit, or model.quantization=null with ZeRO-3."
         )
 
 

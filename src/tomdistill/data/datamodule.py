@@ -19,6 +19,7 @@ Every data error is raised by `setup()`, which the recipe calls before any model
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -540,14 +541,21 @@ class TeacherQADataModule(pl.LightningDataModule):
             "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer), "max_length": max_length,
             "template": getattr(tokenizer, "chat_template", ""), "rows": rows, "revision": 2,
         }, sort_keys=True).encode()).hexdigest()[:16]
-        cache_file = None
+        cache_file, lock = None, contextlib.nullcontext()
         if self.cache_dir is not None:
             (self.cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
             cache_file = str(self.cache_dir / "tokenized" / f"{key}.arrow")
-            self.stats["tokenization_cached"] = Path(cache_file).exists()
-        tokenized = dataset.map(tokenize, batched=True, remove_columns=[c for c in ("prompt", "completion", "answer_prefix") if c in dataset.column_names],
-                                cache_file_name=cache_file, load_from_cache_file=True,
-                                desc="tokenizing teacher answers")
+            # ranks started together (srun, torchrun) on a cold cache: the first tokenizes and writes, the others
+            # wait for it and read its file (no process group exists yet for a barrier: the data comes first)
+            from filelock import FileLock
+
+            lock = FileLock(cache_file + ".lock")
+        with lock:
+            if cache_file is not None:
+                self.stats["tokenization_cached"] = Path(cache_file).exists()
+            tokenized = dataset.map(tokenize, batched=True, remove_columns=[c for c in ("prompt", "completion", "answer_prefix") if c in dataset.column_names],
+                                    cache_file_name=cache_file, load_from_cache_file=True,
+                                    desc="tokenizing teacher answers")
         too_long = sum(1 for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])
                        if self.loss != "soft" and all(x == IGNORE_INDEX for x in labels))
         if too_long:

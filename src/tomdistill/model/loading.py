@@ -43,13 +43,34 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TOMDISTILL_CACHE", PROJECT_ROOT / ".cache"))
 
 
+def building_once(target: Path):
+    """A lock beside `target` held while it is built: ranks started together (srun, torchrun) on a cold cache
+    build it once, the first to take the lock, and the others then find it built (a rank that replaced a
+    snapshot another one was reading would break that one's load)."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(target.parent / f".{target.name}.lock"))
+
+
 def _gguf_snapshot(cfg, cache_dir: Path) -> Path:
     """Path of a safetensors snapshot of a GGUF model shipped in a Python package (built once)."""
     gguf = _get(cfg, "gguf")
     package, filename = _get(gguf, "package"), _get(gguf, "file")
     target = cache_dir / "models" / _get(cfg, "cache_name", Path(filename).stem)
-    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+
+    def built() -> bool:
+        return (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists()
+
+    if built():
         return target
+    with building_once(target):
+        if built():
+            return target
+        return _build_gguf_snapshot(cfg, target, package, filename)
+
+
+def _build_gguf_snapshot(cfg, target: Path, package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)  # never import the package itself (it needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -101,11 +122,18 @@ def _tiny_snapshot(cfg, cache_dir: Path) -> Path:
     target = cache_dir / "models" / f"tiny-llama-{key}-s{seed}"
     if (target / "model.safetensors").exists():
         return target
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     tokenizer_source = _gguf_snapshot(
         {"name": "smollm2_135m", "gguf": _get(cfg, "tokenizer_gguf"), "cache_name": "smollm2-135m-instruct"}, cache_dir
     )
+    with building_once(target):
+        if (target / "model.safetensors").exists():
+            return target
+        return _build_tiny_snapshot(tiny, seed, tokenizer_source, target)
+
+
+def _build_tiny_snapshot(tiny: dict, seed: int, tokenizer_source: Path, target: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -72,16 +72,29 @@ def _plain(value):
     return value
 
 
+def local_rank(environ=None) -> int:
+    """This process's GPU index on its node, before Lightning has set anything up.
+
+    torchrun and Lightning's own launcher set LOCAL_RANK; under `srun` only SLURM sets SLURM_LOCALID
+    (Lightning reads it later, in `trainer.fit`); neither: one process, GPU 0.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if environ.get(name, "").strip():
+            return int(environ[name])
+    return 0
+
+
 def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool = False, cache_dir=None):
     """The base causal LM (optionally 4-bit) with a fresh LoRA adapter; only the adapter trains."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     quantization = model_cfg.get("quantization")
     device_map = None
-    if quantization == "4bit":
-        import os
-
-        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if quantization == "4bit":  # bitsandbytes places the weights at load time: on this rank's own GPU
+        device_map = {"": local_rank()}
     model = load_causal_lm(model_cfg, cache_dir=cache_dir, device_map=device_map)
     model.config.use_cache = False
     checkpointing_kwargs = {"use_reentrant": False}  # reentrant checkpointing + frozen embeddings = no grads
