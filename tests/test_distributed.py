@@ -38,9 +38,8 @@ def test_processes_per_node_reads_every_form_of_trainer_devices(monkeypatch):
 
 @pytest.mark.parametrize("devices", ["[0,1]", "'0,1'", "2"])
 def test_a_local_multirun_of_multi_process_runs_is_refused_for_every_devices_form(tmp_path, devices):
-    env = {k: "" for k in ()}
     result = run_train(["-m", *TINY, "trainer=ddp", "trainer.accelerator=gpu", f"trainer.devices={devices}",
-                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120, env=env)
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120)
     assert result.returncode != 0
     assert "inside a local multirun (-m)" in result.stderr and "(2 processes)" in result.stderr, result.stderr[-2000:]
 

@@ -117,6 +117,49 @@ def test_three_ranks_train_the_one_rank_adapter_on_the_same_global_batch(tmp_pat
         torch.testing.assert_close(ranks[key], alone[key], atol=RANKS_ATOL, rtol=0)
 
 
+STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("loss", ["soft", "sft"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_several_ranks_finish_with_a_trained_adapter(tmp_path, teacher, soft_one_rank, ranks, strategy, loss):
+    """Every strategy on 3 and 4 ranks finishes; with the soft loss (a global batch of 16 scenarios split over the
+    ranks, 4 or 5 each) it trains one process's adapter, ZeRO-3 included (one forward pass per batch there)."""
+    output = tmp_path / "run"
+    extra = ["loss=sft", "data.batch_size=4", "trainer.max_steps=2"] if loss == "sft" else []
+    check(run_train([*SOFT, f"data.teacher={teacher}", f"output={output}", f"trainer={strategy}",
+                     f"trainer.devices={ranks}", *extra], timeout=540))
+    assert summary(output)["global_step"] == (2 if loss == "sft" else 3)
+    state = load_adapter_state(output / "adapter")
+    assert state and any(float(v.abs().max()) > 1e-3 for k, v in state.items() if "lora_B" in k)
+    if loss == "soft":
+        alone = load_adapter_state(soft_one_rank / "adapter")
+        for key in alone:
+            torch.testing.assert_close(state[key], alone[key], atol=RANKS_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_scenario_batch_smaller_than_the_ranks_is_cycled_and_weighted(tmp_path, teacher):
+    """2 scenarios per global batch on 3 ranks: every rank gets one (one scenario twice, each copy at half
+    weight), and the adapter is one process's with the same 2-scenario batches."""
+    outputs = {}
+    for ranks in (1, 3):
+        outputs[ranks] = tmp_path / f"r{ranks}"
+        check(run_train([*SOFT, f"data.teacher={teacher}", f"output={outputs[ranks]}", "data.scenario_batch_size=2",
+                         "trainer=ddp", f"trainer.devices={ranks}"], timeout=300))
+    ranks_loss, alone_loss = logged_losses(outputs[3]), logged_losses(outputs[1])
+    assert sorted(ranks_loss) == sorted(alone_loss) == [0, 1, 2]
+    for step in alone_loss:
+        assert ranks_loss[step] == pytest.approx(alone_loss[step], rel=1e-5), step
+    three, one = load_adapter_state(outputs[3] / "adapter"), load_adapter_state(outputs[1] / "adapter")
+    for key in one:
+        torch.testing.assert_close(three[key], one[key], atol=RANKS_ATOL, rtol=0)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path, teacher):
     output = tmp_path / "ddp"
