@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 from pathlib import Path
@@ -133,33 +134,58 @@ class StopOnDivergence(pl.Callback):
 
 
 class StepAgreement(pl.Callback):
-    """Before each training step's forward pass (several ranks only): every rank agrees whether any rank
-    failed to load its batch, or received SIGTERM, and all act on it together.
+    """Before each training step's forward pass: every rank agrees whether any rank failed to load its batch,
+    received SIGTERM or a pre-emption warning, and all act on it together.
 
     A data error re-raises on the rank that had it and raises `RankFailedError` (naming that rank and
-    its error) on the others. A SIGTERM on any rank marks every rank's trainer as signalled at this
-    same step, so Lightning stops all of them at the end of it (and `CheckpointOnSigterm` saves there).
+    its error) on the others. A SIGTERM (several ranks) or a pre-emption warning (SIGUSR1 from
+    `sbatch --signal`, SIGUSR2 from submitit; any number of ranks) on any rank marks every rank's
+    trainer as signalled at this same step, so Lightning stops all of them at the end of it and
+    `CheckpointOnSigterm` saves `last.ckpt` there. The signal handlers only set a flag: no collective
+    and no checkpoint inside a handler (Lightning's SLURM requeue handler saves inside its handler;
+    the recipe turns it off). After a pre-emption the job is requeued by `requeue()` (train.py), and
+    the requeued run resumes from `last.ckpt` by itself (`training.resume_path`).
     `sigterm_grace_s`: a rank still running that long after its SIGTERM exits by itself.
     """
 
     def __init__(self, sigterm_grace_s: float = 60.0):
         self.sigterm_grace_s = float(sigterm_grace_s)
         self.sigterm_pending = False
-        self._forwarded = False
+        self.preempt_signal: int | None = None  # the pre-emption warning this rank received
+        self.preempted = False  # every rank agreed to stop for a pre-emption
+        self._deferred: dict[int, object] = {}  # handlers that were there before (submitit's requeue)
+        self._forwarded: set[int] = set()
+
+    def _forward(self, trainer: pl.Trainer, signum: int) -> None:
+        launcher = trainer.strategy.launcher
+        if launcher is not None and signum not in self._forwarded:  # the ranks this process started
+            self._forwarded.add(signum)
+            launcher.kill(signum)
 
     def on_train_start(self, trainer: pl.Trainer, module) -> None:
         # after Lightning registered its handlers (Trainer._run does that after on_fit_start)
-        if trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
+
+        def on_preempt(signum, frame):
+            log.warning("rank %d: %s received (pre-emption): every rank saves and stops at the next step boundary",
+                        trainer.global_rank, signal.Signals(signum).name)
+            self.preempt_signal = signum
+            self._forward(trainer, signum)
+
+        for signum in distributed.PREEMPT_SIGNALS:
+            previous = signal.getsignal(signum)
+            if callable(previous) and type(getattr(previous, "__self__", None)).__module__.startswith("submitit"):
+                self._deferred[signum] = previous  # submitit's checkpoint-and-requeue: run after our checkpoint
+            signal.signal(signum, on_preempt)
+        if trainer.world_size == 1:
+            return  # one process: Lightning's own SIGTERM handling is safe
         previous = trainer._signal_connector._original_handlers.get(signal.SIGTERM)
 
         def on_sigterm(signum, frame):
             log.warning("rank %d: SIGTERM received; every rank stops at the next step boundary", trainer.global_rank)
             self.sigterm_pending = True
-            launcher = trainer.strategy.launcher
-            if launcher is not None and not self._forwarded:  # the ranks this process started
-                self._forwarded = True
-                launcher.kill(signum)
+            self._forward(trainer, signum)
             if callable(previous):
                 previous(signum, frame)
 
@@ -168,11 +194,12 @@ class StepAgreement(pl.Callback):
             distributed.exit_after_sigterm(self.sigterm_grace_s, on_exit=lambda: _kill_launched(trainer))
 
     def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:
-        if trainer.world_size == 1:
-            return
         error = batch.get("data_error") if isinstance(batch, dict) else None
+        flags = (distributed.SIGTERM_FLAG if self.sigterm_pending else 0) | \
+            (distributed.PREEMPT_FLAG if self.preempt_signal is not None else 0)
+        if trainer.world_size == 1 and not flags:
+            return  # nothing to agree on (a loader error on one rank is raised by the loader itself)
         message = f"{type(error).__name__}: {error}" if error is not None else None
-        flags = distributed.SIGTERM_FLAG if self.sigterm_pending else 0
         failures, raised, _ = distributed.agree(message, module.device, flags)
         if failures:
             if error is not None:
@@ -180,10 +207,31 @@ class StepAgreement(pl.Callback):
             raise distributed.RankFailedError(
                 f"stopping rank {trainer.global_rank} of {trainer.world_size} at global step {trainer.global_step}: "
                 f"another rank could not load its training batch ({distributed.describe(failures)})")
-        if raised[0] and not trainer.received_sigterm:
-            log.warning("rank %d: stopping at the end of global step %d (SIGTERM)", trainer.global_rank,
-                        trainer.global_step)
+        if (raised[0] or raised[1]) and not trainer.received_sigterm:
+            self.preempted = raised[1]
+            log.warning("rank %d: stopping at the end of global step %d (%s)", trainer.global_rank,
+                        trainer.global_step, "pre-emption" if raised[1] else "SIGTERM")
             trainer._signal_connector.received_sigterm = True
+
+    def requeue(self, trainer: pl.Trainer) -> str:
+        """After a pre-emption stop (checkpoint saved): put the job back in the queue, from global rank 0.
+
+        Under submitit (hydra/launcher=slurm) its own checkpoint-and-requeue runs now, deferred from its
+        signal (it requeues and exits); under sbatch `scontrol requeue $SLURM_JOB_ID`. Returns what was done.
+        """
+        if not trainer.is_global_zero:
+            return "left to global rank 0"
+        signum = self.preempt_signal or signal.SIGUSR2
+        deferred = self._deferred.get(signum) or next(iter(self._deferred.values()), None)
+        if deferred is not None:
+            deferred(signum, None)  # submitit: pickles the resubmission, requeues, exits
+            return "requeued by submitit"
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}".rstrip("_")
+        job = job or os.environ.get("SLURM_JOB_ID")
+        if not job:
+            return "not a SLURM job: not requeued"
+        return f"requeued SLURM job {job}" if distributed.requeue_slurm_job(job) else f"requeue of {job} failed"
 
 
 def _kill_launched(trainer: pl.Trainer) -> None:

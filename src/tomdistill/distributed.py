@@ -6,11 +6,13 @@ and a process blocked in a collective never runs a Python signal handler, so SIG
 - `agree` is the one collective that decides: each rank brings its failure message (or none) and
   its flags; every rank learns every failure, so all raise at the same point with the same story.
 - `callbacks.StepAgreement` runs it before each training step's forward pass: a data error on
-  one rank (the training loader hands it over as a batch, `ResumableDataLoader`) and a SIGTERM
-  received by any rank are decided there. Lightning's own SIGTERM handler broadcasts inside the
-  handler (a collective at a random point of the step; Lightning #21406); on several ranks it is
-  replaced by one that only sets a flag, and the checkpoint-and-stop starts at a step boundary on
-  every rank together.
+  one rank (the training loader hands it over as a batch, `ResumableDataLoader`), and a SIGTERM or
+  a pre-emption warning (SIGUSR1/SIGUSR2) received by any rank are decided there. Lightning's own
+  SIGTERM handler broadcasts inside the handler, and its SLURM requeue handler saves a checkpoint
+  inside its handler (collectives at a random point of the step; Lightning #21406); they are
+  replaced by handlers that only set a flag, and the checkpoint-and-stop starts at a step boundary
+  on every rank together.
+- `restarted`: whether the scheduler restarted this run (it then resumes from its last.ckpt).
 - `exit_after_sigterm`: a process still alive `grace_s` after SIGTERM (stuck in a collective) exits
   by itself, taking the ranks it launched with it.
 The non-finite loss check (the module's `training_step`) uses `agree` too, before backward.
@@ -47,8 +49,11 @@ def agree(message: str | None, device: torch.device, flags: int = 0,
     lists each of the lowest 8 bits as set on any rank. The messages are gathered (a second collective,
     on every rank alike) only when some rank failed.
     """
-    world, rank = dist.get_world_size(), dist.get_rank()
     bits = 8
+    if world_size() == 1:  # nothing to agree with: this process's own view
+        mean = value.detach().to(torch.float64).cpu() if value is not None and message is None else None
+        return ({0: message} if message is not None else {}), [bool((flags >> b) & 1) for b in range(bits)], mean
+    world, rank = dist.get_world_size(), dist.get_rank()
     stats = torch.zeros(world + bits + 1, dtype=torch.float64, device=device)
     stats[rank] = 1.0 if message is not None else 0.0
     for bit in range(bits):
@@ -72,7 +77,31 @@ def describe(failures: dict[int, str]) -> str:
     return "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
 
 
-SIGTERM_FLAG = 1  # `agree` flag bit: this rank received SIGTERM
+SIGTERM_FLAG = 1  # `agree` flag bits: this rank received SIGTERM,
+PREEMPT_FLAG = 2  # or a pre-emption warning (SIGUSR1 from `sbatch --signal`, SIGUSR2 from submitit)
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def restarted() -> str | None:
+    """`NAME=count` when the scheduler restarted this run (a requeued SLURM job, a torchrun restart), else None."""
+    for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return f"{name}={value}"
+    return None
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """`scontrol requeue JOB`: the job goes back to the queue and reruns its own command (which then resumes)."""
+    import subprocess
+
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.error("could not requeue SLURM job %s: %s", job_id, err)
+        return False
+    log.warning("requeued SLURM job %s", job_id)
+    return True
 
 
 def exit_after_sigterm(grace_s: float, on_exit=None) -> threading.Thread:

@@ -107,8 +107,13 @@ def train(cfg: DictConfig) -> float:
         raise TrainingConfigError(f"ckpt_path={ckpt_path}: refusing to load it, it holds pickled objects "
                                   f"(only plain weights are loaded: torch.load(weights_only=True)): {err}") from err
     except SIGTERMException as err:  # pre-empted: CheckpointOnSigterm saved last.ckpt; not a finished run
-        log.warning("stopped by SIGTERM at global step %d; resume with `output=%s ckpt_path=last`",
-                    trainer.global_step, output)
+        agreement = next(c for c in callbacks if type(c).__name__ == "StepAgreement")
+        if agreement.preempted:
+            log.warning("pre-empted at global step %d, last.ckpt saved: %s; the requeued run resumes from it",
+                        trainer.global_step, agreement.requeue(trainer))
+        else:
+            log.warning("stopped by SIGTERM at global step %d; resume with `output=%s ckpt_path=last`",
+                        trainer.global_step, output)
         raise SystemExit(128 + signal.SIGTERM) from err
     finally:
         finish_logger(logger)
@@ -425,16 +430,33 @@ def build_trainer(cfg: DictConfig, output: Path, callbacks: list, logger, has_va
     precision = resolve_precision(options.pop("precision"), accelerator)
     if not has_validation:
         options["limit_val_batches"] = 0
+    plugins = []
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # Lightning's SLURM auto-requeue saves a checkpoint inside its signal handler (collectives at a random
+        # point of the step: a deadlock on several ranks); StepAgreement saves at a step boundary and requeues
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         accelerator=accelerator, strategy=strategy, precision=precision, callbacks=callbacks, logger=logger,
         default_root_dir=str(output), use_distributed_sampler=False,  # the batch sampler is rank-aware
-        **options,
+        plugins=plugins or None, **options,
     )
 
 
 def resume_path(cfg: DictConfig, output: Path) -> str | None:
+    """`ckpt_path`: a path, `last` (OUTPUT/checkpoints/last.ckpt), or null: a fresh run, unless the scheduler
+    restarted this one (a requeued SLURM job, a torchrun restart) and it left a last.ckpt: then that, so a
+    requeued job that reruns its own command goes on where it stopped."""
+    from .distributed import restarted
+
     path = cfg.get("ckpt_path")
     if path in (None, ""):
+        last = output / "checkpoints" / "last.ckpt"
+        why = restarted()
+        if why and last.exists():
+            log.warning("%s: the scheduler restarted this run; resuming from %s", why, last)
+            return str(last)
         return None
     if path == "last":
         last = output / "checkpoints" / "last.ckpt"

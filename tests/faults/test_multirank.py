@@ -83,6 +83,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow  # the same flag-then-agree path as the pre-emption test below, which runs by default
 @pytest.mark.timeout(300)
 def test_sigterm_stops_every_rank_at_one_step_boundary_with_a_checkpoint(tmp_path, teacher):
     """SIGTERM to rank 0 (Lightning forwards it to the ranks it launched): every rank stops after the same step,
@@ -111,3 +112,114 @@ def test_sigterm_stops_every_rank_at_one_step_boundary_with_a_checkpoint(tmp_pat
     assert saved is not None and 0 < saved < 400 and f"global step {saved - 1} (SIGTERM)" in out, (saved, out)
     resumed = entry("train.py", [*args, "ckpt_path=last", "trainer.max_steps=" + str(saved + 2)], timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+@pytest.mark.timeout(420)
+def test_a_preemption_warning_saves_at_a_step_boundary_requeues_and_the_requeued_run_resumes(tmp_path, teacher):
+    """SLURM's pre-emption warning (SIGUSR1, `sbatch --signal`) on 3 ranks: the handler only sets a flag; every
+    rank stops after the same step with `last.ckpt` saved there; rank 0 requeues the job (`scontrol requeue`,
+    once); the requeued job, rerunning its command without `ckpt_path`, resumes from that checkpoint."""
+    bin_dir, requeued = tmp_path / "bin", tmp_path / "requeued.txt"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # a stand-in: records the call (no cluster here)
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{requeued}"\n')
+    scontrol.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    output = tmp_path / "run"
+    args = [*RANKS3, "trainer.max_steps=400", "trainer.val_check_interval=2", f"data.teacher={teacher}",
+            f"output={output}"]
+    log = tmp_path / "preempted.log"
+    process = start("train.py", args, log, env=env, new_session=True)
+    try:
+        wait_for(lambda: checkpoint_step(output / "checkpoints/last.ckpt") is not None, process, timeout=150,
+                 what="the first checkpoint")
+        code = finish(process, signal.SIGUSR1, timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    out = tail(process, 30000)
+    assert code == 128 + signal.SIGTERM, out
+    stops = [line.rsplit("global step", 1)[1].split()[0] for line in out.splitlines()
+             if "stopping at the end of global step" in line and "(pre-emption)" in line]
+    assert len(stops) == 3 and len(set(stops)) == 1, out  # every rank, at the same step boundary
+    saved = checkpoint_step(output / "checkpoints/last.ckpt")
+    assert saved == int(stops[0]) + 1, (saved, out)
+    assert "SIGTERM: checkpoint saved" in out and "requeued SLURM job 4242" in out, out
+    assert requeued.read_text() == "requeue 4242\n"  # by rank 0 only
+    assert not (output / "adapter").exists()
+
+    rerun = entry("train.py", [*args, f"trainer.max_steps={saved + 2}"], timeout=240,
+                  env={**env, "SLURM_RESTART_COUNT": "1"})  # what SLURM sets in a requeued job
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"SLURM_RESTART_COUNT=1: the scheduler restarted this run; resuming from {output}" in \
+        rerun.stdout + rerun.stderr
+    import json
+
+    assert json.loads((output / "train_summary.json").read_text())["global_step"] == saved + 2
+    from .test_kill_training import losses_by_step
+
+    # went on from the checkpoint, not from step 0 (the logged step can run one ahead: a checkpoint taken at a
+    # validation step that ends an epoch resumes through an empty epoch first, a Lightning restore quirk)
+    assert len(losses_by_step(output)) == 2 and min(losses_by_step(output)) >= saved
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(args: list[str], log_dir, timeout: int = 400) -> list[int]:
+    """`torchrun --nnodes 2 --nproc_per_node 2` twice on this machine (node ranks 0 and 1, rendezvous on
+    localhost), as two nodes of a cluster would run it; returns both exit codes."""
+    import sys
+
+    port = _free_port()
+    processes = []
+    for node in (0, 1):
+        command = (f"-m torch.distributed.run --nnodes 2 --nproc_per_node 2 --node_rank {node} "
+                   f"--master_addr 127.0.0.1 --master_port {port} train.py")
+        processes.append(start(command, [*args, "trainer.devices=2", "trainer.num_nodes=2"],
+                               log_dir / f"node{node}.log", new_session=True))
+    codes = []
+    try:
+        for process in processes:
+            codes.append(finish(process, timeout=timeout))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    return codes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_torchrun_on_two_nodes_trains_and_resumes_like_one_process(tmp_path, teacher):
+    """2 nodes × 2 ranks under torchrun (static rendezvous on localhost): 2 steps, then `ckpt_path=last` to step 4;
+    the soft loss's global batch split over 4 ranks gives one process's adapter after the same two legs (1e-4)."""
+    from safetensors.torch import load_file
+    import torch
+
+    base = [*TINY_TRAIN, "trainer=ddp", "trainer.val_check_interval=2", f"data.teacher={teacher}"]
+    alone = tmp_path / "alone"  # one process, the same two legs (the LR schedule of a leg spans its max_steps)
+    for leg in (["trainer.max_steps=2"], ["trainer.max_steps=4", "ckpt_path=last"]):
+        result = entry("train.py", [*base, "trainer.devices=1", f"output={alone}", *leg], timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    output = tmp_path / "nodes"
+    codes = torchrun_two_nodes([*base, "trainer.max_steps=2", f"output={output}"], tmp_path)
+    logs = "".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
+    assert codes == [0, 0], logs
+    assert checkpoint_step(output / "checkpoints/last.ckpt") == 2
+    codes = torchrun_two_nodes([*base, "trainer.max_steps=4", f"output={output}", "ckpt_path=last"], tmp_path)
+    logs = "".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
+    assert codes == [0, 0], logs
+    import json
+
+    assert json.loads((output / "train_summary.json").read_text())["global_step"] == 4
+    nodes = load_file(str(output / "adapter/adapter_model.safetensors"))
+    one = load_file(str(alone / "adapter/adapter_model.safetensors"))
+    assert nodes.keys() == one.keys() and nodes
+    for key in one:
+        torch.testing.assert_close(nodes[key], one[key], atol=1e-4, rtol=0)
