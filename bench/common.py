@@ -58,7 +58,7 @@ def generation_prompt(backend, settings, scenario) -> str:
     from tomdistill.sampling.runner import prefilled
     from tomdistill.scenarios import ANSWER_PREFIX
 
-    return backend.prompt(scenario) + (ANSWER_PREFIX if prefilled(backend, settings) else "")
+    return backend.prompt(scenario) + (ANSWER_PREFIX if prefilled(settings) else "")
 
 
 def set_threads(threads: int) -> int:

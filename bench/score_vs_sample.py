@@ -57,7 +57,7 @@ def monte_carlo(backend, settings, scenarios, n: int, seed_offset: int = 0) -> l
     out = []
     for scenario, completions in zip(scenarios, backend.generate(requests)):
         # the runner records the whole assistant turn, prefill included, and parses that
-        texts = [f"{ANSWER_PREFIX} {c.text}" if prefilled(backend, settings) else c.text for c in completions]
+        texts = [f"{ANSWER_PREFIX} {c.text}" if prefilled(settings) else c.text for c in completions]
         actions = [parse_action(t, scenario.game) for t in texts]
         parsed = [a for a in actions if a != UNPARSED]
         out.append((parsed.count("C") / len(parsed) if parsed else math.nan, len(parsed)))

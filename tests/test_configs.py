@@ -59,3 +59,45 @@ def test_cfg_job_prints_the_resolved_training_config():
     assert printed.loss.name == "soft" and printed.model.name == "smollm2_135m" and "lora" in printed.model
     assert printed.paths.root_dir == str(ROOT) and printed.trainer.max_steps == yaml.safe_load(
         (ROOT / "conf/experiment/demo.yaml").read_text())["trainer"]["max_steps"]
+
+
+def _declared(experiment: str) -> dict:
+    """What an experiment file says: its `override /group: option` defaults and its data.target."""
+    text = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text()) or {}
+    declared = {}
+    for entry in text.get("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if key.startswith("override /"):
+                    declared[key.removeprefix("override /")] = value
+    if "target" in (text.get("data") or {}):
+        declared["target"] = text["data"]["target"]
+    return declared
+
+
+@pytest.mark.parametrize("experiment", TRAIN_EXPERIMENTS)
+def test_every_experiment_composes_the_loss_model_trainer_and_target_its_file_names(experiment):
+    # train.yaml's own `override loss: soft` used to beat an experiment's `override /loss: sft`
+    declared = _declared(experiment)
+    parents = [e for e in ((yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text()) or {})
+                           .get("defaults") or []) if isinstance(e, str) and e != "_self_"]
+    for parent in parents:  # e.g. demo_seeds builds on demo
+        declared = {**_declared(parent), **declared}
+    cfg = compose_train([f"+experiment={experiment}", "output=/tmp/x", f"paths.root_dir={ROOT}"])
+    assert cfg.loss.name == declared.get("loss", "soft")
+    assert cfg.model.name == declared.get("model", "smollm2_135m")
+    trainer = declared.get("trainer", "cpu")
+    expected = yaml.safe_load((CONF / "trainer" / f"{trainer}.yaml").read_text())
+    strategy = expected.get("strategy")
+    if isinstance(strategy, dict):
+        assert cfg.trainer.strategy.name == strategy["name"] and cfg.trainer.strategy.config.endswith(
+            Path(strategy["config"]).name)
+    if "target" in declared:
+        assert cfg.data.target == declared["target"]
+
+
+def test_paper_training_is_sft_as_cfg_job_prints_it():
+    result = run_train(["+experiment=paper", "--cfg", "job"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.loss.name == "sft" and printed.model.name == "llama2_7b"

@@ -65,7 +65,7 @@ def test_answer_only_target_has_no_motivation(teacher_dir, tokenizer, catalogue,
 
 def test_reasoning_before_the_answer_puts_the_answer_position_after_the_motivation(teacher_dir, tokenizer, catalogue,
                                                                                   tmp_path):
-    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="sft_soft", target="motivation_answer")
+    dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="sft", target="motivation_answer")
     for example in dm.train_set.select(range(5)):
         ids, labels, pos = example["input_ids"], example["labels"], example["answer_pos"]
         kept = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
@@ -76,6 +76,24 @@ def test_reasoning_before_the_answer_puts_the_answer_position_after_the_motivati
         assert tokenizer.decode(ids[: pos + 1]).endswith(before + "\n" + ANSWER_PREFIX)
         target = dm.targets[example["scenario"]]
         assert [ids[pos + 1]] == target.item.continuation_ids[target.item.actions.index(answer[-1])]
+
+
+def test_a_soft_target_after_the_reasoning_is_refused(teacher_dir, tokenizer, catalogue, tmp_path):
+    # the motivation already names the action: a soft target after it is meaningless, and evaluation scores
+    # `Answer:` right after the prompt, where this target never trained the student
+    with pytest.raises(DataError, match="motivation_answer"):
+        make(teacher_dir, tokenizer, catalogue, tmp_path, loss="sft_soft", target="motivation_answer")
+
+
+def test_soft_loss_is_refused_on_answers_that_share_their_first_token(tokenizer, catalogue, tmp_path):
+    # every public-goods amount starts with the same space token: a first-token target would say
+    # "emit a space" with certainty, whatever the teacher's donations
+    teacher = write_teacher(tmp_path / "pg", catalogue, n=2, splits=("oos_game",))
+    for loss in ("soft", "sft_soft"):
+        with pytest.raises(DataError, match="public_goods/party.*share their first token"):
+            make(teacher, tokenizer, catalogue, tmp_path, loss=loss, splits=["oos_game"], num_val_contexts=0)
+    dm = make(teacher, tokenizer, catalogue, tmp_path, loss="sft", splits=["oos_game"], num_val_contexts=0)
+    assert len(dm.train_set) > 0
 
 
 def test_soft_targets_come_from_score_records_or_answer_frequencies(teacher_dir, tokenizer, catalogue, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from tomdistill.records import FEATURES
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT_KEYS = ("in_sample", "oos_context", "oos_payoffs", "oos_game", "overall")
+SPLIT_KEYS = ("in_sample", "heldout_context", "oos_context", "oos_payoffs", "oos_game", "overall")
 FIGURES = ("cooperation.png", "improvement_by_game.png", "improvement_by_context.png", "public_goods.png", "heatmap.png")
 TABLES = ("headline", "propensities", "transfer_scenarios", "transfer_groups", "cooperation", "significance_payoffs")
 

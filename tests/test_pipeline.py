@@ -91,3 +91,52 @@ def test_study_table_reports_mean_and_sd_over_seeds(tmp_path):
     assert table["soft"]["action_mass"]["tuned"]["mean"] == pytest.approx(0.91)
     single = study_table(tmp_path, ["soft"], [1])  # one seed: the evaluation's own cell, CI and all
     assert "sd" not in single["soft"]["alignment"]["in_sample"]
+
+
+def _stage_config(stage, common):
+    """The config a stage's command composes (`python <script> <common> <stage overrides> output=...`)."""
+    from hydra import compose, initialize_config_dir
+
+    from tomdistill.training import register_resolvers
+
+    register_resolvers()
+    config = {"sample.py": "sample", "train.py": "train", "evaluate.py": "evaluate"}[stage.script]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(config, overrides=["paths.root_dir=" + str(ROOT), *common, *stage.overrides,
+                                          f"output={stage.output}"])
+
+
+def test_the_paper_pipeline_is_the_papers_study(tmp_path):
+    """Every stage of `python -m tomdistill.pipeline +experiment=paper`, composed as its command would be."""
+    from tomdistill.pipeline import plan
+
+    common = ["+experiment=paper"]
+    stages = {s.name: s for s in plan(_compose_pipeline(*common), tmp_path)}
+    teacher = _stage_config(stages["teacher samples"], common)
+    assert (teacher.model.name, teacher.role, teacher.sampler.mode, teacher.sampler.n) == (
+        "llama2_70b", "teacher", "generate", 300)
+    assert (teacher.sampler.temperature, teacher.sampler.max_new_tokens, teacher.sampler.repetition_penalty) == (
+        0.8, 600, 1.1)
+    scores = _stage_config(stages["teacher choice probabilities"], common)
+    assert (scores.model.name, scores.role, scores.sampler.mode) == ("llama2_70b", "teacher", "score")
+    for name in ("base student", "tuned student [sft]"):
+        student = _stage_config(stages[name], common)
+        assert (student.model.name, student.role, student.sampler.mode, student.sampler.n) == (
+            "llama2_7b", "student", "generate", 300)
+        assert student.sampler.temperature == 0.8 and student.sampler.answer_prefill is False
+    assert str(_stage_config(stages["tuned student [sft]"], common).adapter).endswith("train_sft/adapter")
+    sft = _stage_config(stages["train [sft]"], common)
+    assert (sft.loss.name, sft.model.name, sft.model.lora.r, sft.data.target) == ("sft", "llama2_7b", 8,
+                                                                                  "answer_motivation")
+    assert sft.data.teacher == str(tmp_path / "teacher")
+    assert _stage_config(stages["train [soft]"], common).loss.name == "soft"
+    evaluation = _stage_config(stages["evaluate [sft]"], common)
+    assert evaluation.teacher == str(tmp_path / "teacher") and evaluation.compare == "paper_published"
+
+
+def test_the_demo_pipeline_evaluates_against_the_teachers_exact_scores(tmp_path):
+    from tomdistill.pipeline import plan
+
+    stages = plan(_compose_pipeline("+experiment=demo"), tmp_path)
+    evaluation = next(s for s in stages if s.script == "evaluate.py")
+    assert f"teacher={tmp_path / 'teacher_scores'}" in evaluation.overrides

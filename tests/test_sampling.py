@@ -81,7 +81,8 @@ def test_oracle_score_probabilities_sum_to_one(tmp_path):
         probs = json.loads(record["action_probs"])
         assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-9)
         assert record["action"] == max(probs, key=probs.get)
-        assert record["model"] == "oracle-logit" and record["action_mass"] == 1.0
+        assert record["model"] == oracle_agent.oracle_identity() and record["action_mass"] == 1.0
+        assert record["model"].startswith("oracle-logit") and "lambda0.6" in record["model"]
     assert read_manifest(out)["complete"] is True
 
 
@@ -265,13 +266,15 @@ def test_hf_adapter_is_loaded(tmp_path, tiny_model_cfg):
             torch.nn.init.normal_(param, std=0.5)  # a non-trivial adapter (lora_B starts at zero)
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
-    tag_adapter(adapter, "tiny_llama")
+    training = {"trained_scenarios": ["stag_hunt/team"], "validation_contexts": ["business"], "loss": "soft"}
+    tag_adapter(adapter, "tiny_llama", {"training": training})
     args = ("model=tiny_llama", "sampler.mode=score", "scenarios.games=[stag_hunt]", "scenarios.contexts=[team]")
     base = load_samples(run(make_cfg(tmp_path / "base", *args)))[0]
     tuned_dir = run(make_cfg(tmp_path / "tuned", *args, f"adapter={adapter}"))
     tuned = load_samples(tuned_dir)[0]
     assert tuned["action_probs"] != base["action_probs"]
     assert read_manifest(tuned_dir)["adapter"] == str(adapter.resolve())
+    assert read_manifest(tuned_dir)["adapter_training"] == training  # the tuned samples say what was trained
     with pytest.raises(Exception, match="trained on base model 'tiny_llama'"):
         run(make_cfg(tmp_path / "wrong", "model=smollm2_135m", "sampler.mode=score", *args[2:], f"adapter={adapter}"))
 

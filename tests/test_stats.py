@@ -1,4 +1,4 @@
-"""The paper's z-test (Table 1 rows of PAPER.md, statsmodels) and bootstrap interval coverage."""
+"""The paper's z-test (Table 1 rows, docs/paper.md, statsmodels) and bootstrap interval coverage."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,7 +6,7 @@ from statsmodels.stats import proportion as sm_proportion
 
 from tomdistill.metrics import stats, transfer
 
-# PAPER.md, the paper's Table 1: tuned 7b, in-sample game vs doubled payoffs (C out of 300 each).
+# docs/paper.md, the paper's Table 1: tuned 7b, in-sample game vs doubled payoffs (C out of 300 each).
 TABLE_1 = [
     # context, game, C in-sample, C doubled, difference, ci_low, ci_high, se, p, star
     ("team", "prisoners_dilemma", 225, 213, -0.04, -0.111, 0.031, 0.036, 0.269, ""),

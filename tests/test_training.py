@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -41,6 +42,13 @@ def test_cpu_fit_writes_adapter_checkpoints_config_and_val_alignment(cpu_run):
         assert (cpu_run / path).exists(), path
     state = load_adapter_state(cpu_run / "adapter")
     assert any(float(v.abs().sum()) > 0 for k, v in state.items() if "lora_B" in k)  # trained, not the zero init
+    # the adapter says what it was trained on: evaluation's in_sample is exactly these scenarios
+    training = json.loads((cpu_run / "adapter/tomdistill_adapter.json").read_text())["training"]
+    assert len(training["trained_scenarios"]) == 16 and len(training["validation_contexts"]) == 1
+    held_out = training["validation_contexts"][0]
+    assert not any(s.endswith("/" + held_out) for s in training["trained_scenarios"])
+    assert len(training["validation_scenarios"]) == 4 and training["prompt_version"].startswith("p1-")
+    assert (training["loss"], training["target"], training["steps"]) == ("sft_soft", "answer_motivation", 2)
     checkpoint = torch.load(cpu_run / "checkpoints/last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])  # adapter only
 

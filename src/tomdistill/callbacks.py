@@ -26,9 +26,10 @@ class AdapterExport(pl.Callback):
     """
 
     def __init__(self, final_dir: str | Path, best_dir: str | Path | None, base_identity: str,
-                 monitor: str = "val/alignment", mode: str = "max"):
+                 monitor: str = "val/alignment", mode: str = "max", training: dict | None = None):
         self.final_dir, self.best_dir = Path(final_dir), Path(best_dir) if best_dir else None
         self.base_identity, self.monitor, self.mode = base_identity, monitor, mode
+        self.training = dict(training or {})  # what the adapter was trained on; written beside it
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.exported = False  # the final adapter of this fit has been written
@@ -36,7 +37,8 @@ class AdapterExport(pl.Callback):
     def _save(self, trainer: pl.Trainer, module, directory: Path, extra: dict) -> None:
         module.save_adapter(directory)
         if trainer.is_global_zero:
-            tag_adapter(directory, self.base_identity, extra)
+            training = {**self.training, "steps": trainer.global_step}
+            tag_adapter(directory, self.base_identity, {**extra, "training": training})
 
     def on_validation_end(self, trainer: pl.Trainer, module) -> None:
         if self.best_dir is None or trainer.sanity_checking:

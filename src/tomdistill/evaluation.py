@@ -16,14 +16,20 @@ import numpy as np
 import pandas as pd
 
 from tomdistill.metrics import stats, transfer
-from tomdistill.metrics.propensity import SCENARIO_KEYS, answer_table, group_propensities, scenario_propensities
-from tomdistill.scenarios.catalogue import SPLITS
+from tomdistill.records import mass_warning
+from tomdistill.metrics.propensity import (
+    SCENARIO_KEYS, answer_table, group_propensities, mixed_scenarios, scenario_propensities,
+)
+from tomdistill.scenarios.catalogue import HELDOUT_CONTEXT, REPORT_SPLITS
 
 TRAINING_ONLY_SPLITS = ("augment",)  # catalogue.AUGMENT_SPLIT: rescaled in-sample games used only for training
 
 ROLES = ("teacher", "base", "tuned")
 REFERENCE_PREFIX = "reference:"
-HEADLINE_SPLITS = (*SPLITS, "overall")
+HEADLINE_SPLITS = (*REPORT_SPLITS, "overall")
+# how the intervals were drawn (summary.json `bootstrap`, the report and the console say which)
+BOOTSTRAP_ANSWERS = "answers resampled within each scenario"
+BOOTSTRAP_SCENARIOS = "scenarios resampled within each group"
 RECORD_FIELDS = ["model", "game", "context", "split", "action", "action_probs", "action_mass", "prompt_version"]
 
 
@@ -122,6 +128,7 @@ def compute_evaluation(
     endowments: Mapping[str, int] | None = None,
     game_bases: Mapping[str, str] | None = None,
     splits: list[str] | None = None,
+    training: Mapping | None = None,
     epsilon: float = transfer.DEFAULT_EPSILON,
     n_bootstrap: int = 2000,
     confidence: float = 0.95,
@@ -131,6 +138,9 @@ def compute_evaluation(
 
     `records` maps each role (teacher, base, tuned) to its sample records (the record schema's
     columns split, game, context, action, action_probs, and optionally model, action_mass).
+    `training` is what the tuned student's adapter was trained on (its `tomdistill_adapter.json`
+    `training` record): with it, `in_sample` counts the trained scenarios only and the other in-sample
+    scenarios (contexts held out for validation) form the `heldout_context` group.
     """
     missing_roles = [r for r in ROLES if r not in records]
     if missing_roles:
@@ -140,16 +150,30 @@ def compute_evaluation(
     if not 0 < confidence < 1:
         raise EvaluationError(f"metrics.confidence must be in (0, 1), got {confidence}")
     if splits is not None:
-        unknown = [s for s in splits if s not in SPLITS]
+        unknown = [s for s in splits if s not in REPORT_SPLITS]
         if unknown:
-            raise EvaluationError(f"unknown split name(s) {unknown} in metrics.splits; expected some of {list(SPLITS)}")
+            raise EvaluationError(f"unknown split name(s) {unknown} in metrics.splits; expected some of {list(REPORT_SPLITS)}")
     warnings: list[str] = []
+    records = dict(records)
+    if training:
+        for role in ROLES:
+            records[role], notes = label_heldout_scenarios(records[role], training)
+            warnings.extend(notes if role == "teacher" else [])
+        if training.get("target") == "motivation_answer":
+            warnings.append("the tuned student was trained to reason before answering (data.target=motivation_answer) but "
+                            "is scored with `Answer:` right after the prompt, without its reasoning")
     answers, props = {}, {}
     for role in ROLES:
         training_only = records[role]["split"].isin(TRAINING_ONLY_SPLITS)
         if training_only.any():
             warnings.append(f"{role}: {int(training_only.sum())} record(s) of the training-only split(s) "
                             f"{sorted(set(records[role].loc[training_only, 'split']))} are not evaluated")
+        mixed = mixed_scenarios(records[role][~training_only])
+        if mixed:
+            warnings.append(f"{role}: {len(mixed)} scenario(s) hold both score-mode records and sampled answers; the "
+                            "score-mode probabilities are used and the sampled answers not counted ("
+                            + ", ".join(f"{k}: {n} answers" for k, n in list(mixed.items())[:6])
+                            + (" …" if len(mixed) > 6 else "") + ")")
         table = answer_table(records[role][~training_only], role, endowments)
         if splits is not None:
             table = table[table["split"].isin(splits)]
@@ -167,7 +191,7 @@ def compute_evaluation(
 
     # Scenario order: the teacher's, sorted by split then as sampled.
     order = props["teacher"][SCENARIO_KEYS + ["kind"]].copy()
-    order["_split_rank"] = order["split"].map({s: i for i, s in enumerate(SPLITS)})
+    order["_split_rank"] = order["split"].map({s: i for i, s in enumerate(REPORT_SPLITS)})
     order = order.sort_values(["_split_rank"], kind="stable").drop(columns="_split_rank").reset_index(drop=True)
     aligned = {role: order[SCENARIO_KEYS].merge(props[role], on=SCENARIO_KEYS, how="left") for role in ROLES}
     p = {role: aligned[role]["p"].to_numpy(float) for role in ROLES}
@@ -186,10 +210,13 @@ def compute_evaluation(
         boot = transfer.group_transfer(resampled["teacher"], resampled["base"], resampled["tuned"], masks,
                                        per_scenario["defined"])
     groups = pd.DataFrame(groups_meta)
+    # resampling the scenarios of a one-scenario group always draws that scenario: no interval, not a zero-width one
+    no_interval = (point["n_scenarios"] < 2) if exact else np.zeros(len(groups), bool)
     for metric in ("improvement", "alignment"):
         low, high = stats.percentile_interval(boot[metric], confidence)
         groups[metric] = point[metric]
-        groups[f"{metric}_ci_low"], groups[f"{metric}_ci_high"] = low, high
+        groups[f"{metric}_ci_low"] = np.where(no_interval, np.nan, low)
+        groups[f"{metric}_ci_high"] = np.where(no_interval, np.nan, high)
     groups["n_scenarios"], groups["n_defined"] = point["n_scenarios"], point["n_defined"]
 
     scenarios = order.copy()
@@ -227,12 +254,15 @@ def compute_evaluation(
 
     action_mass = {}
     for role in ROLES:
-        mass = pd.to_numeric(records[role].get("action_mass", pd.Series(dtype=float)), errors="coerce").dropna()
-        if len(mass):
-            action_mass[role] = {"mean": float(mass.mean()), "min": float(mass.min()), "max": float(mass.max())}
-            if mass.min() < 0.5:
-                warnings.append(f"{role}: as little as {mass.min():.2f} of the next-token probability falls on the "
-                                "action tokens (action_mass): the scored choice probabilities may not reflect the model's answers")
+        table = records[role]
+        mass = pd.to_numeric(table.get("action_mass", pd.Series(dtype=float, index=table.index)), errors="coerce")
+        if mass.notna().any():
+            valid = mass.dropna()
+            action_mass[role] = {"mean": float(valid.mean()), "min": float(valid.min()), "max": float(valid.max())}
+            for index in valid.index:
+                problem = mass_warning(f"{table.at[index, 'game']}/{table.at[index, 'context']}", float(valid[index]))
+                if problem:
+                    warnings.append(f"{role}: action_mass {problem}")
 
     return Evaluation(
         models=models,
@@ -248,8 +278,32 @@ def compute_evaluation(
         action_mass=action_mass,
         warnings=warnings,
         settings={"epsilon": epsilon, "n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed,
-                  "splits": splits},
+                  "splits": splits, "bootstrap": BOOTSTRAP_SCENARIOS if exact else BOOTSTRAP_ANSWERS,
+                  "propensity": "exact" if all((props[r]["mode"] == "score").all() for r in ROLES) else "sampled",
+                  "trained_scenarios_known": bool(training)},
     )
+
+
+def label_heldout_scenarios(records: pd.DataFrame, training: Mapping) -> tuple[pd.DataFrame, list[str]]:
+    """Relabel the in-sample scenarios the adapter was not trained on as `heldout_context`.
+
+    `training["trained_scenarios"]` lists "game/context" ids; `validation_contexts` the contexts held out.
+    Returns the relabelled records and notes on in-sample scenarios neither trained nor held out.
+    """
+    trained = set(training.get("trained_scenarios") or [])
+    if not trained:
+        return records, []
+    held_out = set(training.get("validation_contexts") or [])
+    ids = records["game"].astype(str) + "/" + records["context"].astype(str)
+    untrained = (records["split"] == "in_sample") & ~ids.isin(trained)
+    out = records.copy()
+    out.loc[untrained, "split"] = HELDOUT_CONTEXT
+    stray = sorted(set(ids[untrained & ~records["context"].isin(held_out)]))
+    notes = []
+    if stray:
+        notes.append(f"{len(stray)} in-sample scenario(s) were neither trained on nor in a held-out validation context "
+                     f"({', '.join(stray[:6])}{' …' if len(stray) > 6 else ''}); they are reported under {HELDOUT_CONTEXT}")
+    return out, notes
 
 
 def _model_name(records: pd.DataFrame, role: str) -> str:
@@ -263,7 +317,7 @@ def _payoff_significance(tuned: pd.DataFrame, game_bases, confidence: float) -> 
     """The paper's Table 1: the tuned model's share of C, in-sample game vs the same game with scaled payoffs."""
     table = tuned.copy()
     table["base_game"] = [base_game_of(g, game_bases) for g in table["game"]]
-    left = table[table["split"] == "in_sample"]
+    left = table[table["split"].isin(["in_sample", HELDOUT_CONTEXT])]  # the in-sample games, trained or held out
     right = table[table["split"] == "oos_payoffs"]
     if left.empty or right.empty:
         return pd.DataFrame()
@@ -302,7 +356,7 @@ def paper_convention(aligned: Mapping[str, pd.DataFrame]) -> dict[str, float]:
     split = aligned["teacher"]["split"].to_numpy()
     values = transfer.improvement_per_scenario(p["base"], p["tuned"], p["teacher"])
     out = {}
-    for name in SPLITS:
+    for name in REPORT_SPLITS:
         chosen = values[(split == name) & ~np.isnan(values)]
         if chosen.size:
             out[name] = float(chosen.mean())
@@ -338,17 +392,28 @@ def load_records(source: str, role: str) -> tuple[pd.DataFrame, object]:
     return dataset.select_columns(columns).to_pandas(), dataset
 
 
-def catalogue_facts(catalogue_dir) -> tuple[dict[str, int], dict[str, str], str | None]:
-    """Endowments of public goods games and the base game of each scaled variant, from the catalogue."""
-    from tomdistill.scenarios import CatalogueError, load_catalogue
+def catalogue_facts(scenarios_cfg) -> tuple[dict[str, int], dict[str, str], str | None]:
+    """Endowments of public goods games and the base game of each scaled variant, from the configured
+    catalogue (with its `extra_dirs` and augmentation, as sample.py and train.py read it)."""
+    from tomdistill.scenarios import CatalogueError, catalogue_from_config
 
     try:
-        catalogue = load_catalogue(catalogue_dir)
+        catalogue = catalogue_from_config(scenarios_cfg)
     except CatalogueError as err:
         return {}, {}, f"scenario catalogue unavailable ({err}); game kinds inferred from the answers"
     endowments = {n: g.endowment for n, g in catalogue.games.items() if g.kind == "public_goods"}
     bases = {n: g.base for n, g in catalogue.games.items() if g.base}
     return endowments, bases, None
+
+
+def tuned_training_record(source: str) -> dict | None:
+    """What the tuned student's adapter was trained on, from its samples' manifest (None if unknown)."""
+    from tomdistill.records import read_manifest
+
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    return read_manifest(path).get("adapter_training")
 
 
 def reference_evaluation(cache_dir, **kwargs) -> Evaluation:
@@ -362,7 +427,7 @@ def evaluate(cfg) -> dict:
     """Run the evaluation for a Hydra config (see conf/evaluate.yaml); returns summary.json's content."""
     from omegaconf import OmegaConf
 
-    from tomdistill.records import check_same_prompt_version
+    from tomdistill.records import check_same_prompt_version, prompt_versions
     from tomdistill.report import write_report
 
     compare = cfg.get("compare")
@@ -386,20 +451,29 @@ def evaluate(cfg) -> dict:
     if int(metrics_cfg.n_bootstrap) < 1000:
         print(f"note: metrics.n_bootstrap={metrics_cfg.n_bootstrap} < 1000; intervals will be rough")
 
-    records, datasets_by_role = {}, {}
+    records, datasets_by_role, sources = {}, {}, {}
     for role in ROLES:
-        source = resolve_source(cfg.get(role), role, cache_dir)
-        records[role], datasets_by_role[role] = load_records(source, role)
-    check_same_prompt_version(datasets_by_role)
+        sources[role] = resolve_source(cfg.get(role), role, cache_dir)
+        records[role], datasets_by_role[role] = load_records(sources[role], role)
+    # base and tuned must have seen the same prompts; the teacher the same scenarios, however it was asked
+    version = check_same_prompt_version(datasets_by_role, elicitation_may_differ=("teacher",))
+    teacher_version = next(iter(prompt_versions(datasets_by_role["teacher"])))
+    training = tuned_training_record(sources["tuned"])
 
-    endowments, bases, catalogue_warning = catalogue_facts(cfg.scenarios.catalogue_dir)
+    endowments, bases, catalogue_warning = catalogue_facts(cfg.scenarios)
     splits = OmegaConf.to_container(metrics_cfg.splits) if metrics_cfg.get("splits") is not None else None
     options = dict(endowments=endowments, game_bases=bases, splits=splits, epsilon=float(metrics_cfg.epsilon),
                    n_bootstrap=int(metrics_cfg.n_bootstrap), confidence=float(metrics_cfg.confidence),
                    seed=int(cfg.seed))
-    result = compute_evaluation(records, **options)
+    result = compute_evaluation(records, training=training, **options)
     if catalogue_warning:
         result.warnings.insert(0, catalogue_warning)
+    if teacher_version != version:
+        result.warnings.insert(0, f"the teacher's answers were elicited differently (prompt_version {teacher_version}) "
+                                  f"from the students' ({version}); same scenarios, other answer prompt")
+    if training is None:
+        result.warnings.insert(0, "the tuned samples do not say which scenarios their adapter was trained on (no "
+                                  "adapter_training in their manifest): in_sample counts every in-sample scenario")
 
     reference = None
     if compare is not None:

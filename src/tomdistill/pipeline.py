@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import PROJECT_ROOT
+from .scenarios.catalogue import REPORT_SPLITS
 
 
 @dataclass
@@ -69,6 +70,10 @@ def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
     teacher_scores = study_dir / "teacher_scores"
     base = study_dir / "base"
     adapter = p.get("adapter") or "adapter"  # adapter (final step) | adapter_best (best val/alignment)
+    against = p.get("evaluate_against") or "teacher_scores"
+    if against not in ("teacher", "teacher_scores"):
+        raise SystemExit(f"pipeline.evaluate_against={against!r}: expected teacher or teacher_scores")
+    reference = teacher if against == "teacher" else teacher_scores
     stages = [
         Stage("teacher samples", "sample.py", teacher, list(p.teacher)),
         Stage("teacher choice probabilities", "sample.py", teacher_scores, list(p.teacher_scores)),
@@ -89,7 +94,7 @@ def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
                 Stage(f"tuned student [{name}]", "sample.py", tuned, [*p.student, f"adapter={train_dir / adapter}"]),
                 Stage(
                     f"evaluate [{name}]", "evaluate.py", study_dir / f"evaluate_{name}",
-                    [f"teacher={teacher_scores}", f"base={base}", f"tuned={tuned}", *p.evaluate],
+                    [f"teacher={reference}", f"base={base}", f"tuned={tuned}", *p.evaluate],
                 ),
             ]
     return stages
@@ -167,7 +172,7 @@ def print_study(table: dict) -> None:
     from rich.table import Table
 
     console = Console(width=160)
-    splits = ["in_sample", "oos_context", "oos_payoffs", "oos_game", "overall"]
+    splits = [*REPORT_SPLITS, "overall"]
     for metric in ("alignment", "improvement"):
         out = Table(title=f"{metric} toward the teacher (1.0 = indistinguishable; 95% bootstrap CI, "
                           "or mean ± sd over training seeds)")

@@ -40,6 +40,21 @@ MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
 
 
+MASS_TOLERANCE = 1e-6  # an action mass above 1 + this means the scored actions overlap: a scoring bug
+MIN_MASS = 0.5         # below this, most of the model's answer is not one of the actions
+
+
+def mass_warning(scenario_id: str, mass: float) -> str | None:
+    """A message when a scenario's `action_mass` is impossible (> 1) or too small to trust, else None."""
+    if mass > 1.0 + MASS_TOLERANCE:
+        return (f"{scenario_id}: the scored actions hold {mass:.6f} > 1 of the probability: they are not disjoint "
+                "answers (a scoring bug), so these probabilities are wrong")
+    if mass < MIN_MASS:
+        return (f"{scenario_id}: only {mass:.3f} of the probability falls on the actions: the model mostly answers "
+                "something else, so its choice probabilities may not reflect its answers")
+    return None
+
+
 class SamplesError(ValueError):
     """An unusable samples dataset; the message names the dataset and what was expected."""
 
@@ -71,6 +86,11 @@ def load_samples(source: str | Path, name: str = "samples") -> datasets.Dataset:
         files = sorted(path.glob(SHARD_GLOB)) or sorted(path.rglob("*.parquet"))
         if not files:
             raise SamplesError(f"{name} dataset {path}: no parquet shards found (expected {SHARD_GLOB})")
+        folders = sorted({str(f.parent.relative_to(path)) for f in files})
+        if len(folders) > 1:  # e.g. a study directory: teacher, base and tuned samples side by side
+            raise SamplesError(
+                f"{name} dataset {path} holds the shards of several runs (in {', '.join(folders[:6])}"
+                f"{' …' if len(folders) > 6 else ''}): point at one run's directory")
     elif path.suffix == ".parquet":
         if not path.exists():
             raise SamplesError(f"{name} dataset {path}: file not found")
@@ -108,6 +128,10 @@ def _validate(dataset: datasets.Dataset, label: str) -> datasets.Dataset:
         raise SamplesError(f"{label}: records lack required field(s) {missing}; expected the columns {list(RECORD_COLUMNS)}")
     if len(dataset) == 0:
         raise SamplesError(f"{label}: the dataset is empty (0 records)")
+    models = sorted(set(dataset.data.column("model").to_pylist()))
+    if len(models) > 1:
+        raise SamplesError(f"{label}: records of several models {models[:4]} in one dataset; sample each model into "
+                           "its own directory (two teachers must never pass for one)")
     for column in ("game", "context", "action", "prompt_version"):
         values = dataset.data.column(column).to_pylist()  # arrow column: no per-row python decoding
         bad = next((i for i, v in enumerate(values) if v is None or v == ""), None)
@@ -120,17 +144,27 @@ def prompt_versions(dataset: datasets.Dataset) -> set[str]:
     return set(dataset.unique("prompt_version"))
 
 
-def check_same_prompt_version(datasets_by_name: dict[str, datasets.Dataset]) -> str:
-    """All datasets must come from one prompt template/catalogue; return that version."""
+def check_same_prompt_version(datasets_by_name: dict[str, datasets.Dataset], *,
+                              elicitation_may_differ: tuple[str, ...] = ()) -> str:
+    """All datasets must come from the same prompts; return the (first dataset's) version.
+
+    The datasets named in `elicitation_may_differ` need only share the scenario text (template,
+    catalogue, outcome shuffle: `scenarios.scenario_version`) and may differ in how the answer was
+    elicited (e.g. a teacher asked to reason freely, students scored after `Answer:`).
+    """
+    from .scenarios.prompts import scenario_version
+
     versions = {name: prompt_versions(ds) for name, ds in datasets_by_name.items()}
     for name, found in versions.items():
         if len(found) > 1:
             raise SamplesError(f"{name} dataset mixes prompt versions {sorted(found)}")
-    distinct = {next(iter(v)) for v in versions.values()}
-    if len(distinct) > 1:
-        listing = ", ".join(f"{n}={next(iter(v))}" for n, v in versions.items())
+    version = {name: next(iter(v)) for name, v in versions.items()}
+    strict = {name: v for name, v in version.items() if name not in elicitation_may_differ}
+    loose = {name: scenario_version(v) for name, v in version.items()}
+    if len(set(strict.values())) > 1 or len(set(loose.values())) > 1:
+        listing = ", ".join(f"{n}={v}" for n, v in version.items())
         raise SamplesError(
             f"prompt_version mismatch between datasets ({listing}): they were rendered from different "
-            "prompt templates or scenario catalogues and cannot be compared"
+            "prompt templates, scenario catalogues, outcome orders or answer prompts and cannot be compared"
         )
-    return distinct.pop()
+    return next(iter(version.values()))

@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> float:
 
     # 4. callbacks, logger, trainer ---------------------------------------------------------------
     has_validation = bool(datamodule.val_targets)
-    callbacks = build_callbacks(cfg, output, has_validation)
+    callbacks = build_callbacks(cfg, output, has_validation, training_record(datamodule, cfg))
     logger = build_logger(cfg, output)
     trainer = build_trainer(cfg, output, callbacks, logger, has_validation)
 
@@ -303,7 +303,24 @@ def validation_scenarios(datamodule, cfg: DictConfig):
     )
 
 
-def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool) -> list:
+def training_record(datamodule, cfg: DictConfig) -> dict:
+    """What the adapter is trained on, saved beside it (tomdistill_adapter.json, `training`): evaluation
+    reports in-sample transfer over exactly these scenarios and the held-out contexts apart."""
+    return {
+        "trained_scenarios": sorted(t.id for t in datamodule.train_targets),
+        "validation_contexts": sorted(datamodule.val_context_names),
+        "validation_scenarios": sorted(t.id for t in datamodule.val_targets),
+        "prompt_version": datamodule.prompt_version,
+        "teacher": str(datamodule.teacher),
+        "teacher_models": datamodule.stats.get("teacher_models"),
+        "loss": cfg.loss.name,
+        "target": cfg.data.target,
+        "max_steps": int(cfg.trainer.get("max_steps", -1) or -1),
+        "seed": int(cfg.seed),
+    }
+
+
+def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool, training: dict | None = None) -> list:
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     from .callbacks import AdapterExport, CheckpointOnSigterm, StepAgreement, StopOnDivergence
@@ -318,7 +335,7 @@ def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool) -> list
             save_last=True,
         ),
         AdapterExport(output / "adapter", output / "adapter_best" if has_validation else None,
-                      model_identity(cfg.model), monitor=metric),
+                      model_identity(cfg.model), monitor=metric, training=training),
         CheckpointOnSigterm(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
         StepAgreement(float(cfg.callbacks.get("sigterm_grace_s", 60))),  # a no-op on one rank
@@ -364,7 +381,7 @@ def build_logger(cfg: DictConfig, output: Path):
 
 
 def finish_logger(logger) -> None:
-    """Close the W&B run so the next multirun job starts its own (DESIGN pitfall 7)."""
+    """Close the W&B run so the next multirun job starts its own (docs/design.md, "W&B between multirun jobs")."""
     if logger and type(logger).__name__ == "WandbLogger":
         import wandb
 

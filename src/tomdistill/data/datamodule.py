@@ -9,7 +9,8 @@ From a samples dataset (records.py schema) it builds, for the configured splits:
 - Soft targets, one per scenario: the teacher's action distribution (score-mode `action_probs`,
   else the empirical distribution of its parsed answers) and the token ids of each action after
   `Answer:` (prompt and action tokenized together, `scoring.prepare_item`). The soft loss uses
-  the distribution over each action's first token (the exact marginal at the answer position).
+  the distribution over each action's first token (the exact marginal at the answer position), so
+  it is refused for scenarios whose actions share a first token (public-goods amounts).
 - A validation set of whole scenarios: held-out contexts (`val_contexts`, or `num_val_contexts`
   chosen by seed), so `val/alignment` measures transfer to contexts the student never saw.
 Batches are grouped by length (less padding; the fraction is reported). On several ranks each rank trains
@@ -350,6 +351,13 @@ class TeacherQADataModule(pl.LightningDataModule):
             raise DataError(f"data.target must be one of {TARGETS}, got {target!r}")
         if loss not in LOSSES:
             raise DataError(f"loss.name must be one of {LOSSES}, got {loss!r}")
+        if loss == "sft_soft" and target == "motivation_answer":
+            # after the motivation the answer is already determined by the text the student just read, so a
+            # soft target there teaches nothing about the scenario, and evaluation scores `Answer:` right after
+            # the prompt, a position this target never trains
+            raise DataError("loss=sft_soft with data.target=motivation_answer: the soft target would sit after a "
+                            "motivation that already names the action. Use data.target=answer_motivation or "
+                            "answer_only with sft_soft, or loss=sft for reasoning-first training")
         self.teacher, self.teacher_probs_source = teacher, teacher_probs
         self.tokenizer, self.catalogue = tokenizer, catalogue
         self.splits, self.target, self.loss = list(splits), target, loss
@@ -415,15 +423,18 @@ class TeacherQADataModule(pl.LightningDataModule):
             named["teacher_probs"] = self.probs_records
         else:
             self.probs_records = None
-        version = check_same_prompt_version(named)
-        from ..scenarios import prompt_version
+        # the samples and the scores may have been elicited differently (reasoning vs `Answer:`), not on other scenarios
+        version = check_same_prompt_version(named, elicitation_may_differ=tuple(named))
+        from ..scenarios import prompt_version, scenario_version
 
-        if version != prompt_version(self.catalogue):
+        self.prompt_version = prompt_version(self.catalogue)  # the student's training prompts (never shuffled)
+        if scenario_version(version) != self.prompt_version:
             raise DataError(
                 f"teacher dataset {self.teacher} has prompt_version {version!r} but the configured scenario catalogue "
-                f"is {prompt_version(self.catalogue)!r}: resample the teacher with this catalogue, or configure the "
-                "catalogue it was sampled with"
+                f"is {self.prompt_version!r}: resample the teacher with this catalogue (and without "
+                "scenarios.shuffle_outcomes), or configure the catalogue it was sampled with"
             )
+        self.stats["teacher_models"] = sorted(set().union(*(ds.unique("model") for ds in named.values())))
         kept = records.filter(lambda split: split in self.splits, input_columns="split")
         if len(kept) == 0:
             found = sorted(set(records.unique("split")))
@@ -476,6 +487,14 @@ class TeacherQADataModule(pl.LightningDataModule):
         first: dict[int, float] = {}
         for action, continuation in zip(actions, item.continuation_ids):
             first[continuation[0]] = first.get(continuation[0], 0.0) + full[action]
+        if self.loss != "sft" and (len(first) < len(actions) or item.open_ended):
+            # the soft loss sits on the answer's first token: where actions share it (every public-goods
+            # amount starts with the same space token) the target would be "emit that token" with certainty
+            raise DataError(
+                f"teacher dataset {self.teacher}: scenario {scenario.id} has multi-token answers {list(actions)} "
+                f"that share their first token, so loss={self.loss} (a target on the answer's first token) cannot "
+                f"tell them apart. Train it with loss=sft, or leave its split out of data.splits (now {self.splits})"
+            )
         return ScenarioTarget(scenario, full, item, list(first), list(first.values()))
 
     def _end_of_turn(self) -> str:

@@ -1,7 +1,7 @@
 """Teacher samples from the oracle agent, written in the sample record schema (records.FEATURES).
 
 `python train.py` with `data.teacher=null` trains on these: the oracle is a transparent,
-known-truth teacher (SCENARIOS.md) that costs milliseconds, so the embedded default needs no
+known-truth teacher (docs/scenarios.md) that costs milliseconds, so the embedded default needs no
 sampling run first. One directory holds both modes of `sample.py`:
 - `shard-generate.parquet`: `n` sampled answers per scenario, each with a motivation (SFT data);
 - `shard-score.parquet`: one record per scenario with the exact `action_probs` (soft labels).
@@ -21,7 +21,7 @@ import datasets
 from ..records import FEATURES
 from ..scenarios import Catalogue, answer_text, build_messages, prompt_version
 from ..scenarios.catalogue import AUGMENT_SPLIT
-from ..scenarios.oracle import ORACLE_MODEL_NAME, action_probabilities, motivation, sample_actions
+from ..scenarios.oracle import action_probabilities, oracle_identity, motivation, sample_actions
 from ..scenarios.prompts import plain_prompt
 
 
@@ -32,7 +32,7 @@ def oracle_records(catalogue: Catalogue, n: int, seed: int, mode: str = "generat
     for number, scenario in enumerate(catalogue.scenarios(splits)):
         prompt = plain_prompt(build_messages(scenario, "teacher"))
         base = {
-            "model": ORACLE_MODEL_NAME, "role": "teacher", "game": scenario.game.name,
+            "model": oracle_identity(), "role": "teacher", "game": scenario.game.name,
             "context": scenario.context.name, "split": scenario.split, "prompt_version": version,
             "prompt": prompt, "seed": seed,
         }
@@ -56,7 +56,7 @@ def write_records(records: list[dict], path: Path) -> None:
 
 def oracle_teacher_dir(catalogue: Catalogue, cache_dir: str | Path, n: int = 16, seed: int = 0) -> Path:
     """A cached samples directory of the oracle teacher (both modes); built once per key."""
-    key = f"{prompt_version(catalogue)}-n{n}-s{seed}"
+    key = f"{prompt_version(catalogue)}-{oracle_identity()}-n{n}-s{seed}"
     augmented = catalogue.splits.get(AUGMENT_SPLIT)
     if augmented:  # the training-only augment split is not part of prompt_version: key it here
         scales = sorted({catalogue.games[game].scale for game, _ in augmented})
@@ -69,7 +69,7 @@ def oracle_teacher_dir(catalogue: Catalogue, cache_dir: str | Path, n: int = 16,
     write_records(oracle_records(catalogue, n, seed, "generate"), staging / "shard-generate.parquet")
     write_records(oracle_records(catalogue, n, seed, "score"), staging / "shard-score.parquet")
     (staging / "manifest.json").write_text(json.dumps(
-        {"model": ORACLE_MODEL_NAME, "role": "teacher", "modes": ["generate", "score"], "n": n, "seed": seed,
+        {"model": oracle_identity(), "role": "teacher", "modes": ["generate", "score"], "n": n, "seed": seed,
          "prompt_version": prompt_version(catalogue)}, indent=2))
     if target.exists():  # lost a race with another process: theirs is as good as ours
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,7 +5,8 @@ with a count. The value is on the propensity scale, in [0, 1]:
 - generate mode, two-action games: 1 for `C`, 0 for `D`;
 - generate mode, public goods: the donation as a share of the endowment;
 - score mode (`action_probs`): one row per record, P(C) renormalised over C/D, or the expected
-  donation as a share of the endowment;
+  donation as a share of the endowment; a scenario with score-mode records is measured by them
+  alone (its sampled answers, if the dataset also holds some, are not counted: `mixed_scenarios`);
 - unparsed answers: value NaN (counted, never part of a propensity).
 The point estimate is the count-weighted mean of the parsed values, and the bootstrap
 (`stats.bootstrap_scenario_means`) resamples exactly these rows — one source for both.
@@ -19,7 +20,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from tomdistill.scenarios.catalogue import SPLITS
+from tomdistill.scenarios.catalogue import REPORT_SPLITS
 from tomdistill.scenarios.parsing import UNPARSED
 
 SCENARIO_KEYS = ["split", "game", "context"]
@@ -49,6 +50,28 @@ def _score_value(raw, kind: str, endowment: int, label: str) -> float:
     return sum(a * p for a, p in amounts.items()) / total / endowment
 
 
+def is_scored(records: pd.DataFrame) -> pd.Series:
+    """Which records are score-mode records (they carry `action_probs`)."""
+    if "action_probs" not in records:
+        return pd.Series(False, index=records.index)
+    return records["action_probs"].map(lambda v: v not in (None, "") and not (isinstance(v, float) and math.isnan(v)))
+
+
+def mixed_scenarios(records: pd.DataFrame) -> dict[str, int]:
+    """Scenarios holding both score-mode records and sampled answers: {"game/context": sampled answers not counted}.
+
+    The rule (`answer_table`): a scenario with score-mode records is measured by them alone (exact
+    probabilities); its sampled answers are left out, never added as extra answers.
+    """
+    scored = is_scored(records)
+    out = {}
+    for (game, context), group in records.groupby(["game", "context"], sort=False):
+        flags = scored.loc[group.index]
+        if flags.any() and not flags.all():
+            out[f"{game}/{context}"] = int((~flags).sum())
+    return out
+
+
 def answer_table(records: pd.DataFrame, dataset: str, endowments: Mapping[str, int] | None = None) -> pd.DataFrame:
     """One row per (scenario, value) with its count; see the module docstring.
 
@@ -61,8 +84,8 @@ def answer_table(records: pd.DataFrame, dataset: str, endowments: Mapping[str, i
     rows = []
     for (split, game, context), group in records.groupby(SCENARIO_KEYS, sort=False):
         label = f"{dataset} dataset, scenario {game}/{context} ({split})"
-        if split not in SPLITS:
-            raise PropensityError(f"{label}: unknown split name {split!r}; expected one of {list(SPLITS)}")
+        if split not in REPORT_SPLITS:
+            raise PropensityError(f"{label}: unknown split name {split!r}; expected one of {list(REPORT_SPLITS)}")
         actions = group["action"].astype(str)
         parsed = actions[actions != UNPARSED]
         if game in endowments:
@@ -75,11 +98,10 @@ def answer_table(records: pd.DataFrame, dataset: str, endowments: Mapping[str, i
         else:
             odd = sorted(set(parsed[~parsed.isin(MATRIX_ACTIONS) & ~parsed.map(_is_amount)]))[:5]
             raise PropensityError(f"{label}: actions {odd} are neither C/D nor a whole-dollar amount")
-        probs = group["action_probs"] if "action_probs" in group else pd.Series([""] * len(group))
-        scored = probs.map(lambda v: v not in (None, "") and not (isinstance(v, float) and math.isnan(v)))
+        scored = is_scored(group)
         base = {"split": split, "game": game, "context": context, "kind": kind, "endowment": endowment}
-        if scored.all():
-            for raw in probs:
+        if scored.any():  # exact probabilities win: the scenario's sampled answers are not counted too
+            for raw in group.loc[scored, "action_probs"]:
                 rows.append({**base, "mode": "score", "value": _score_value(raw, kind, endowment, label), "count": 1})
             continue
         if kind == "matrix":

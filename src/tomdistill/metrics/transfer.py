@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tomdistill.scenarios.catalogue import REPORT_SPLITS
+
 DEFAULT_EPSILON = 0.01
 
 
@@ -54,7 +56,7 @@ def alignment(p_base, p_tuned, p_teacher) -> float:
 # values on mean donations, and sums over a group stay in one unit.
 
 GROUP_KINDS = ("overall", "split", "game", "context", "scenario")
-SPLIT_ORDER = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
+SPLIT_ORDER = REPORT_SPLITS
 
 
 def scenario_transfer(p_teacher, p_base, p_tuned, epsilon: float = DEFAULT_EPSILON) -> dict[str, np.ndarray]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..metrics.transfer import alignment
-from ..sampling.scoring import ScoringItem, action_logprobs
+from ..sampling.scoring import ScoringItem, action_distribution, action_logprobs
 from .loading import load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -256,7 +255,7 @@ class LoRADistillModule(pl.LightningModule):
     ):
         super().__init__()
         model_cfg, lora, optim, loss = (_plain(x) for x in (model_cfg, lora, optim, loss))
-        # configs only: never a model object (DESIGN pitfall 4)
+        # configs only: never a model object (docs/design.md, "Optimizer parameters and hyperparameters")
         self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss,
                                    "gradient_checkpointing": gradient_checkpointing})
         self.model = build_lora_model(model_cfg, lora, gradient_checkpointing, cache_dir)
@@ -466,10 +465,9 @@ class LoRADistillModule(pl.LightningModule):
         logprobs = action_logprobs(self.model, v.tokenizer, v.items, v.batch_size)
         propensities, masses = [], []
         for lp in logprobs:
-            raw = {a: math.exp(float(x)) for a, x in lp.items()}
-            mass = sum(raw.values())
+            probs, mass = action_distribution(lp)  # the same rule as score mode (complete answers, renormalised)
             masses.append(mass)
-            propensities.append(propensity({a: p / mass for a, p in raw.items()}) if mass > 0 else float("nan"))
+            propensities.append(propensity(probs) if mass > 0 else float("nan"))
         return propensities, float(np.mean(masses))
 
     # ---------------------------------------------------------------- optimisation
@@ -477,7 +475,7 @@ class LoRADistillModule(pl.LightningModule):
         from transformers import get_scheduler
 
         cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]  # the adapter only (pitfall 4)
+        params = [p for p in self.parameters() if p.requires_grad]  # the adapter only (docs/design.md, "Optimizer parameters and hyperparameters")
         optimizer = torch.optim.AdamW(params, lr=float(cfg.get("lr", 2e-4)), weight_decay=float(cfg.get("weight_decay", 0.0)),
                                       betas=tuple(cfg.get("betas", (0.9, 0.999))))
         total = max(int(self.trainer.estimated_stepping_batches), 1)

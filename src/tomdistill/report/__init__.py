@@ -10,8 +10,19 @@ import pandas as pd
 
 from . import figures, tables
 
-PROPENSITY_BASIS = ("share of C among parsed answers (unparsed answers are counted and reported, not part of the "
-                    "denominator); score mode: P(C) renormalised over C and D; public goods: mean donation / endowment")
+PROPENSITY_BASIS = {
+    "sampled": "share of C among parsed answers (unparsed answers are counted and reported, not part of the "
+               "denominator); public goods: mean donation / endowment",
+    "exact": "P(C), the model's exact probability of answering C, renormalised over C and D (score mode); public "
+             "goods: expected donation / endowment over the complete answers 0..endowment",
+}
+
+
+def propensity_basis(evaluation) -> str:
+    kind = evaluation.settings.get("propensity")
+    if kind in PROPENSITY_BASIS:
+        return PROPENSITY_BASIS[kind]
+    return "; ".join(f"{k}: {v}" for k, v in PROPENSITY_BASIS.items())
 SUMMARY = "summary.json"
 
 
@@ -65,7 +76,8 @@ def build_summary(evaluation, reference=None, sources=None, artefacts=None) -> d
         "models": evaluation.models,
         "prompt_version": evaluation.prompt_version,
         "sources": sources or {},
-        "propensity": PROPENSITY_BASIS,
+        "propensity": propensity_basis(evaluation),
+        "bootstrap": evaluation.settings.get("bootstrap"),
         "settings": evaluation.settings,
         "improvement": evaluation.headline("improvement"),
         "alignment": evaluation.headline("alignment"),
@@ -134,13 +146,15 @@ def report_markdown(evaluation, summary: dict, headline_md: pd.DataFrame, made: 
     parts = [
         "# tomdistill evaluation",
         f"Models — {models}. Prompt version `{evaluation.prompt_version}`.",
-        f"Propensity: {PROPENSITY_BASIS}.",
+        f"Propensity ({tables.propensity_label(evaluation)}): {propensity_basis(evaluation)}.",
         "**improvement** (the paper's metric): per scenario `(p_base − p_tuned) / (p_base − p_teacher)`, mean over "
         "scenarios; above 100% = overshoot, undefined where |base − teacher| < "
         f"{evaluation.settings['epsilon']}. **alignment** (headline): `1 − Σ|p_tuned − p_teacher| / Σ|p_base − p_teacher|`; "
         "100% = indistinguishable from the teacher, 0 = unchanged, negative = moved away. Intervals: "
         f"{int(100 * evaluation.settings['confidence'])}% percentile bootstrap, {evaluation.settings['n_bootstrap']} "
-        "resamples of the answers within each scenario and model.",
+        f"resamples ({evaluation.settings.get('bootstrap')}); a group of one scenario under the scenario bootstrap "
+        "has no interval (—). `in_sample` counts the scenarios the adapter was trained on; `heldout_context` the "
+        "in-sample games in contexts held out for validation.",
         "## Headline", tables.markdown_table(headline_md),
     ]
     if summary.get("paper_note"):

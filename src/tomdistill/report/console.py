@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .tables import HEADLINE_COLUMNS, percent
+from .tables import percent, present_columns, propensity_label
 
 
 def _cell(entry: dict) -> str:
@@ -14,6 +14,8 @@ def _cell(entry: dict) -> str:
     text = f"[bold]{percent(entry['value'])}[/bold]"
     if entry["ci_low"] is not None and entry["ci_high"] is not None:
         text += f"\n[dim][{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}][/dim]"
+    else:
+        text += "\n[dim][—][/dim]"  # no interval
     return text
 
 
@@ -23,23 +25,25 @@ def print_summary(evaluation, summary: dict, output, reference=None, console: Co
     table = Table(title=f"Transfer toward the teacher: value and {level}% bootstrap CI (%)", show_lines=True)
     table.add_column("source")
     table.add_column("metric")
-    for split in HEADLINE_COLUMNS:
+    columns = present_columns(evaluation)
+    for split in columns:
         table.add_column(split, justify="right")
     rows = [("this run", evaluation)] + ([("paper (published counts)", reference)] if reference is not None else [])
     for source, data in rows:
         for metric in ("improvement", "alignment"):
-            cells = [_cell(e) for e in data.headline(metric).values()]
+            headline = data.headline(metric)
+            cells = [_cell(headline[c]) for c in columns]
             table.add_row(source, metric, *cells)
     if "paper_note" in summary:
         from tomdistill.reference.paper_published import PRINTED
 
         table.add_row("paper (as printed)", "improvement", *[percent(PRINTED[s], 0) if s in PRINTED else "—"
-                                                              for s in HEADLINE_COLUMNS])
+                                                              for s in columns])
     console.print(", ".join(f"{role}: {name}" for role, name in evaluation.models.items()))
     console.print(table)
     n = evaluation.headline("alignment")
-    console.print("scenarios: " + ", ".join(f"{s} {n[s]['n_scenarios']}" for s in HEADLINE_COLUMNS)
-                  + "; propensity = share of C among parsed answers")
+    console.print("scenarios: " + ", ".join(f"{s} {n[s]['n_scenarios']}" for s in columns)
+                  + f"; propensity = {propensity_label(evaluation)}; intervals: {evaluation.settings.get('bootstrap')}")
     if "paper_note" in summary:
         console.print("note: " + summary["paper_note"], soft_wrap=False)
     for warning in evaluation.warnings:

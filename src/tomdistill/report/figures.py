@@ -11,9 +11,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .tables import propensity_label  # noqa: E402
+
 ROLE_COLORS = {"teacher": "#1b7837", "base": "#9e9e9e", "tuned": "#2166ac"}
 METRIC_COLORS = {"improvement": "#d6604d", "alignment": "#4393c3"}
-MATRIX_SPLITS = ("in_sample", "oos_context", "oos_payoffs")
+MATRIX_SPLITS = ("in_sample", "heldout_context", "oos_context", "oos_payoffs")
 
 
 def _role_labels(models: dict[str, str]) -> dict[str, str]:
@@ -28,7 +30,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def cooperation_figure(evaluation, path: Path) -> Path | None:
-    """Figure 2: each model's mean share of C by context and by game (two-action games)."""
+    """Figure 2: each model's mean propensity to cooperate by context and by game (two-action games)."""
     props = evaluation.propensities[evaluation.propensities["kind"] == "matrix"]
     if props.empty:
         return None
@@ -41,7 +43,7 @@ def cooperation_figure(evaluation, path: Path) -> Path | None:
                     order=list(dict.fromkeys(props[by])), hue_order=list(labels.values()))
         ax.set_title(f"Cooperation by {by} (mean over scenarios)")
         ax.set_xlabel(by)
-        ax.set_ylabel("share of C among parsed answers")
+        ax.set_ylabel(propensity_label(evaluation))
         ax.set_ylim(0, 1)
         ax.tick_params(axis="x", rotation=35)
         for tick in ax.get_xticklabels():
@@ -141,7 +143,7 @@ def heatmap_figure(evaluation, path: Path) -> Path:
     )
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(matrix) + 1.8))
     sns.heatmap(matrix, annot=True, fmt=".2f", cmap="RdYlGn", vmin=0, vmax=1, ax=ax, annot_kws={"fontsize": 7},
-                cbar_kws={"label": "share of C (public goods: donation / endowment)", "shrink": 0.5})
+                cbar_kws={"label": f"{propensity_label(evaluation)} (public goods: donation / endowment)", "shrink": 0.5})
     ax.set_title("Propensity to cooperate per scenario and model")
     ax.set_xlabel("model")
     ax.set_ylabel("split · game · context")

@@ -6,14 +6,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from tomdistill.scenarios.catalogue import SPLITS
+from tomdistill.scenarios.catalogue import REPORT_SPLITS
 
-HEADLINE_COLUMNS = [*SPLITS, "overall"]
+HEADLINE_COLUMNS = [*REPORT_SPLITS, "overall"]
 EMPTY_NOTES = {
     "significance_payoffs": "not applicable: needs generate-mode counts of the tuned model in both in_sample and oos_payoffs",
     "significance_models": "not applicable: needs generate-mode counts (score-mode probabilities have no answer counts)",
     "warnings": "no warnings",
 }
+
+
+def propensity_label(evaluation) -> str:
+    """What a propensity is in this evaluation: exact probabilities or shares of sampled answers."""
+    kind = evaluation.settings.get("propensity")
+    if kind == "exact":
+        return "P(C)"
+    if kind == "sampled":
+        return "share of C among parsed answers"
+    return "P(C) or share of C among parsed answers"
+
+
+def present_columns(evaluation) -> list[str]:
+    """The headline columns, without `heldout_context` when there is none (it is reported whenever there is one)."""
+    counts = evaluation.headline("alignment")
+    return [c for c in HEADLINE_COLUMNS if c != "heldout_context" or counts[c]["n_scenarios"] > 0]
 
 
 def percent(value, digits: int = 2) -> str:
@@ -28,7 +44,7 @@ def with_interval(value, low, high, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if low is None or high is None or any(isinstance(x, float) and math.isnan(x) for x in (low, high)):
-        return percent(value)
+        return f"{percent(value)} [—]"  # no interval (e.g. one scenario under the scenario bootstrap)
     return f"{percent(value)} [{percent(low, digits)}, {percent(high, digits)}]"
 
 
@@ -78,7 +94,9 @@ def headline_markdown(long: pd.DataFrame, printed: dict | None = None) -> pd.Dat
     if printed:
         rows.append({"source": "paper (as printed)", "metric": "improvement",
                      **{s: percent(printed.get(s), 0) if s in printed else "—" for s in HEADLINE_COLUMNS}})
-    return pd.DataFrame(rows, columns=["source", "metric", *HEADLINE_COLUMNS]).fillna("—")
+    held_out = long[(long["split"] == "heldout_context") & (long["n_scenarios"] > 0)]
+    columns = [c for c in HEADLINE_COLUMNS if c != "heldout_context" or len(held_out)]
+    return pd.DataFrame(rows, columns=["source", "metric", *columns]).fillna("—")
 
 
 def propensity_markdown(propensities: pd.DataFrame) -> pd.DataFrame:

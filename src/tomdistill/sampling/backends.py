@@ -68,9 +68,11 @@ class Backend(ABC):
 
 
 class OracleBackend(Backend):
-    """The analytic reference agent of SCENARIOS.md: exact probabilities, seeded draws, true motivations."""
+    """The analytic reference agent of docs/scenarios.md: exact probabilities, seeded draws, true motivations."""
 
-    name = oracle.ORACLE_MODEL_NAME
+    @property
+    def name(self) -> str:
+        return oracle.oracle_identity(self.settings.precision)
 
     def prompt(self, scenario: Scenario) -> str:
         return plain_prompt(self.messages(scenario))  # no tokenizer, so no chat template
@@ -252,9 +254,7 @@ class RowSeededSampler:
 
 
 class VLLMBackend(Backend):
-    """vLLM (optional, GPU): tensor parallel generation; scoring from next-token log-probabilities."""
-
-    TOP_LOGPROBS = 20
+    """vLLM (optional, GPU): tensor parallel generation; exact scoring from prompt log-probabilities."""
 
     def __init__(self, cfg, settings: SamplerSettings, shuffle_seed: int | None = None, cache_dir: str | None = None):
         super().__init__(settings, shuffle_seed)
@@ -314,40 +314,41 @@ class VLLMBackend(Backend):
         return [[Completion(o.text.strip(), len(o.token_ids)) for o in out.outputs] for out in outputs]
 
     def score(self, scenarios: list[Scenario]) -> list[ScoredScenario]:
-        import math
+        """Exact: every log-probability is read from vLLM's prompt log-probabilities of a sequence that
+        contains the token in question (never from a top-k list that may miss it). Numeric answers also
+        need P(no further digit): one sequence per (amount, digit-starting token) gives each of those."""
+        import torch
 
-        from .scoring import prepare_item, score_prompt
+        from .scoring import action_distribution, answer_logprob, prepare_item, score_prompt
 
         role = self.settings.role
         items = [prepare_item(self.tokenizer, score_prompt(self.tokenizer, s, role, self.shuffle_seed), s.game.actions)
                  for s in scenarios]
-        # Single-token actions: one step with the top log-probabilities (max_tokens=1, logprobs=20).
-        first = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.TOP_LOGPROBS)
-        outputs = self.llm.generate([{"prompt_token_ids": it.prompt_ids} for it in items], first,
-                                    lora_request=self.lora_request, use_tqdm=False)
-        logprobs: list[dict[str, float]] = []
-        exact_needed: list[tuple[int, str, list[int]]] = []
-        for index, (item, out) in enumerate(zip(items, outputs)):
-            top = out.outputs[0].logprobs[0]  # {token_id: Logprob}
-            found = {}
+        sequences: list[list[int]] = []
+        wanted: list[tuple[int, str, str, int]] = []  # (item, action, "answer" | "extension", tokens read at the end)
+        for index, item in enumerate(items):
             for action, cont in zip(item.actions, item.continuation_ids):
-                if len(cont) == 1 and cont[0] in top:
-                    found[action] = top[cont[0]].logprob
-                else:  # multi-token, or outside the top 20: read it from prompt log-probabilities
-                    exact_needed.append((index, action, cont))
-            logprobs.append(found)
-        if exact_needed:
-            exact = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-            sequences = [{"prompt_token_ids": items[i].prompt_ids + cont} for i, _, cont in exact_needed]
-            for (index, action, cont), out in zip(exact_needed, self.llm.generate(
-                    sequences, exact, lora_request=self.lora_request, use_tqdm=False)):
-                tail = out.prompt_logprobs[-len(cont):]
-                logprobs[index][action] = sum(pos[token].logprob for pos, token in zip(tail, cont))
+                sequences.append(item.prompt_ids + cont)
+                wanted.append((index, action, "answer", len(cont)))
+                for token in item.extension_ids:
+                    sequences.append(item.prompt_ids + cont + [token])
+                    wanted.append((index, action, "extension", 1))
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": seq} for seq in sequences], params,
+                                    lora_request=self.lora_request, use_tqdm=False)
+        answer: dict[tuple[int, str], list[float]] = {}
+        extension: dict[tuple[int, str], list[float]] = {}
+        for (index, action, kind, n), seq, out in zip(wanted, sequences, outputs):
+            values = [pos[token].logprob for pos, token in zip(out.prompt_logprobs[-n:], seq[-n:])]
+            (answer if kind == "answer" else extension).setdefault((index, action), []).extend(values)
         scored = []
-        for item, lp in zip(items, logprobs):
-            raw = {a: math.exp(lp[a]) for a in item.actions}
-            mass = sum(raw.values())
-            probs = {a: (p / mass if mass > 0 else 1.0 / len(raw)) for a, p in raw.items()}
+        for index, item in enumerate(items):
+            logprobs = {}
+            for action in item.actions:
+                after = extension.get((index, action))
+                logprobs[action] = float(answer_logprob(torch.tensor(answer[(index, action)], dtype=torch.float64),
+                                                        torch.tensor(after, dtype=torch.float64) if after else None))
+            probs, mass = action_distribution(logprobs)
             scored.append(ScoredScenario(item.prompt.removesuffix(ANSWER_PREFIX), probs, mass))
         return scored
 
@@ -363,4 +364,4 @@ def make_backend(cfg, settings: SamplerSettings, shuffle_seed: int | None, local
 
 def backend_model_name(cfg, settings: SamplerSettings) -> str:
     """The `model` field of the records, known without loading the model."""
-    return oracle.ORACLE_MODEL_NAME if settings.backend == "oracle" else model_identity(cfg.model)
+    return oracle.oracle_identity(settings.precision) if settings.backend == "oracle" else model_identity(cfg.model)

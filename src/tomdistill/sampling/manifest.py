@@ -57,6 +57,16 @@ def check_or_write_plan(directory: Path, plan: dict) -> None:
     write_json_atomic(path, plan)
 
 
+def adapter_training(adapter: str | Path) -> dict | None:
+    """The training record an adapter carries (`training` in its tomdistill_adapter.json), if any."""
+    from ..model.loading import ADAPTER_META
+
+    path = Path(adapter) / ADAPTER_META
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("training")
+
+
 def build_manifest(*, config: dict, settings: SamplerSettings, model: str, prompt_version: str,
                    summaries: list[ScenarioSummary], shard_count: int, world_size: int,
                    written_by_rank: list[list[str]] | None) -> dict:
@@ -69,6 +79,8 @@ def build_manifest(*, config: dict, settings: SamplerSettings, model: str, promp
         "backend": settings.backend,
         "model": model,
         "adapter": str(Path(settings.adapter).resolve()) if settings.adapter else None,
+        # what the adapter was trained on (its tomdistill_adapter.json): evaluation splits in-sample by it
+        "adapter_training": adapter_training(settings.adapter) if settings.adapter else None,
         "prompt_version": prompt_version,
         "git": git_commit(),
         "tomdistill_version": __version__,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..model.loading import check_adapter_dir
 from ..paths import UnsafePathError, safe_output_dir
-from ..records import load_samples
+from ..records import load_samples, mass_warning
 from ..scenarios import ANSWER_PREFIX, Scenario, catalogue_from_config, parse_action, parse_motivation, prompt_version
 from .backends import Backend, GenerationRequest, backend_model_name, make_backend
 from .distributed import World, setup_world
@@ -27,9 +28,11 @@ from .settings import SamplerSettings, SamplingConfigError, settings_from_config
 from .shards import Shard, missing_shards, plan_shards, remove_stale_temps, shards_for_rank, write_shard
 from .summary import summarise, summary_table
 
+log = logging.getLogger(__name__)
 
-def select_scenarios(cfg) -> tuple[list[Scenario], str]:
-    """The configured scenarios and the prompt_version of their catalogue."""
+
+def select_scenarios(cfg, shuffle_seed: int | None = None, answer_prefix: bool = False) -> tuple[list[Scenario], str]:
+    """The configured scenarios and the prompt_version of their prompts."""
     sc = cfg.scenarios
     catalogue = catalogue_from_config(sc)
     for key, known in (("games", catalogue.games), ("contexts", catalogue.contexts)):
@@ -48,7 +51,7 @@ def select_scenarios(cfg) -> tuple[list[Scenario], str]:
             f"scenarios: the filters (splits={list(splits or [])}, games={sc.get('games')}, "
             f"contexts={sc.get('contexts')}) select no scenario"
         )
-    return scenarios, prompt_version(catalogue)
+    return scenarios, prompt_version(catalogue, shuffle_seed, answer_prefix)
 
 
 def resolve_output_dir(cfg, world: World) -> Path:
@@ -87,10 +90,19 @@ def resolved_config(cfg, output_dir: Path) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def prefilled(backend: Backend, settings: SamplerSettings) -> bool:
+def prefilled(settings: SamplerSettings) -> bool:
     """Language-model backends start the assistant turn with `Answer:` (as score mode and the
     training targets do), so a small model answers in the format instead of chatting."""
     return settings.answer_prefill and settings.mode == "generate" and settings.backend != "oracle"
+
+
+def elicits_with_answer_prefix(settings: SamplerSettings) -> bool:
+    """Whether the model's answer follows a given `Answer:` (score mode always; generation when prefilled)."""
+    return settings.mode == "score" or prefilled(settings)
+
+
+def shuffle_seed_of(cfg, settings: SamplerSettings) -> int | None:
+    return settings.seed if cfg.scenarios.get("shuffle_outcomes") else None
 
 
 def generation_records(backend: Backend, settings: SamplerSettings, shard: Shard, prompt: str,
@@ -99,7 +111,7 @@ def generation_records(backend: Backend, settings: SamplerSettings, shard: Shard
     records = []
     for index, completion in zip(shard.indices, completions):
         text = completion.text
-        if prefilled(backend, settings):  # the model continued after "Answer:"; record the whole turn
+        if prefilled(settings):  # the model continued after "Answer:"; record the whole turn
             text = f"{ANSWER_PREFIX} {text}"
         records.append(_record(scenario, settings, model, version, index, prompt, text,
                                parse_action(text, scenario.game),
@@ -179,7 +191,7 @@ def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Sha
         for shard in batch:
             if shard.scenario.id not in prompts:
                 prompts[shard.scenario.id] = backend.prompt(shard.scenario) + (
-                    ANSWER_PREFIX if prefilled(backend, settings) else "")
+                    ANSWER_PREFIX if prefilled(settings) else "")
         if settings.mode == "generate":
             requests = [GenerationRequest(s.scenario, prompts[s.scenario.id], s.sample_seeds(settings.seed),
                                           s.shard_seed(settings.seed)) for s in batch]
@@ -192,6 +204,9 @@ def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Sha
                 progress.shard_done(shard, sum(c.new_tokens for c in completions))
         else:
             for shard, scored in zip(batch, backend.score([s.scenario for s in batch])):
+                problem = mass_warning(shard.scenario.id, scored.mass)
+                if problem:
+                    log.warning("action mass: %s", problem)
                 best = max(scored.probs, key=scored.probs.get)
                 record = _record(shard.scenario, settings, backend.name, version, 0, scored.prompt,
                                  ANSWER_PREFIX, best, "", json.dumps(scored.probs), float(scored.mass))
@@ -204,7 +219,8 @@ def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Sha
 def run(cfg) -> Path:
     """Sample the configured scenarios into `output` (default: the Hydra run directory); return it."""
     settings = settings_from_config(cfg)
-    scenarios, version = select_scenarios(cfg)
+    shuffle_seed = shuffle_seed_of(cfg, settings)
+    scenarios, version = select_scenarios(cfg, shuffle_seed, elicits_with_answer_prefix(settings))
     world = setup_world()
     try:
         output_dir = resolve_output_dir(cfg, world)
@@ -217,7 +233,6 @@ def run(cfg) -> Path:
         pending = missing_shards(output_dir, mine)
         written: list[str] = []
         if pending:
-            shuffle_seed = settings.seed if cfg.scenarios.get("shuffle_outcomes") else None
             cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
             backend = make_backend(cfg, settings, shuffle_seed, world.local_rank, cache_dir)
             label = f"{model} · {settings.mode} · {settings.role}"

@@ -15,6 +15,10 @@ from typing import Iterable
 import yaml
 
 SPLITS = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
+# Evaluation only: in-sample games in contexts an adapter was NOT trained on (held out for validation).
+# `in_sample` then means the scenarios the adapter was trained on, as in the paper.
+HELDOUT_CONTEXT = "heldout_context"
+REPORT_SPLITS = ("in_sample", HELDOUT_CONTEXT, "oos_context", "oos_payoffs", "oos_game")  # the order reports use
 # Training-only scenarios: the in-sample games with rescaled payoffs (`augment_scales`), so a student
 # sees payoff numbers vary. Never evaluated; the scales must differ from the oos_payoffs ones.
 AUGMENT_SPLIT = "augment"

@@ -1,10 +1,15 @@
 """The oracle reference agent: a transparent, known-truth teacher (not a language model).
 
 It holds a context-dependent belief `b` that the coplayer cooperates (theory of mind) and weighs
-the coplayer's payoff by `w` (other-regard): `u = (1 - w) * own + w * other`. It picks each action
+the other players' payoff by `w` (other-regard): `u = (1 - w) * own + w * others`, where `others`
+is the total payoff of the other players (in a two-player game, the coplayer's). It picks each action
 with logit probability over expected utilities, `P(a) ∝ exp(λ · EU(a))` (for two actions,
 `P(C) = σ(λ (EU_C − EU_D))`). Public goods: the same response over donations 0..endowment, the
-others expected to give `endowment · b` each.
+others expected to give `endowment · b` each; each dollar given costs the donor 1 − m/n and gives
+the others (n − 1)·m/n in total (m the multiplier, n the players).
+
+Records name the agent and its precision (`oracle_identity`): the context parameters are part of
+the catalogue, hence of `prompt_version`, so two different oracles never pass for one.
 """
 from __future__ import annotations
 
@@ -14,22 +19,29 @@ import random
 from .catalogue import Game, Scenario
 
 ORACLE_MODEL_NAME = "oracle-logit"
+# bumped whenever the agent's model changes (r2: `others` is the total payoff of the other players)
+ORACLE_REVISION = "r2"
 DEFAULT_PRECISION = 0.6
+
+
+def oracle_identity(precision: float = DEFAULT_PRECISION) -> str:
+    """What the records' `model` field says: the agent, its revision and its precision λ."""
+    return f"{ORACLE_MODEL_NAME}-{ORACLE_REVISION}-lambda{precision:g}"
 
 
 def expected_utilities(scenario: Scenario) -> dict[str, float]:
     game, context = scenario.game, scenario.context
     w, b = context.regard, context.belief
     if game.kind == "public_goods":
-        others = game.players - 1
+        n_others = game.players - 1
         others_give = game.endowment * b
         out = {}
         for action in game.actions:
             give = int(action)
-            pot_share = game.multiplier * (give + others * others_give) / game.players
+            pot_share = game.multiplier * (give + n_others * others_give) / game.players
             own = game.endowment - give + pot_share
-            other = game.endowment - others_give + pot_share
-            out[action] = (1 - w) * own + w * other
+            others = n_others * (game.endowment - others_give + pot_share)  # the TOTAL of the other players
+            out[action] = (1 - w) * own + w * others
         return out
 
     def utility(mine: str, theirs: str) -> float:

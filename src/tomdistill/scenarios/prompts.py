@@ -1,8 +1,8 @@
 """Prompts: system = the context, user = the game's payoffs in words and the question.
 
-Prompt text is deterministic. `prompt_version(catalogue)` names the template revision and a
-hash of the catalogue, and travels with every record so that samples rendered from different
-catalogues or templates never mix silently.
+Prompt text is deterministic. `prompt_version(...)` names the template revision, a hash of the
+catalogue, the outcome shuffle and the answer prefix, and travels with every record so that
+samples rendered from different catalogues, templates or prompts never mix silently.
 """
 from __future__ import annotations
 
@@ -20,8 +20,23 @@ SYSTEM_INSTRUCTION = (
 )
 
 
-def prompt_version(catalogue: Catalogue) -> str:
-    return f"{TEMPLATE_REVISION}-{catalogue.fingerprint()}"
+ANSWER_PREFIX_TAG = "+answer-prefix"
+
+
+def prompt_version(catalogue: Catalogue, shuffle_seed: int | None = None, answer_prefix: bool = False) -> str:
+    """Everything that changes the prompt text: the template revision, the catalogue, the outcome
+    shuffle (`-shuffle<seed>`) and, after a `+`, how the answer is elicited (`+answer-prefix`: the
+    assistant turn starts with `Answer:`, as in score mode and prefilled generation)."""
+    version = f"{TEMPLATE_REVISION}-{catalogue.fingerprint()}"
+    if shuffle_seed is not None:
+        version += f"-shuffle{shuffle_seed}"
+    return version + (ANSWER_PREFIX_TAG if answer_prefix else "")
+
+
+def scenario_version(version: str) -> str:
+    """The part of a prompt_version that fixes the scenario text (template, catalogue, shuffle), without
+    the elicitation: a teacher asked to reason and students asked for the answer alone share it."""
+    return version.split("+", 1)[0]
 
 
 def _points(value: float) -> str:
