@@ -82,6 +82,18 @@ def test_resume_from_last_continues_at_the_right_step(cpu_run, teacher, tmp_path
     assert steps == [2, 3]  # the resumed run logs steps 2-3: it did not start again from 0
 
 
+def test_zero3_resumes_from_last_with_weights_only_loading(teacher, tmp_path):
+    # DeepSpeed writes its own sharded checkpoint directory; the resume must load it (weights_only) and go on
+    output = tmp_path / "zero3"
+    args = [*SHORT, f"data.teacher={teacher}", f"output={output}", "trainer=deepspeed_zero3", "trainer.devices=1"]
+    check(run_train(args))
+    check(run_train([*args, "ckpt_path=last", "trainer.max_steps=4"]))
+    assert summary(output)["global_step"] == 4
+    with open(output / "logs/metrics.csv") as f:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
+    assert steps[-2:] == [2, 3] and 0 not in steps[steps.index(2):]
+
+
 def test_missing_checkpoint_for_resume_is_a_clear_error(tmp_path, teacher):
     result = run_train([*SHORT, f"data.teacher={teacher}", f"output={tmp_path}/fresh", "ckpt_path=last"], timeout=120)
     assert result.returncode == 2 and "ckpt_path=last: no checkpoint" in result.stderr
@@ -129,6 +141,7 @@ STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # 12 multi-process fits, ~8 min on 2 cores: run with `pytest -m matrix` (CI runs the 3-rank case)
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("loss", ["soft", "sft"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
