@@ -163,6 +163,51 @@ def test_a_preemption_warning_saves_at_a_step_boundary_requeues_and_the_requeued
     assert len(losses_by_step(output)) == 2 and min(losses_by_step(output)) >= saved
 
 
+@pytest.mark.timeout(420)
+def test_a_requeued_two_rank_run_ends_with_the_uninterrupted_runs_adapter(tmp_path, teacher):
+    """The sbatch path end to end on 2 ranks: the pre-emption signal, the requeue, the same command again (as
+    SLURM reruns it), and the adapter equals an uninterrupted run's. A constant learning rate keeps the schedule
+    independent of `max_steps`, so the interrupted run may be started long and given its end on the rerun."""
+    from .test_kill_training import adapter
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nexit 0\n")  # a stand-in: no cluster here
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+    common = [*TINY_TRAIN, "trainer=ddp", "trainer.devices=2", "trainer.val_check_interval=2",
+              "optim.scheduler=constant", "optim.warmup_ratio=0", f"data.teacher={teacher}"]
+    interrupted = tmp_path / "interrupted"
+    process = start("train.py", [*common, "trainer.max_steps=400", f"output={interrupted}"], tmp_path / "a.log",
+                    env=env, new_session=True)
+    try:
+        wait_for(lambda: checkpoint_step(interrupted / "checkpoints/last.ckpt") is not None, process, timeout=150,
+                 what="the first checkpoint")
+        code = finish(process, signal.SIGUSR1, timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code == 128 + signal.SIGTERM, tail(process)
+    saved = checkpoint_step(interrupted / "checkpoints/last.ckpt")
+    end = saved + 2
+    rerun = entry("train.py", [*common, f"trainer.max_steps={end}", f"output={interrupted}"], timeout=180,
+                  env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stdout + rerun.stderr
+    from .test_kill_training import losses_by_step
+
+    assert len(losses_by_step(interrupted)) == 2 and min(losses_by_step(interrupted)) >= saved  # not from step 0
+    straight = tmp_path / "straight"
+    result = entry("train.py", [*common, f"trainer.max_steps={end}", f"output={straight}"], timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed, reference = adapter(interrupted), adapter(straight)
+    assert resumed.keys() == reference.keys()
+    # full-batch soft loss: the resumed epoch may order the batch differently (a float summation order), no more
+    worst = max(float((resumed[k] - reference[k]).abs().max()) for k in reference)
+    assert worst < 1e-4, worst
+    assert any(float(v.abs().sum()) > 0 for k, v in resumed.items() if "lora_B" in k)
+
+
 def _free_port() -> int:
     import socket
 
