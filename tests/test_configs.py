@@ -101,3 +101,41 @@ def test_paper_training_is_sft_as_cfg_job_prints_it():
     assert result.returncode == 0, result.stderr
     printed = OmegaConf.create(result.stdout)
     assert printed.loss.name == "sft" and printed.model.name == "llama2_7b"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"),
+    ("model.lora.r=0", "model.lora.r"),
+    ("model.lora.dropout=1.5", "model.lora.dropout"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.scenario_batch_size=-2", "data.scenario_batch_size"),
+    ("optim.scheduler=step", "optim.scheduler"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("model.lora.top_layers=0", "model.lora.top_layers"),
+    ("model.lora.target_modules=[]", "model.lora.target_modules"),
+])
+def test_a_value_that_cannot_train_is_refused_by_key_before_anything_loads(override, key):
+    from tomdistill.training import TrainingConfigError, check_training_config
+
+    cfg = compose_train([override, "output=/tmp/x"])
+    with pytest.raises(TrainingConfigError, match=key.replace(".", r"\.")):
+        check_training_config(cfg)
+    check_training_config(compose_train(["output=/tmp/x"]))  # the defaults pass
+
+
+def test_train_py_names_a_bad_key_in_one_line_and_an_unknown_lora_module_before_training(tmp_path, teacher):
+    result = run_train([*["model=tiny_llama", "logger=csv"], "optim.lr=-1", f"output={tmp_path}/a",
+                        f"data.teacher={teacher}"], timeout=120)
+    assert result.returncode == 2 and "optim.lr=-1: expected a number > 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_train(["model=tiny_llama", "logger=csv", "model.lora.target_modules=[q_proj,qkv]",
+                        f"output={tmp_path}/b", f"data.teacher={teacher}"], timeout=180)
+    assert result.returncode == 2 and "model.lora.target_modules: ['qkv'] name no linear module" in result.stderr
+
+
+def test_logger_none_trains(tmp_path, teacher):
+    # LearningRateMonitor refuses to run without a logger: it is only added when there is one
+    result = run_train(["model=tiny_llama", "logger=none", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                        f"output={tmp_path}/run", f"data.teacher={teacher}"], timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

@@ -72,6 +72,7 @@ def train(cfg: DictConfig) -> float:
     # 1. seed, output, resolved config ---------------------------------------------------------
     pl.seed_everything(int(cfg.seed), workers=True)
     output = output_dir(cfg)
+    check_training_config(cfg)
     check_process_layout(cfg)
     check_quantization_strategy(cfg)
     ckpt_path = resume_path(cfg, output)
@@ -217,6 +218,54 @@ def processes_per_node(devices, accelerator: str) -> int:
             from None
 
 
+# key -> (rule, what is expected): checked before any data or model loads, so a typo costs seconds, not a model load
+_NUMBER_RULES = {
+    "optim.lr": (lambda v: v > 0, "a number > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a number ≥ 0"),
+    "optim.warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model.lora.r": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
+    "model.lora.alpha": (lambda v: v > 0, "a number > 0"),
+    "model.lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "data.batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
+    "data.scenario_batch_size": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
+    "data.eval_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
+    "data.max_length": (lambda v: v >= 8 and float(v).is_integer(), "a whole number ≥ 8"),
+    "data.num_val_contexts": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0"),
+    "loss.temperature": (lambda v: v > 0, "a number > 0"),
+    "loss.soft_weight": (lambda v: v >= 0, "a number ≥ 0"),
+}
+_CHOICES = {
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "loss.name": ("sft", "soft", "sft_soft"),
+    "data.target": ("answer_motivation", "motivation_answer", "answer_only"),
+    "logger.name": ("wandb", "csv", "none"),
+}
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """Values that cannot train, named by key, before anything loads (a library traceback after the model
+    has loaded is what they would give otherwise)."""
+    for key, (rule, expected) in _NUMBER_RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not rule(value):
+            raise TrainingConfigError(f"{key}={value!r}: expected {expected}")
+    for key, options in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in options:
+            raise TrainingConfigError(f"{key}={value!r}: expected one of {list(options)}")
+    targets = OmegaConf.select(cfg, "model.lora.target_modules")
+    if targets is not None and not isinstance(targets, str):
+        names = list(targets)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise TrainingConfigError(f"model.lora.target_modules={names!r}: expected all-linear or a non-empty list "
+                                      "of module names, e.g. [q_proj, v_proj]")
+    top = OmegaConf.select(cfg, "model.lora.top_layers")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise TrainingConfigError(f"model.lora.top_layers={top!r}: expected null (every layer) or a whole number ≥ 1")
+
+
 def check_process_layout(cfg: DictConfig) -> None:
     """Lightning relaunches ranks with this process's argv: under `-m` they would re-enter the sweep."""
     from hydra.core.hydra_config import HydraConfig
@@ -337,9 +386,10 @@ def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool, trainin
         AdapterExport(output / "adapter", output / "adapter_best" if has_validation else None,
                       model_identity(cfg.model), monitor=metric, training=training),
         CheckpointOnSigterm(ckpt_dir / "last.ckpt"),
-        LearningRateMonitor(logging_interval="step"),
         StepAgreement(float(cfg.callbacks.get("sigterm_grace_s", 60))),  # a no-op on one rank
     ]
+    if cfg.logger.name != "none":  # it logs through the logger and refuses to run without one
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     divergence = cfg.callbacks.get("divergence")
     if divergence and divergence.get("factor"):
         try:

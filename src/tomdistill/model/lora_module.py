@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..metrics.transfer import alignment
 from ..sampling.scoring import ScoringItem, action_distribution, action_logprobs
-from .loading import load_causal_lm
+from .loading import ModelLoadError, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
         n_layers = model.config.num_hidden_layers
         k = int(lora["top_layers"])
         if not 0 < k <= n_layers:
-            raise ValueError(f"model.lora.top_layers={k}: must be between 1 and the model's {n_layers} layers")
+            raise ModelLoadError(f"model.lora.top_layers={k}: must be between 1 and the model's {n_layers} layers")
         layers = list(range(n_layers - k, n_layers))
         if targets == "all-linear":  # peft wants explicit names together with layers_to_transform
             output_layer = model.get_output_embeddings()
@@ -122,6 +122,15 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
         target_modules=targets if isinstance(targets, str) else list(targets), bias="none", task_type="CAUSAL_LM",
         layers_to_transform=layers,
     )
+    if not isinstance(targets, str):
+        # checked here, not by peft after it has wrapped half the model: one line naming the key and the choices
+        output_layer = model.get_output_embeddings()
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and module is not output_layer})
+        unknown = sorted(set(targets) - set(linear))
+        if unknown:
+            raise ModelLoadError(f"model.lora.target_modules: {unknown} name no linear module of this model; "
+                                 f"expected all-linear or some of {linear}")
     model = get_peft_model(model, config)
     model.train()  # from_pretrained returns eval mode; Lightning does not switch submodules back
     return model
