@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue  # noqa: E402
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from tomdistill.devices import NoVisibleGPUError
     from tomdistill.model.loading import ModelLoadError
     from tomdistill.records import SamplesError
     from tomdistill.sampling import SamplingConfigError, run
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(cfg)
-    except (CatalogueError, SamplesError, ModelLoadError, SamplingConfigError) as err:
+    except (CatalogueError, SamplesError, ModelLoadError, SamplingConfigError, NoVisibleGPUError) as err:
         print(f"sample.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except MissingMandatoryValue as err:

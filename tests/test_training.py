@@ -338,3 +338,28 @@ def test_soft_batches_run_unpadded_per_length_with_the_padded_batch_logits(modul
         unpadded = module._logits_by_length(batch["input_ids"], batch["attention_mask"], keep)
     assert unpadded.shape == padded.shape == (3, padded.shape[-1])
     torch.testing.assert_close(unpadded, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_logits_without_native_mask_slicing_equal_the_native_ones(tiny_model_cfg, monkeypatch):
+    """transformers < 5.21 cannot slice logits by a boolean mask: the soft loss then projects the kept hidden
+    states itself, and gets the same logits (the lowest transformers the requirements allow has no mask slicing)."""
+    from tomdistill.model import lora_module
+    from tomdistill.model.lora_module import build_lora_model, kept_logits
+
+    torch.manual_seed(0)
+    model = build_lora_model(tiny_model_cfg, {"r": 4, "alpha": 8, "target_modules": "all-linear"})
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    ids = torch.randint(5, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[0, 4], keep[1, [2, 7]], keep[2, 8] = True, True, True
+    native = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    monkeypatch.setattr(lora_module, "NATIVE_MASK_SLICING", False)
+    manual = kept_logits(model, keep, input_ids=ids, attention_mask=mask)
+    assert manual.shape == native.shape == (4, native.shape[-1])
+    assert torch.allclose(manual, native, atol=1e-5)
+    manual.sum().backward()  # gradients reach the adapter through the manual path
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_A" in n)

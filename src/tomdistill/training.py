@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .distributed import RankFailedError
+from .devices import NoVisibleGPUError
 from .model.loading import ModelLoadError
 from .paths import UnsafePathError, safe_output_dir
 from .records import SamplesError
@@ -63,7 +64,7 @@ def refuse_unsafe_output_override(argv: list[str]) -> None:
 # a non-finite or exploding loss stops the run the same way: one line naming the step and batch, no adapter;
 # on several ranks the others stop with it, each with a line naming the rank that failed (RankFailedError)
 USER_ERRORS = (SamplesError, ModelLoadError, CatalogueError, UnsafePathError, TrainingConfigError, FloatingPointError,
-               RankFailedError)
+               RankFailedError, NoVisibleGPUError)
 
 
 def train(cfg: DictConfig) -> float:
@@ -463,6 +464,12 @@ def build_strategy(strategy_cfg, accelerator: str):
 
 
 def resolve_accelerator(name: str) -> str:
+    """`auto`: the GPU when torch sees one, else the CPU — unless GPUs were allocated and torch cannot see
+    them (a torch build that does not match the driver): that stops with a message, never a silent CPU run."""
+    from .devices import check_gpus_usable
+
+    if name in ("auto", "gpu", "cuda"):
+        check_gpus_usable(f"trainer.accelerator={name}")
     if name == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return name

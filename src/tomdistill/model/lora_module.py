@@ -136,6 +136,29 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
     return model
 
 
+def _native_mask_slicing() -> bool:
+    """Whether transformers projects only the True positions of a boolean 2-D `logits_to_keep` (5.21 and later;
+    older versions raise IndexError on it)."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__.split("+")[0]) >= Version("5.21")
+
+
+NATIVE_MASK_SLICING = _native_mask_slicing()
+
+
+def kept_logits(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
+    """(kept positions, vocab): the logits of the True positions of the boolean mask `keep` (batch, length),
+    row-major, as `model(**inputs, logits_to_keep=keep).logits` gives them on transformers ≥ 5.21. On older
+    versions the decoder's hidden states are sliced and projected here, the same computation."""
+    if NATIVE_MASK_SLICING:
+        return model(**inputs, logits_to_keep=keep).logits
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(**inputs).last_hidden_state
+    return base.get_output_embeddings()(hidden[keep])
+
+
 def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor,
                        temperature: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of −Σ_k q_k log p(token_k), p over the whole vocabulary.
@@ -230,7 +253,7 @@ class FrozenLayerCache:
         layers = decoder.layers
         decoder.layers = torch.nn.ModuleList(list(layers)[self.first_layer:])  # only the adapted layers run
         try:
-            return model(inputs_embeds=hidden, attention_mask=attention_mask, logits_to_keep=keep).logits
+            return kept_logits(model, keep, inputs_embeds=hidden, attention_mask=attention_mask)
         finally:
             decoder.layers = layers
 
@@ -239,7 +262,7 @@ class FrozenLayerCache:
         if self.verified is None:
             with torch.no_grad():
                 row = slice(0, 1)
-                full = model(input_ids=input_ids[row], attention_mask=attention_mask[row], logits_to_keep=keep[row]).logits
+                full = kept_logits(model, keep[row], input_ids=input_ids[row], attention_mask=attention_mask[row])
                 cached = self.logits(model, input_ids[row], attention_mask[row], keep[row])
             difference = (full.float() - cached.float()).abs().max().item() if full.numel() else 0.0
             self.verified = full.shape == cached.shape and difference <= tolerance * max(1.0, full.abs().max().item())
@@ -328,7 +351,7 @@ class LoRADistillModule(pl.LightningModule):
         cache = self.frozen_cache
         if cache is not None and cache.verify(self.model, input_ids, attention_mask, keep):
             return cache.logits(self.model, input_ids, attention_mask, keep)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        return kept_logits(self.model, keep, input_ids=input_ids, attention_mask=attention_mask)
 
     def _logits_by_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """`_logits` run once per distinct sequence length, each on unpadded rows (a soft-loss batch holds a

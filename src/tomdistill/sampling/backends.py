@@ -112,6 +112,9 @@ class HFBackend(Backend):
         self.name = model_identity(model_cfg)
         self.tokenizer = load_tokenizer(model_cfg, cache_dir, padding_side="left")
         if settings.device_map:  # one model over several GPUs: accelerate places the layers
+            from ..devices import check_gpus_usable
+
+            check_gpus_usable(f"sampler.device_map={settings.device_map}")
             device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             device = resolve_device(settings.device, "sampler.device", local_rank)

@@ -89,6 +89,9 @@ def resolve_device(value: str, key: str = "sampler.device", local_rank: int = 0)
     import torch
 
     if value == "auto":
+        from ..devices import check_gpus_usable
+
+        check_gpus_usable(key + "=auto")  # allocated GPUs that torch cannot see: an error, not a CPU run
         return f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}" if torch.cuda.is_available() else "cpu"
     if value == "cpu":
         return "cpu"
