@@ -131,6 +131,7 @@ def test_train_py_names_a_bad_key_in_one_line_and_an_unknown_lora_module_before_
     result = run_train(["model=tiny_llama", "logger=csv", "model.lora.target_modules=[q_proj,qkv]",
                         f"output={tmp_path}/b", f"data.teacher={teacher}"], timeout=180)
     assert result.returncode == 2 and "model.lora.target_modules: ['qkv'] name no linear module" in result.stderr
+    assert "'lm_head'" in result.stderr  # the output layer can be named explicitly
 
 
 def test_logger_none_trains(tmp_path, teacher):

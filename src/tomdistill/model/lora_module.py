@@ -124,9 +124,9 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
     )
     if not isinstance(targets, str):
         # checked here, not by peft after it has wrapped half the model: one line naming the key and the choices
-        output_layer = model.get_output_embeddings()
+        # (the output layer counts: "all-linear" leaves it out, but naming it adapts it)
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear) and module is not output_layer})
+                         if isinstance(module, torch.nn.Linear)})
         unknown = sorted(set(targets) - set(linear))
         if unknown:
             raise ModelLoadError(f"model.lora.target_modules: {unknown} name no linear module of this model; "
