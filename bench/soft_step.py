@@ -30,6 +30,7 @@ def demo_batch(model_name: str):
     """The demo's soft-loss training batch (all training scenarios) and the datamodule behind it."""
     from tomdistill import CATALOGUE_DIR
     from tomdistill.data.datamodule import TeacherQADataModule
+    from tomdistill.losses import SoftLabelLoss
     from tomdistill.data.oracle_teacher import oracle_teacher_dir
     from tomdistill.model.loading import load_tokenizer
     from tomdistill.scenarios import load_catalogue
@@ -38,7 +39,7 @@ def demo_batch(model_name: str):
     cache = ROOT / ".cache"
     teacher = oracle_teacher_dir(catalogue, cache, n=2, seed=0)
     tokenizer = load_tokenizer(model_config(model_name), cache, padding_side="right")
-    datamodule = TeacherQADataModule(teacher, tokenizer, catalogue, loss="soft", num_val_contexts=1, cache_dir=cache)
+    datamodule = TeacherQADataModule(teacher, tokenizer, catalogue, loss=SoftLabelLoss(), num_val_contexts=1, cache_dir=cache)
     datamodule.setup("fit")
     collate = datamodule._collator()
     return collate([datamodule.train_set[i] for i in range(len(datamodule.train_set))])
@@ -55,7 +56,7 @@ def step_seconds(model_name: str, batch: dict, precision: str, top_layers: int |
     torch.manual_seed(0)
     lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "top_layers": top_layers,
             "cache_frozen_layers": cache}
-    module = LoRADistillModule(model_config(model_name), lora, {"lr": 2e-3}, {"name": "soft"},
+    module = LoRADistillModule(model_config(model_name), lora, {"lr": 2e-3}, SoftLabelLoss(),
                                cache_dir=str(ROOT / ".cache"))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     times = []

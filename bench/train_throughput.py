@@ -133,13 +133,14 @@ def run_tomdistill(model_name: str, teacher_dir: Path, catalogue, steps: int, ba
     import pytorch_lightning as pl
 
     from tomdistill.data.datamodule import TeacherQADataModule
+    from tomdistill.losses import SFTLoss
     from tomdistill.model.loading import load_tokenizer
     from tomdistill.model.lora_module import LoRADistillModule
 
     model_cfg = model_config(model_name)
     datamodule = TeacherQADataModule(
         teacher_dir, load_tokenizer(model_cfg, padding_side="right"), catalogue, splits=["in_sample"],
-        target="answer_motivation", loss="sft", num_val_contexts=0, batch_size=batch_size, max_length=max_length,
+        target="answer_motivation", loss=SFTLoss(), num_val_contexts=0, batch_size=batch_size, max_length=max_length,
         group_by_length=True, seed=seed, cache_dir=cache_dir,
     )
     datamodule.setup("fit")
@@ -155,7 +156,7 @@ def run_tomdistill(model_name: str, teacher_dir: Path, catalogue, steps: int, ba
 
     pl.seed_everything(seed, verbose=False)
     with PeakRSS() as memory:
-        module = LoRADistillModule(model_cfg, LORA, OPTIM, {"name": "sft"}, cache_dir=None)
+        module = LoRADistillModule(model_cfg, LORA, OPTIM, SFTLoss(), cache_dir=None)
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, precision="32-true", max_steps=steps, gradient_clip_val=1.0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -11,6 +11,7 @@ from helpers import TINY, run_train, write_teacher
 from tomdistill.data.datamodule import (
     IGNORE_INDEX, DataError, LengthGroupedBatchSampler, TeacherQADataModule, padding_fraction,
 )
+from tomdistill.losses import SFTLoss, SFTPlusSoftLoss, SoftLabelLoss
 from tomdistill.records import SamplesError
 from tomdistill.scenarios import ANSWER_PREFIX, answer_text
 from tomdistill.scenarios.oracle import action_probabilities
@@ -28,8 +29,11 @@ def teacher_dir(tmp_path_factory, catalogue):
     return write_teacher(tmp_path_factory.mktemp("teacher"), catalogue, n=3)
 
 
-def make(teacher, tokenizer, catalogue, tmp_path, **kwargs):
-    dm = TeacherQADataModule(teacher, tokenizer, catalogue, cache_dir=tmp_path / "cache", **kwargs)
+LOSSES = {"sft": SFTLoss, "soft": SoftLabelLoss, "sft_soft": SFTPlusSoftLoss}
+
+
+def make(teacher, tokenizer, catalogue, tmp_path, loss="sft", **kwargs):
+    dm = TeacherQADataModule(teacher, tokenizer, catalogue, cache_dir=tmp_path / "cache", loss=LOSSES[loss](), **kwargs)
     dm.setup("fit")
     return dm
 

@@ -115,11 +115,12 @@ def test_ranks_started_together_on_a_cold_cache_build_the_model_snapshot_once(tm
 def _tokenize_once(teacher: str, cache_dir: str, model_cfg: dict) -> str:
     from tomdistill import CATALOGUE_DIR
     from tomdistill.data.datamodule import TeacherQADataModule
+    from tomdistill.losses import SFTLoss
     from tomdistill.model.loading import load_tokenizer
     from tomdistill.scenarios import load_catalogue
 
     tokenizer = load_tokenizer(model_cfg, padding_side="right")
-    dm = TeacherQADataModule(teacher, tokenizer, load_catalogue(CATALOGUE_DIR), cache_dir=cache_dir, loss="sft")
+    dm = TeacherQADataModule(teacher, tokenizer, load_catalogue(CATALOGUE_DIR), cache_dir=cache_dir, loss=SFTLoss())
     dm.setup("fit")
     return f"cached={dm.stats['tokenization_cached']} examples={len(dm.train_set)}"
 

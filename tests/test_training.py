@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import TINY, check, run_train, summary
+from tomdistill.losses import SFTPlusSoftLoss, SoftLabelLoss
 
 # two optimizer steps, validated at step 2, on a small oracle teacher (2 answers per scenario)
 SHORT = [*TINY, "loss=sft_soft", "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2"]
@@ -216,7 +217,7 @@ def module(tiny_model_cfg):
     # the random tiny Llama's 64-dim tied embeddings cannot put its next-token mass on two tokens through
     # attention adapters alone; an adapter on the output layer gives the toy case that capacity
     return LoRADistillModule(tiny_model_cfg, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "lm_head"]},
-                             {"lr": 1e-2}, {"name": "soft"})
+                             {"lr": 1e-2}, SoftLabelLoss())
 
 
 def toy_batch():
@@ -254,7 +255,7 @@ def test_soft_loss_moves_the_student_to_the_teacher_and_keeps_the_mass_on_the_ac
 
 
 def test_soft_cross_entropy_is_minimised_at_the_teacher_and_tempered():
-    from tomdistill.model.lora_module import soft_cross_entropy
+    from tomdistill.losses import soft_cross_entropy
 
     ids, teacher = torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])
     at_teacher = torch.log(torch.tensor([[0.7, 0.3, 1e-9]]))
@@ -270,7 +271,7 @@ def test_soft_cross_entropy_is_minimised_at_the_teacher_and_tempered():
 
 
 def test_weighted_soft_cross_entropy_sums_rows_with_their_weights():
-    from tomdistill.model.lora_module import soft_cross_entropy
+    from tomdistill.losses import soft_cross_entropy
 
     torch.manual_seed(0)
     logits, ids = torch.randn(5, 9), torch.randint(0, 9, (5, 2))
@@ -298,7 +299,7 @@ def test_cached_frozen_layers_give_the_full_pass_losses_and_gradients(tiny_model
     for cached in (False, True):
         torch.manual_seed(0)
         lora = {"r": 4, "alpha": 8, "target_modules": "all-linear", "top_layers": 1, "cache_frozen_layers": cached}
-        modules[cached] = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-2}, {"name": "sft_soft"})
+        modules[cached] = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-2}, SFTPlusSoftLoss())
     assert modules[False].frozen_cache is None and modules[True].frozen_cache.first_layer >= 1
     batch = toy_batch()
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -79,15 +79,16 @@ def train(cfg: DictConfig) -> float:
     ckpt_path = resume_path(cfg, output)
     save_resolved_config(cfg, output)
 
-    # 2. data (all data errors surface here, before the model loads) ----------------------------
-    datamodule = build_datamodule(cfg)
+    # 2. loss and data (all data errors surface here, before the model loads) --------------------
+    loss = build_loss(cfg)
+    datamodule = build_datamodule(cfg, loss)
     datamodule.setup("fit")
 
     # 3. module -----------------------------------------------------------------------------------
     from .model.lora_module import LoRADistillModule
 
     module = LoRADistillModule(
-        model_cfg=cfg.model, lora=cfg.model.lora, optim=cfg.optim, loss=cfg.loss,
+        model_cfg=cfg.model, lora=cfg.model.lora, optim=cfg.optim, loss=loss,
         gradient_checkpointing=bool(cfg.model.gradient_checkpointing), cache_dir=cfg.paths.cache_dir,
         validation=validation_scenarios(datamodule, cfg),
     )
@@ -237,7 +238,6 @@ _NUMBER_RULES = {
 }
 _CHOICES = {
     "optim.scheduler": ("cosine", "linear", "constant"),
-    "loss.name": ("sft", "soft", "sft_soft"),
     "data.target": ("answer_motivation", "motivation_answer", "answer_only"),
     "logger.name": ("wandb", "csv", "none"),
 }
@@ -314,7 +314,22 @@ def save_resolved_config(cfg: DictConfig, output: Path) -> None:
         OmegaConf.save(cfg, output / "config.yaml", resolve=True)
 
 
-def build_datamodule(cfg: DictConfig):
+def build_loss(cfg: DictConfig):
+    """The loss component of `conf/loss/<name>.yaml` (`_target_`: a tomdistill.losses class)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if not OmegaConf.select(cfg, "loss._target_"):
+        raise TrainingConfigError(f"loss: {OmegaConf.to_container(cfg.loss)} has no _target_; expected a conf/loss/*.yaml "
+                                  "naming a tomdistill.losses class")
+    try:
+        return instantiate(cfg.loss)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise TrainingConfigError(f"loss ({cfg.loss._target_}): {cause}") from err
+
+
+def build_datamodule(cfg: DictConfig, loss):
     from .data.datamodule import TeacherQADataModule
     from .data.oracle_teacher import oracle_teacher_dir
     from .model.loading import load_tokenizer
@@ -330,7 +345,7 @@ def build_datamodule(cfg: DictConfig):
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir, padding_side="right")
     return TeacherQADataModule(
         teacher, tokenizer, catalogue, teacher_probs=data.teacher_probs, splits=list(data.splits), target=data.target,
-        loss=cfg.loss.name, val_contexts=data.val_contexts, num_val_contexts=int(data.num_val_contexts),
+        loss=loss, val_contexts=data.val_contexts, num_val_contexts=int(data.num_val_contexts),
         samples_per_scenario=data.samples_per_scenario, batch_size=int(data.batch_size),
         scenario_batch_size=int(data.scenario_batch_size), eval_batch_size=int(data.eval_batch_size),
         max_length=int(data.max_length), group_by_length=bool(data.group_by_length),
@@ -363,7 +378,7 @@ def training_record(datamodule, cfg: DictConfig) -> dict:
         "prompt_version": datamodule.prompt_version,
         "teacher": str(datamodule.teacher),
         "teacher_models": datamodule.stats.get("teacher_models"),
-        "loss": cfg.loss.name,
+        "loss": datamodule.loss.name,
         "target": cfg.data.target,
         "max_steps": int(cfg.trainer.get("max_steps", -1) or -1),
         "seed": int(cfg.seed),

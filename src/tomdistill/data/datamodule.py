@@ -37,6 +37,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..losses import DistillationLoss, SFTLoss
+from ..losses.base import IGNORE_INDEX
 from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
 from ..sampling.scoring import ScoringItem, prepare_item
 from ..scenarios import ANSWER_PREFIX, MOTIVATION_PREFIX, UNPARSED, Catalogue, Scenario, answer_text, build_messages, render_prompt
@@ -46,8 +48,6 @@ log = logging.getLogger(__name__)
 # the assistant turn the student learns: the answer then its motivation (the paper's format), the
 # motivation first (reasoning before the answer: the answer token then sees the reasoning), or the answer alone
 TARGETS = ("answer_motivation", "motivation_answer", "answer_only")
-LOSSES = ("sft", "soft", "sft_soft")
-IGNORE_INDEX = -100
 
 
 class DataError(SamplesError):
@@ -333,7 +333,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         teacher_probs: str | Path | None = None,
         splits: Sequence[str] = ("in_sample",),
         target: str = "answer_motivation",
-        loss: str = "sft",
+        loss: DistillationLoss | None = None,
         val_contexts: Sequence[str] | None = None,
         num_val_contexts: int = 1,
         samples_per_scenario: int | None = None,
@@ -349,15 +349,16 @@ class TeacherQADataModule(pl.LightningDataModule):
         super().__init__()
         if target not in TARGETS:
             raise DataError(f"data.target must be one of {TARGETS}, got {target!r}")
-        if loss not in LOSSES:
-            raise DataError(f"loss.name must be one of {LOSSES}, got {loss!r}")
-        if loss == "sft_soft" and target == "motivation_answer":
+        loss = SFTLoss() if loss is None else loss  # the loss decides which examples are built (tomdistill.losses)
+        if not isinstance(loss, DistillationLoss):
+            raise DataError(f"loss: expected a tomdistill.losses.DistillationLoss (conf/loss/*.yaml), got {loss!r}")
+        if loss.uses_distribution and not loss.per_scenario and target == "motivation_answer":
             # after the motivation the answer is already determined by the text the student just read, so a
             # soft target there teaches nothing about the scenario, and evaluation scores `Answer:` right after
             # the prompt, a position this target never trains
-            raise DataError("loss=sft_soft with data.target=motivation_answer: the soft target would sit after a "
+            raise DataError(f"loss={loss.name} with data.target=motivation_answer: the soft target would sit after a "
                             "motivation that already names the action. Use data.target=answer_motivation or "
-                            "answer_only with sft_soft, or loss=sft for reasoning-first training")
+                            f"answer_only with {loss.name}, or loss=sft for reasoning-first training")
         self.teacher, self.teacher_probs_source = teacher, teacher_probs
         self.tokenizer, self.catalogue = tokenizer, catalogue
         self.splits, self.target, self.loss = list(splits), target, loss
@@ -390,7 +391,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         self.val_targets = [t for t in self.targets if t.scenario.context.name in self.val_context_names]
         self.train_targets = [t for t in self.targets if t.scenario.context.name not in self.val_context_names]
 
-        if self.loss == "soft":  # one example per scenario: the prompt up to "Answer:"
+        if self.loss.per_scenario:  # one example per scenario: the prompt up to "Answer:"
             rows = [{"scenario": index[t.scenario.key], "prompt": t.item.prompt, "completion": ""} for t in self.targets]
         else:
             rows = self._sft_rows(records, prompts, index)
@@ -487,12 +488,12 @@ class TeacherQADataModule(pl.LightningDataModule):
         first: dict[int, float] = {}
         for action, continuation in zip(actions, item.continuation_ids):
             first[continuation[0]] = first.get(continuation[0], 0.0) + full[action]
-        if self.loss != "sft" and (len(first) < len(actions) or item.open_ended):
+        if self.loss.uses_distribution and (len(first) < len(actions) or item.open_ended):
             # the soft loss sits on the answer's first token: where actions share it (every public-goods
             # amount starts with the same space token) the target would be "emit that token" with certainty
             raise DataError(
                 f"teacher dataset {self.teacher}: scenario {scenario.id} has multi-token answers {list(actions)} "
-                f"that share their first token, so loss={self.loss} (a target on the answer's first token) cannot "
+                f"that share their first token, so loss={self.loss.name} (a target on the answer's first token) cannot "
                 f"tell them apart. Train it with loss=sft, or leave its split out of data.splits (now {self.splits})"
             )
         return ScenarioTarget(scenario, full, item, list(first), list(first.values()))
@@ -524,7 +525,7 @@ class TeacherQADataModule(pl.LightningDataModule):
             rows.append({"scenario": index[key], "prompt": prompts[key], "completion": completion + end,
                          "answer_prefix": before + ANSWER_PREFIX})
         if not rows:
-            raise DataError(f"teacher dataset {self.teacher}: loss={self.loss} needs sampled answers (generate mode), "
+            raise DataError(f"teacher dataset {self.teacher}: loss={self.loss.name} needs sampled answers (generate mode), "
                             "but it holds only score-mode records; use loss=soft or add generated samples")
         return rows
 
@@ -576,20 +577,20 @@ class TeacherQADataModule(pl.LightningDataModule):
                                     cache_file_name=cache_file, load_from_cache_file=True,
                                     desc="tokenizing teacher answers")
         too_long = sum(1 for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])
-                       if self.loss != "soft" and all(x == IGNORE_INDEX for x in labels))
+                       if not self.loss.per_scenario and all(x == IGNORE_INDEX for x in labels))
         if too_long:
             raise DataError(f"data.max_length={max_length} cuts off the whole answer of {too_long} example(s): "
                             "raise data.max_length")
-        if self.loss != "sft" and any(p < 0 for p in tokenized["answer_pos"]):
+        if self.loss.uses_distribution and any(p < 0 for p in tokenized["answer_pos"]):
             raise DataError(f"the tokenizer does not keep '{ANSWER_PREFIX}' as its own tokens after the prompt, "
-                            f"so loss={self.loss} cannot find the answer position")
+                            f"so loss={self.loss.name} cannot find the answer position")
         return tokenized
 
     # ---------------------------------------------------------------- loaders
     def _train_batch_size(self) -> int:
-        """Per device for the SFT losses (`data.batch_size`); global for `loss=soft` (`data.scenario_batch_size`,
-        0 = all training scenarios), split across the ranks."""
-        if self.loss == "soft":  # one example per scenario; 0 = all training scenarios in one batch
+        """Per device for per-sample losses (`data.batch_size`); global for per-scenario ones such as `loss=soft`
+        (`data.scenario_batch_size`, 0 = all training scenarios), split across the ranks."""
+        if self.loss.per_scenario:  # one example per scenario; 0 = all training scenarios in one batch
             return self.scenario_batch_size or max(len(self.train_targets), 1)
         return self.batch_size
 
@@ -602,7 +603,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         sampler = LengthGroupedBatchSampler(
             self.train_set["length"], self._train_batch_size(), shuffle=True, group_by_length=self.group_by_length,
             seed=self.seed, num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
-            split_batches=self.loss == "soft",
+            split_batches=self.loss.per_scenario,
         )
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed) if trainer else None
         return ResumableDataLoader(

@@ -1,13 +1,7 @@
 """`LoRADistillModule`: a causal LM with a peft LoRA adapter, trained toward the teacher.
 
-Losses (`loss.name`):
-- `sft`: next-token cross-entropy on the assistant turn (the teacher's answer [+ motivation]).
-- `soft`: at the answer position (after `Answer:`), cross-entropy of the student's next-token
-  distribution over the WHOLE vocabulary toward the teacher's action probabilities placed on
-  the action tokens. Whole-vocabulary (not renormalised over the actions) keeps the probability
-  mass on the answer tokens. With temperature T both sides are softened and the loss scaled by T².
-- `sft_soft`: `sft + soft_weight * soft`, from the same forward pass (the answer position lies
-  inside each SFT sequence).
+The loss is a component (`tomdistill.losses`, built from `conf/loss/*.yaml`): it says which positions
+it reads (the teacher's next tokens, the answer position or both) and computes itself from their logits.
 Only the logits that a loss needs are projected onto the vocabulary (`logits_to_keep`): the
 prompt's hidden states never meet the (large) output layer.
 
@@ -35,17 +29,17 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..losses import LossInputs
+from ..losses.base import IGNORE_INDEX
 from ..metrics.transfer import alignment
 from ..sampling.scoring import ScoringItem, action_distribution, action_logprobs
 from .loading import ModelLoadError, load_causal_lm
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -159,25 +153,6 @@ def kept_logits(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
     return base.get_output_embeddings()(hidden[keep])
 
 
-def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor,
-                       temperature: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over rows of −Σ_k q_k log p(token_k), p over the whole vocabulary.
-
-    `token_ids`/`probs`: (rows, K), padded with probability 0. With temperature T the teacher's
-    distribution becomes q^(1/T) (renormalised), the student's softmax(z/T), and the loss is × T².
-    With `weights` (rows,) the rows are summed with those weights instead of averaged: a rank's shard
-    of a global batch, weighted so that the ranks' average is the global batch's mean.
-    """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    chosen = logp.gather(-1, token_ids)
-    if temperature != 1.0:
-        q = torch.where(probs > 0, probs.clamp_min(1e-12) ** (1.0 / temperature), torch.zeros_like(probs))
-        probs = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
-    rows = -(probs * chosen).sum(-1)
-    loss = rows.mean() if weights is None else (rows * weights).sum()
-    return loss * temperature**2
-
-
 class _Captured(Exception):
     """Stops a forward pass once the input of the first adapted layer has been captured."""
 
@@ -280,20 +255,18 @@ class LoRADistillModule(pl.LightningModule):
         model_cfg: dict,
         lora: dict,
         optim: dict,
-        loss: dict,
+        loss,
         gradient_checkpointing: bool = False,
         cache_dir: str | None = None,
         validation: ValidationScenarios | None = None,
     ):
         super().__init__()
-        model_cfg, lora, optim, loss = (_plain(x) for x in (model_cfg, lora, optim, loss))
+        model_cfg, lora, optim = (_plain(x) for x in (model_cfg, lora, optim))
         # configs only: never a model object (docs/design.md, "Optimizer parameters and hyperparameters")
-        self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss,
+        self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss.hparams(),
                                    "gradient_checkpointing": gradient_checkpointing})
         self.model = build_lora_model(model_cfg, lora, gradient_checkpointing, cache_dir)
-        self.loss_name = loss.get("name", "sft")
-        self.soft_weight = float(loss.get("soft_weight", 1.0))
-        self.temperature = float(loss.get("temperature", 1.0))
+        self.loss = loss  # a tomdistill.losses.DistillationLoss
         self.optim_cfg = optim
         self.validation = validation
         self.strict_loading = False  # checkpoints hold the adapter only (see on_save_checkpoint)
@@ -314,37 +287,34 @@ class LoRADistillModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- losses
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Forward once; return the configured loss and its parts (plus accuracy inputs)."""
+        """Forward once, keeping the logits of the positions the loss reads; return its total and parts
+        (plus accuracy inputs when it reads next tokens)."""
+        loss = self.loss
         labels, answer_pos = batch["labels"], batch["answer_pos"]
-        want_sft, want_soft = self.loss_name in ("sft", "sft_soft"), self.loss_name in ("soft", "sft_soft")
         next_labels = torch.full_like(labels, IGNORE_INDEX)
         next_labels[:, :-1] = labels[:, 1:]  # the token each position predicts
-        keep = next_labels != IGNORE_INDEX if want_sft else torch.zeros_like(labels, dtype=torch.bool)
+        keep = next_labels != IGNORE_INDEX if loss.uses_tokens else torch.zeros_like(labels, dtype=torch.bool)
         rows = torch.arange(labels.shape[0], device=labels.device)
         has_answer = answer_pos >= 0
-        if want_soft:
+        if loss.uses_distribution:
             keep[rows[has_answer], answer_pos[has_answer]] = True
-        if self.loss_name == "soft" and not self._one_forward_per_batch:  # one prompt per scenario, few lengths
+        if loss.per_scenario and not self._one_forward_per_batch:  # one prompt per scenario, few lengths
             logits = self._logits_by_length(batch["input_ids"], batch["attention_mask"], keep)
         else:
             logits = self._logits(batch["input_ids"], batch["attention_mask"], keep)  # (kept positions, vocab), row-major
-        out: dict[str, torch.Tensor] = {}
-        total = logits.new_zeros(())
-        if want_sft:
-            targets = next_labels[keep]
-            sft = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
-            out.update(sft=sft, preds=logits.argmax(-1), targets=targets)
-            total = total + sft
-        if want_soft:
+        inputs = LossInputs(logits)
+        if loss.uses_tokens:
+            inputs.token_targets = next_labels[keep]
+        if loss.uses_distribution:
             kept_rows, kept_cols = keep.nonzero(as_tuple=True)
             at_answer = kept_cols == answer_pos[kept_rows]
             answer_rows = kept_rows[at_answer]
-            weights = batch["weight"][answer_rows] if "weight" in batch else None
-            soft = soft_cross_entropy(logits[at_answer], batch["soft_ids"][answer_rows],
-                                      batch["soft_probs"][answer_rows], self.temperature, weights)
-            out["soft"] = soft
-            total = total + (self.soft_weight if want_sft else 1.0) * soft
-        out["loss"] = total
+            inputs.answer_logits = logits[at_answer]
+            inputs.soft_ids, inputs.soft_probs = batch["soft_ids"][answer_rows], batch["soft_probs"][answer_rows]
+            inputs.weights = batch["weight"][answer_rows] if "weight" in batch else None
+        out = loss(inputs)
+        if loss.uses_tokens:
+            out.update(preds=logits.argmax(-1), targets=inputs.token_targets)
         return out
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -435,9 +405,9 @@ class LoRADistillModule(pl.LightningModule):
         size = batch["input_ids"].shape[0]
         self.train_loss(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
-        for part in ("sft", "soft"):
-            if part in out:
-                self.log(f"train/{part}_loss", out[part].detach(), on_step=True, batch_size=size)
+        for part, value in out.items():
+            if part not in ("loss", "preds", "targets"):
+                self.log(f"train/{part}_loss", value.detach(), on_step=True, batch_size=size)
         if "preds" in out:
             self.train_acc(out["preds"], out["targets"])
             self.log("train/token_acc", self.train_acc, on_step=True, on_epoch=False, batch_size=size)

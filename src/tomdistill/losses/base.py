@@ -1,0 +1,60 @@
+"""What every loss declares and what it is given (see `__init__.py`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+IGNORE_INDEX = -100  # a position without a next-token target (prompt, padding)
+
+
+class LossError(ValueError):
+    """A loss configured with values it cannot train with; the message names the key."""
+
+
+@dataclass
+class LossInputs:
+    """The logits a loss reads, from one forward pass over a batch.
+
+    `logits`: (kept positions, vocab), the positions the loss asked for, row-major over the batch.
+    `token_targets`: (kept positions,) the next token at each of them (IGNORE_INDEX where none); with `uses_tokens`.
+    `answer_logits`: (rows with an answer position, vocab); with `uses_distribution`.
+    `soft_ids`, `soft_probs`: (those rows, K) each action's first token and the teacher's probability of it,
+    padded with probability 0. `weights`: (those rows,) a rank's shard weights of a global batch, or None.
+    """
+
+    logits: torch.Tensor
+    token_targets: torch.Tensor | None = None
+    answer_logits: torch.Tensor | None = None
+    soft_ids: torch.Tensor | None = None
+    soft_probs: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
+@dataclass
+class DistillationLoss:
+    """Base of the losses: `__call__(inputs) -> {"loss": total, <part>: value, ...}` (parts are logged as
+    `train/<part>_loss`)."""
+
+    name: str = ""
+    per_scenario: ClassVar[bool] = False
+    uses_tokens: ClassVar[bool] = False
+    uses_distribution: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for key in ("temperature",):
+            value = getattr(self, key, None)
+            if value is not None and not value > 0:
+                raise LossError(f"loss.{key}={value!r}: expected a number > 0")
+        weight = getattr(self, "soft_weight", None)
+        if weight is not None and not weight >= 0:
+            raise LossError(f"loss.soft_weight={weight!r}: expected a number ≥ 0")
+
+    def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def hparams(self) -> dict:
+        """The configuration, as plain values (checkpoints and loggers store it)."""
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **dataclasses.asdict(self)}

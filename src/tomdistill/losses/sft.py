@@ -1,0 +1,20 @@
+"""`sft`: the paper's method, next-token cross-entropy on the teacher's answer (+ motivation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .base import IGNORE_INDEX, DistillationLoss, LossInputs
+
+
+@dataclass
+class SFTLoss(DistillationLoss):
+    name: str = "sft"
+    uses_tokens: ClassVar[bool] = True
+
+    def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        sft = F.cross_entropy(inputs.logits.float(), inputs.token_targets, ignore_index=IGNORE_INDEX)
+        return {"loss": sft, "sft": sft}

@@ -1,0 +1,93 @@
+"""Losses as components (src/tomdistill/losses, conf/loss): the Jensen–Shannon loss added as one module + one
+YAML, checked against the divergence computed over the whole vocabulary, and trained through train.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from helpers import TINY, check, run_train, summary
+from tomdistill import CONF_DIR
+from tomdistill.losses import DistillationLoss, JensenShannonLoss, LossError, SFTLoss, SFTPlusSoftLoss, SoftLabelLoss
+from tomdistill.losses.jensen_shannon import jensen_shannon
+
+
+def full_vocabulary_js(logits, ids, probs):
+    p = torch.softmax(logits.double(), -1)
+    q = torch.zeros_like(p)
+    q.scatter_add_(-1, ids, probs.double())
+    m = (p + q) / 2
+    kl = lambda a, b: torch.where(a > 0, a * (a.clamp_min(1e-300).log() - b.clamp_min(1e-300).log()), torch.zeros_like(a)).sum(-1)
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).mean()
+
+
+def test_jensen_shannon_equals_the_whole_vocabulary_divergence_and_is_bounded():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    ids = torch.tensor([[3, 7, 3], [10, 11, 10], [0, 49, 0], [5, 6, 5]])  # a padded third column (probability 0)
+    probs = torch.tensor([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.9, 0.1, 0.0]])
+    value = jensen_shannon(logits, ids, probs)
+    assert float(value) == pytest.approx(float(full_vocabulary_js(logits, ids, probs)), abs=1e-6)
+    assert 0 < float(value) < math.log(2)
+    # zero when the student's next-token distribution is the teacher's
+    at_teacher = torch.full((1, 50), -1e4)
+    at_teacher[0, 3], at_teacher[0, 7] = math.log(0.3), math.log(0.7)
+    assert float(jensen_shannon(at_teacher, ids[:1], probs[:1])) == pytest.approx(0.0, abs=1e-6)
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    rows = torch.stack([jensen_shannon(logits[i:i + 1], ids[i:i + 1], probs[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(jensen_shannon(logits, ids, probs, weights), (rows * weights).sum())
+
+
+@pytest.mark.parametrize("name, cls", [("sft", SFTLoss), ("soft", SoftLabelLoss), ("sft_soft", SFTPlusSoftLoss),
+                                       ("jensen_shannon", JensenShannonLoss)])
+def test_every_loss_yaml_builds_its_class_and_declares_its_examples(name, cls):
+    loss = instantiate(OmegaConf.load(CONF_DIR / "loss" / f"{name}.yaml"))
+    assert type(loss) is cls and isinstance(loss, DistillationLoss) and loss.name == name
+    assert loss.uses_tokens or loss.uses_distribution
+    assert not (loss.per_scenario and loss.uses_tokens)  # a per-scenario example has no sampled answer
+    assert loss.hparams()["_target_"].endswith(cls.__name__)
+
+
+def test_loss_values_are_checked_by_key():
+    with pytest.raises(LossError, match=r"loss.temperature=0: expected a number > 0"):
+        SoftLabelLoss(temperature=0)
+    with pytest.raises(LossError, match=r"loss.soft_weight=-1: expected a number ≥ 0"):
+        SFTPlusSoftLoss(soft_weight=-1)
+
+
+@pytest.mark.slow
+def test_train_py_trains_the_added_loss_with_per_scenario_examples(tmp_path, teacher):
+    result = run_train([*TINY, "loss=jensen_shannon", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                        f"data.teacher={teacher}", f"output={tmp_path}/run"], timeout=300)
+    check(result)
+    done = summary(tmp_path / "run")
+    assert done["global_step"] == 2 and math.isfinite(done["final_metrics"]["train/js_loss"])
+    assert done["data"]["train_examples"] == done["data"]["train_scenarios"]  # one example per scenario
+
+
+@pytest.mark.parametrize("search", ["soft_recipe_optuna", "lora_optuna"])
+def test_sweeps_suggest_a_losss_own_knobs_only_when_it_is_chosen(search):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from tomdistill.sweeps import loss_knobs
+
+    space = OmegaConf.load(CONF_DIR / "hparams_search" / f"{search}.yaml")
+    assert space.hydra.sweeper.custom_search_space == "tomdistill.sweeps.loss_knobs"
+    config = OmegaConf.create({"loss": {"name": "soft"}, "loss_search_space": space.loss_search_space})
+    study = optuna.create_study()
+    suggested = {}
+    for loss in ("sft", "soft", "sft_soft"):
+        study.enqueue_trial({"loss": loss})
+        trial = study.ask()
+        trial._suggest("loss", CategoricalDistribution(["sft", "soft", "sft_soft"]))
+        loss_knobs(config, trial)
+        suggested[loss] = set(trial.params) - {"loss"}
+    assert suggested["sft"] == set()  # SFTLoss has neither soft_weight nor temperature
+    assert "loss.soft_weight" in suggested["sft_soft"] and "loss.soft_weight" not in suggested["soft"]
+    for loss, keys in suggested.items():  # every suggested key is one the chosen loss's YAML has
+        fields = OmegaConf.load(CONF_DIR / "loss" / f"{loss}.yaml")
+        assert all(key.removeprefix("loss.") in fields for key in keys), (loss, keys)
