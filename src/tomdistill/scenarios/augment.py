@@ -10,6 +10,7 @@ No game of the augment split equals an evaluated matrix; no variant is a positiv
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -112,15 +113,6 @@ def describe_ordering(ordering: tuple[tuple[int, ...], ...]) -> str:
     return " > ".join(" = ".join(names[i] for i in group) for group in ordering)
 
 
-def proportional(a: Matrix, b: Matrix) -> bool:
-    """Whether a = c·b for some c > 0 (c = 1: equal)."""
-    pivot = next((i for i, v in enumerate(b) if v != 0), None)
-    if pivot is None:
-        return all(v == 0 for v in a)
-    c = a[pivot] / b[pivot]
-    return c > 0 and all(x == c * y for x, y in zip(a, b))
-
-
 def _grid(augmentation: Augmentation) -> range:
     """Grid points within [low, high] as integer multiples of the step."""
     step = augmentation.step
@@ -178,8 +170,6 @@ def ordering_variants(base: Matrix, count: int, augmentation: Augmentation, forb
             f"variants={count} asks for {count}: widen low/high"
         )
     if total <= ENUMERATE_LIMIT:  # small grid: draw from the exact list
-        import itertools
-
         candidates = [m for m in (build(c) for c in itertools.combinations(grid, levels)) if m not in banned]
         return rng.sample(candidates, count)
     chosen: list[Matrix] = []
@@ -190,10 +180,6 @@ def ordering_variants(base: Matrix, count: int, augmentation: Augmentation, forb
     return chosen
 
 
-def _value(v: Fraction) -> float:
-    return float(v)
-
-
 def matrix_digest(matrix: Matrix) -> str:
     return hashlib.sha256(json.dumps([str(v) for v in matrix]).encode()).hexdigest()[:6]
 
@@ -201,7 +187,7 @@ def matrix_digest(matrix: Matrix) -> str:
 def game_with_matrix(base: Game, matrix: Matrix, name: str, title: str, scale: float = 1.0) -> Game:
     payoffs = {m: {} for m in MATRIX_ACTIONS}
     for (mine, theirs), value in zip(CELLS, matrix):
-        payoffs[mine][theirs] = _value(value)
+        payoffs[mine][theirs] = float(value)
     return Game(name=name, title=title, kind=base.kind, payoffs=payoffs, scale=scale, base=base.name)
 
 
