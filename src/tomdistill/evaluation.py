@@ -20,9 +20,9 @@ from tomdistill.records import mass_warning
 from tomdistill.metrics.propensity import (
     SCENARIO_KEYS, answer_table, group_propensities, mixed_scenarios, scenario_propensities,
 )
-from tomdistill.scenarios.catalogue import HELDOUT_CONTEXT, REPORT_SPLITS
+from tomdistill.scenarios.catalogue import AUGMENT_SPLIT, HELDOUT_CONTEXT, REPORT_SPLITS
 
-TRAINING_ONLY_SPLITS = ("augment",)  # catalogue.AUGMENT_SPLIT: rescaled in-sample games used only for training
+TRAINING_ONLY_SPLITS = (AUGMENT_SPLIT,)  # scenarios.augment: payoff variants of in-sample games, training only
 
 ROLES = ("teacher", "base", "tuned")
 REFERENCE_PREFIX = "reference:"

@@ -5,7 +5,8 @@ known-truth teacher (docs/scenarios.md) that costs milliseconds, so the embedded
 sampling run first. One directory holds both modes of `sample.py`:
 - `shard-generate.parquet`: `n` sampled answers per scenario, each with a motivation (SFT data);
 - `shard-score.parquet`: one record per scenario with the exact `action_probs` (soft labels).
-The directory is keyed by catalogue version, `n` and seed, written atomically, and reused.
+The directory is keyed by catalogue version, the augment split (`Catalogue.augment_fingerprint`), `n`
+and seed, written atomically, and reused.
 """
 from __future__ import annotations
 
@@ -57,10 +58,9 @@ def write_records(records: list[dict], path: Path) -> None:
 def oracle_teacher_dir(catalogue: Catalogue, cache_dir: str | Path, n: int = 16, seed: int = 0) -> Path:
     """A cached samples directory of the oracle teacher (both modes); built once per key."""
     key = f"{prompt_version(catalogue)}-{oracle_identity()}-n{n}-s{seed}"
-    augmented = catalogue.splits.get(AUGMENT_SPLIT)
-    if augmented:  # the training-only augment split is not part of prompt_version: key it here
-        scales = sorted({catalogue.games[game].scale for game, _ in augmented})
-        key += "-aug" + "_".join(f"{s:g}" for s in scales)
+    augment = catalogue.augment_fingerprint()
+    if augment:  # the training-only augment split is not part of prompt_version: key it here
+        key += f"-aug{augment}"
     target = Path(cache_dir) / "oracle_teacher" / key
     if (target / "manifest.json").exists():
         return target
@@ -70,7 +70,8 @@ def oracle_teacher_dir(catalogue: Catalogue, cache_dir: str | Path, n: int = 16,
     write_records(oracle_records(catalogue, n, seed, "score"), staging / "shard-score.parquet")
     (staging / "manifest.json").write_text(json.dumps(
         {"model": oracle_identity(), "role": "teacher", "modes": ["generate", "score"], "n": n, "seed": seed,
-         "prompt_version": prompt_version(catalogue)}, indent=2))
+         "prompt_version": prompt_version(catalogue), "augment": augment or None,
+         "augment_scenarios": len(catalogue.splits.get(AUGMENT_SPLIT, []))}, indent=2))
     if target.exists():  # lost a race with another process: theirs is as good as ours
         shutil.rmtree(staging, ignore_errors=True)
         return target

@@ -19,8 +19,9 @@ SPLITS = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
 # `in_sample` then means the scenarios the adapter was trained on, as in the paper.
 HELDOUT_CONTEXT = "heldout_context"
 REPORT_SPLITS = ("in_sample", HELDOUT_CONTEXT, "oos_context", "oos_payoffs", "oos_game")  # the order reports use
-# Training-only scenarios: the in-sample games with rescaled payoffs (`augment_scales`), so a student
-# sees payoff numbers vary. Never evaluated; the scales must differ from the oos_payoffs ones.
+# Training-only scenarios (`scenarios.augment`, scenarios/augment.py): the in-sample games with rescaled
+# payoffs and/or random payoffs that keep each game's ordering, so a student sees payoff numbers vary.
+# Never evaluated; never equal to an evaluated matrix.
 AUGMENT_SPLIT = "augment"
 MATRIX_ACTIONS = ("C", "D")
 
@@ -89,6 +90,7 @@ class Catalogue:
     contexts: dict[str, Context]
     splits: dict[str, list[tuple[str, str]]]  # split -> [(game, context)]
     source: str = ""
+    generated: frozenset[str] = frozenset()  # games the augmentation added (only in the augment split)
 
     def scenarios(
         self,
@@ -124,20 +126,27 @@ class Catalogue:
     def fingerprint(self) -> str:
         """A short hash of everything that reaches a prompt (for `prompt_version`).
 
-        The training-only augment split is left out: it adds scenarios but changes no prompt.
+        The training-only augment split is left out: it adds scenarios but changes no evaluated prompt,
+        so students and teachers sampled with and without it compare. `augment_fingerprint` names it.
         """
-        augmented = {g for g, _ in self.splits.get(AUGMENT_SPLIT, [])} - {
-            g for split, pairs in self.splits.items() if split != AUGMENT_SPLIT for g, _ in pairs
-        }
         blob = json.dumps(
             {
-                "games": {k: g.to_dict() for k, g in sorted(self.games.items()) if k not in augmented},
+                "games": {k: g.to_dict() for k, g in sorted(self.games.items()) if k not in self.generated},
                 "contexts": {k: c.to_dict() for k, c in sorted(self.contexts.items())},
                 "splits": {k: v for k, v in sorted(self.splits.items()) if k != AUGMENT_SPLIT},
             },
             sort_keys=True,
             default=list,
         )
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def augment_fingerprint(self) -> str:
+        """A short hash of the augment split (its scenarios and their payoffs); "" without one. With
+        `fingerprint` it identifies the training data (the oracle teacher's cache key uses both)."""
+        pairs = self.splits.get(AUGMENT_SPLIT)
+        if not pairs:
+            return ""
+        blob = json.dumps([[g, c, self.games[g].payoffs] for g, c in pairs], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -244,12 +253,15 @@ def _parse_context(data: dict, path: Path) -> Context:
 
 
 def load_catalogue(
-    directory: str | Path, extra_dirs: Iterable[str | Path] = (), augment_scales: Iterable[float] = ()
+    directory: str | Path,
+    extra_dirs: Iterable[str | Path] = (),
+    augment_scales: Iterable[float] = (),
+    augment=None,
 ) -> Catalogue:
     """Load and validate a catalogue directory (plus optional directories of extra games/contexts).
 
-    `augment_scales` adds an `augment` split: every in-sample game with its payoffs multiplied by
-    each scale, in every in-sample context (training data only).
+    `augment` (a scenarios.augment.Augmentation, or the `scenarios.augment` mapping) adds the
+    training-only `augment` split; `augment_scales` is shorthand for `augment={"scales": [...]}`.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -309,33 +321,30 @@ def load_catalogue(
                             f"{path}: key '{split}': scenario ({game_name}, {context_name}) is listed twice"
                         )
                     pairs.append((game_name, context_name))
-    augment_scales = list(augment_scales or [])
+    from .augment import Augmentation, augment_split, augmentation_from_config
+
+    if not isinstance(augment, Augmentation):
+        augment = augmentation_from_config(augment)
     if augment_scales:
-        evaluated = {games[g].scale for pairs in splits.values() for g, _ in pairs}
-        clash = sorted(set(float(s) for s in augment_scales) & evaluated)
-        if clash:
-            raise CatalogueError(
-                f"scenarios.augment_scales: scale(s) {clash} are evaluated splits' scales; augmentation would leak them"
-            )
-        in_sample = splits.get("in_sample", [])
-        pairs = []
-        for scale in augment_scales:
-            label = int(scale) if float(scale).is_integer() else scale
-            for game_name, context_name in in_sample:
-                base = games[game_name]
-                name = f"{base.name}_x{label}"
-                if name not in games:
-                    games[name] = Game(
-                        name=name, title=f"{base.title} (payoffs ×{label})", kind=base.kind,
-                        payoffs={m: {t: v * scale for t, v in row.items()} for m, row in base.payoffs.items()},
-                        scale=float(scale), base=base.name,
-                    )
-                pairs.append((name, context_name))
+        if augment.scales:
+            raise CatalogueError("give the scales once: augment_scales or augment.scales, not both")
+        augment = augmentation_from_config({**augment.__dict__, "scales": list(augment_scales)})
+    generated: dict[str, Game] = {}
+    if augment.active:
+        generated, pairs = augment_split(games, splits, augment)
+        games.update(generated)
         splits[AUGMENT_SPLIT] = pairs
-    return Catalogue(games=games, contexts=contexts, splits=splits, source=str(directory))
+    return Catalogue(games=games, contexts=contexts, splits=splits, source=str(directory),
+                     generated=frozenset(generated))
 
 
 def catalogue_from_config(scenarios_cfg) -> Catalogue:
     """The catalogue described by a `scenarios` config group (see conf/scenarios/default.yaml)."""
     get = scenarios_cfg.get if hasattr(scenarios_cfg, "get") else lambda k, d=None: getattr(scenarios_cfg, k, d)
-    return load_catalogue(get("catalogue_dir"), get("extra_dirs") or (), get("augment_scales") or ())
+    old_scales = get("augment_scales")
+    if old_scales:  # folded into the augment group
+        raise CatalogueError(
+            f"scenarios.augment_scales is replaced by scenarios.augment.scales: set "
+            f"scenarios.augment.scales={list(old_scales)} instead (docs/scenarios.md)"
+        )
+    return load_catalogue(get("catalogue_dir"), get("extra_dirs") or (), augment=get("augment"))

@@ -1,0 +1,270 @@
+"""scenarios.augment: the training-only `augment` split of payoff variants (scenarios/augment.py)."""
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from tomdistill import CATALOGUE_DIR
+from tomdistill.scenarios import (
+    AUGMENT_SPLIT, CatalogueError, build_messages, catalogue_from_config, load_catalogue, prompt_version,
+)
+from tomdistill.scenarios.oracle import DEFAULT_PRECISION, action_probabilities
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = [("C", "C"), ("C", "D"), ("D", "C"), ("D", "D")]
+
+
+def four(game) -> list[float]:
+    return [game.payoff(m, t) for m, t in CELLS]
+
+
+def signs(values) -> list[int]:
+    """How every pair of the four payoffs compares: the payoff ordering, ties included."""
+    return [(a > b) - (a < b) for a, b in itertools.combinations(values, 2)]
+
+
+def variants_of(catalogue) -> list:
+    return [catalogue.games[name] for name in sorted(catalogue.generated)]
+
+
+def evaluated_games(catalogue) -> set[str]:
+    return {g for split, pairs in catalogue.splits.items() if split != AUGMENT_SPLIT for g, _ in pairs}
+
+
+def rescaling_of(a, b) -> bool:
+    ratios = {round(x / y, 9) for x, y in zip(a, b)}
+    return len(ratios) == 1 and ratios.pop() > 0
+
+
+def extra_game(tmp_path, name: str, payoffs: dict, contexts=("team",)) -> Path:
+    """An extra directory whose game joins the in_sample split."""
+    extra = tmp_path / f"extra_{name}"
+    (extra / "games").mkdir(parents=True)
+    (extra / "games" / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "kind": "matrix", "payoffs": payoffs}))
+    (extra / "splits.yaml").write_text(yaml.safe_dump({"in_sample": {"games": [name], "contexts": list(contexts)}}))
+    return extra
+
+
+TIED = {"C": {"C": 4, "D": 1}, "D": {"C": 4, "D": 2}}  # R = T > P > S
+
+
+@pytest.mark.parametrize("spec", [
+    {"variants": 5, "seed": 0},                                  # [1, 30]: drawn by rejection
+    {"variants": 5, "seed": 3, "low": 1, "high": 8},             # a small grid: drawn from the exact list
+    {"variants": 3, "seed": 1, "low": -5, "high": 5, "integer": False},
+])
+def test_every_variant_keeps_its_games_ordering_within_the_range(tmp_path, spec):
+    catalogue = load_catalogue(CATALOGUE_DIR, [extra_game(tmp_path, "tied", TIED)], augment=spec)
+    variants = variants_of(catalogue)
+    in_sample_matrix = {g for g, _ in catalogue.splits["in_sample"] if catalogue.games[g].kind == "matrix"}
+    assert {v.base for v in variants} == in_sample_matrix == {"prisoners_dilemma", "snowdrift", "stag_hunt",
+                                                              "prisoners_delight", "tied"}
+    low, high = spec.get("low", 1), spec.get("high", 30)
+    for variant in variants:
+        base = catalogue.games[variant.base]
+        assert signs(four(variant)) == signs(four(base)), variant.name
+        assert all(low <= v <= high for v in four(variant)), variant.name
+        step = 1 if spec.get("integer", True) else 0.1
+        assert all(abs(v / step - round(v / step)) < 1e-9 for v in four(variant)), variant.name
+        assert variant.name.startswith(f"{base.name}_v") and variant.kind == "matrix"
+    for name in in_sample_matrix:
+        assert sum(v.base == name for v in variants) == spec["variants"]
+        mine = [tuple(four(v)) for v in variants if v.base == name]
+        assert len(set(mine)) == len(mine)  # distinct variants
+    tied = [four(v) for v in variants if v.base == "tied"]
+    assert all(r == t for r, _, t, _ in tied)  # a tie stays a tie
+
+
+def test_same_seed_same_matrices_another_seed_others():
+    first = load_catalogue(CATALOGUE_DIR, augment={"variants": 3, "seed": 7})
+    again = load_catalogue(CATALOGUE_DIR, augment={"variants": 3, "seed": 7})
+    other = load_catalogue(CATALOGUE_DIR, augment={"variants": 3, "seed": 8})
+    assert [(v.name, v.payoffs) for v in variants_of(first)] == [(v.name, v.payoffs) for v in variants_of(again)]
+    assert first.splits[AUGMENT_SPLIT] == again.splits[AUGMENT_SPLIT]
+    assert {tuple(four(v)) for v in variants_of(first)} != {tuple(four(v)) for v in variants_of(other)}
+    assert first.augment_fingerprint() == again.augment_fingerprint() != other.augment_fingerprint()
+
+
+def test_no_variant_is_an_evaluated_matrix_or_a_rescaling_of_one():
+    for seed in range(20):
+        catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 4, "seed": seed, "low": 1, "high": 20})
+        evaluated = [four(catalogue.games[g]) for g in evaluated_games(catalogue)
+                     if catalogue.games[g].kind == "matrix"]
+        for variant in variants_of(catalogue):
+            assert not any(rescaling_of(four(variant), m) for m in evaluated), (seed, variant.name)
+
+
+def test_a_range_that_holds_only_the_evaluated_matrix_is_refused(tmp_path):
+    # R > S > T > P, an ordering no shipped game has: in [1, 4] only (4, 3, 2, 1) keeps it
+    extra = [extra_game(tmp_path, "ladder", {"C": {"C": 4, "D": 3}, "D": {"C": 2, "D": 1}})]
+    with pytest.raises(CatalogueError, match=r"scenarios\.augment: only 0 payoff matrix\(es\) in \[1, 4\].*"
+                                             r"ladder's ordering R > S > T > P.*variants=1"):
+        load_catalogue(CATALOGUE_DIR, extra, augment={"variants": 1, "low": 1, "high": 4})
+    # [1, 5]: five matrices keep the ordering, one of them the evaluated game: four remain
+    four_left = load_catalogue(CATALOGUE_DIR, extra, augment={"variants": 4, "low": 1, "high": 5})
+    drawn = {tuple(four(v)) for v in variants_of(four_left) if v.base == "ladder"}
+    assert len(drawn) == 4 and (4, 3, 2, 1) not in drawn
+    with pytest.raises(CatalogueError, match="only 4 payoff"):
+        load_catalogue(CATALOGUE_DIR, extra, augment={"variants": 5, "low": 1, "high": 5})
+
+
+def test_rescalings_of_an_evaluated_matrix_are_left_out(tmp_path):
+    # (8, 6, 4, 2) is evaluated; its half (4, 3, 2, 1) lies on the grid [1, 8] too
+    extra = [extra_game(tmp_path, "even", {"C": {"C": 8, "D": 6}, "D": {"C": 4, "D": 2}})]
+    every = math.comb(8, 4) - 2
+    catalogue = load_catalogue(CATALOGUE_DIR, extra, augment={"variants": every, "low": 1, "high": 8})
+    drawn = {tuple(four(v)) for v in variants_of(catalogue) if v.base == "even"}
+    assert len(drawn) == every and (8, 6, 4, 2) not in drawn and (4, 3, 2, 1) not in drawn
+    with pytest.raises(CatalogueError, match=f"only {every} payoff"):
+        load_catalogue(CATALOGUE_DIR, extra, augment={"variants": every + 1, "low": 1, "high": 8})
+
+
+def test_augment_scenarios_are_in_sample_contexts_in_the_augment_split_only():
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 2, "scales": [3]})
+    in_sample = catalogue.splits["in_sample"]
+    augment = catalogue.scenarios([AUGMENT_SPLIT])
+    assert len(augment) == (2 + 1) * len(in_sample)  # public_goods is not in_sample here
+    for scenario in augment:
+        assert scenario.split == AUGMENT_SPLIT
+        assert (scenario.game.base, scenario.context.name) in in_sample
+    generated = {s.game.name for s in augment}
+    assert generated == set(catalogue.generated)
+    assert not generated & evaluated_games(catalogue)
+    assert {s.game.name for s in augment if s.game.scale == 3} == {f"{g}_x3" for g, _ in in_sample}
+    # the evaluated splits are those of the catalogue without augmentation
+    plain = load_catalogue(CATALOGUE_DIR)
+    assert {k: v for k, v in catalogue.splits.items() if k != AUGMENT_SPLIT} == plain.splits
+
+
+def test_prompt_version_unchanged_while_the_training_data_is_named():
+    plain = load_catalogue(CATALOGUE_DIR)
+    specs = [{"variants": 2}, {"variants": 2, "seed": 1}, {"scales": [3]}, {"variants": 1, "scales": [0.5]}]
+    catalogues = [load_catalogue(CATALOGUE_DIR, augment=spec) for spec in specs]
+    assert {prompt_version(c) for c in catalogues} == {prompt_version(plain)}
+    assert plain.augment_fingerprint() == ""
+    assert len({c.augment_fingerprint() for c in catalogues}) == len(specs)
+
+
+def test_two_augmentations_never_share_an_oracle_teacher_cache(tmp_path):
+    from tomdistill.data.oracle_teacher import oracle_teacher_dir
+    from tomdistill.records import load_samples
+
+    one = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 0})
+    two = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 1})
+    first, second = oracle_teacher_dir(one, tmp_path, n=1), oracle_teacher_dir(two, tmp_path, n=1)
+    assert first != second
+    games = set(load_samples(first, "teacher").unique("game"))
+    assert set(one.generated) <= games and not set(two.generated) & games
+
+
+def test_prompts_show_the_variants_payoffs():
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 2})
+    for scenario in catalogue.scenarios([AUGMENT_SPLIT]):
+        user = build_messages(scenario, "student")[1]["content"]
+        coplayer = scenario.context.coplayer
+        for mine, theirs in CELLS:
+            mine_gets, theirs_gets = scenario.game.payoff(mine, theirs), scenario.game.payoff(theirs, mine)
+            assert (f"If you choose {mine} and {coplayer} chooses {theirs}, you get {mine_gets:g} points and "
+                    f"{coplayer} gets {theirs_gets:g} points") in user
+
+
+def test_the_oracle_labels_every_variant():
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 3, "low": -10, "high": 40, "scales": [3]})
+    for scenario in catalogue.scenarios([AUGMENT_SPLIT]):
+        probs = action_probabilities(scenario)
+        assert set(probs) == {"C", "D"} and sum(probs.values()) == pytest.approx(1)
+        assert all(0 < p < 1 for p in probs.values())
+        w, b = scenario.context.regard, scenario.context.belief
+        u = lambda m, t: (1 - w) * scenario.game.payoff(m, t) + w * scenario.game.payoff(t, m)  # noqa: E731
+        gap = b * (u("C", "C") - u("D", "C")) + (1 - b) * (u("C", "D") - u("D", "D"))
+        assert probs["C"] == pytest.approx(1 / (1 + math.exp(-DEFAULT_PRECISION * gap)))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"variants": -1}, r"scenarios\.augment\.variants: expected an integer ≥ 0, got -1"),
+    ({"variants": "2"}, r"scenarios\.augment\.variants: expected an integer ≥ 0, got '2'"),
+    ({"variants": True}, r"scenarios\.augment\.variants: expected an integer ≥ 0"),
+    ({"variants": 1, "seed": 1.5}, r"scenarios\.augment\.seed: expected an integer"),
+    ({"variants": 1, "low": 5, "high": 5}, r"scenarios\.augment\.low/high: expected low < high"),
+    ({"variants": 1, "low": "a"}, r"scenarios\.augment\.low: expected a number"),
+    ({"variants": 1, "integer": "yes"}, r"scenarios\.augment\.integer: expected true or false"),
+    ({"scales": [0]}, r"scenarios\.augment\.scales: expected a list of positive numbers"),
+    ({"scales": 3}, r"scenarios\.augment\.scales: expected a list of positive numbers"),
+    ({"scales": [2]}, r"scenarios\.augment\.scales: scale 2 turns prisoners_dilemma into the payoffs of "
+                      r"prisoners_dilemma_x2"),
+    ({"scales": [1]}, r"scenarios\.augment\.scales: scale 1 turns prisoners_dilemma into the payoffs of "
+                      r"prisoners_dilemma\b"),
+    ({"varients": 2}, r"scenarios\.augment: unknown key\(s\) \['varients'\]"),
+    ({"variants": 1, "low": 1, "high": 3}, r"scenarios\.augment\.low/high: the range \[1, 3\] \(integers\) holds 3 "
+                                           r"distinct payoff\(s\), too few to keep prisoners_dilemma's ordering "
+                                           r"T > R > P > S \(4 distinct payoffs\)"),
+])
+def test_bad_config_names_the_key(spec, message):
+    with pytest.raises(CatalogueError, match=message):
+        load_catalogue(CATALOGUE_DIR, augment=spec)
+
+
+def test_the_config_group_and_the_replaced_key():
+    cfg = OmegaConf.load(ROOT / "conf/scenarios/default.yaml")
+    cfg.catalogue_dir = str(CATALOGUE_DIR)
+    assert AUGMENT_SPLIT not in catalogue_from_config(cfg).splits  # off by default
+    cfg.augment.variants = 2
+    cfg.augment.scales = [3]
+    catalogue = catalogue_from_config(cfg)
+    assert len(catalogue.scenarios([AUGMENT_SPLIT])) == 3 * len(catalogue.splits["in_sample"])
+    cfg.augment_scales = [3]
+    with pytest.raises(CatalogueError, match=r"scenarios\.augment_scales is replaced by scenarios\.augment\.scales"):
+        catalogue_from_config(cfg)
+
+
+def test_evaluation_leaves_the_augment_split_out():
+    from tomdistill.evaluation import compute_evaluation
+
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 1})
+    rows = {("in_sample", "prisoners_dilemma", "team"): (0.3, 0.8, 0.35),
+            ("in_sample", "stag_hunt", "team"): (0.9, 0.8, 0.9),
+            ("oos_context", "stag_hunt", "athletes"): (0.4, 0.8, 0.6)}
+    augment = {(AUGMENT_SPLIT, s.game.name, s.context.name): (0.1, 0.9, 0.9)  # far off: would move alignment
+               for s in catalogue.scenarios([AUGMENT_SPLIT], contexts=["team"])}
+
+    def records(table):
+        return {role: pd.DataFrame([
+            {"split": split, "game": game, "context": context, "action": "C", "model": role,
+             "action_probs": json.dumps({"C": p[r], "D": 1 - p[r]}), "action_mass": 0.9}
+            for (split, game, context), p in table.items()]) for r, role in enumerate(("teacher", "base", "tuned"))}
+
+    plain = compute_evaluation(records(rows), n_bootstrap=200).headline("alignment")
+    with_augment = compute_evaluation(records({**rows, **augment}), n_bootstrap=200)
+    assert with_augment.headline("alignment") == plain
+    assert any("training-only" in w for w in with_augment.warnings)
+
+
+def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(tmp_path, tiny_model_cfg):
+    """data.splits=[in_sample, augment] needs no datamodule change; the variant names carry their matrix, so
+    teacher data of another augmentation (same prompt_version) cannot silently label these prompts."""
+    from tomdistill.data.datamodule import DataError, TeacherQADataModule
+    from tomdistill.data.oracle_teacher import oracle_teacher_dir
+    from tomdistill.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_cfg, padding_side="right")
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 0})
+    other = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 1})
+
+    def make(teacher, cat):
+        dm = TeacherQADataModule(teacher, tokenizer, cat, loss="soft", splits=["in_sample", AUGMENT_SPLIT],
+                                 cache_dir=tmp_path / "cache")
+        dm.setup("fit")
+        return dm
+
+    dm = make(oracle_teacher_dir(catalogue, tmp_path / "teacher", n=1), catalogue)
+    trained = {t.scenario.game.name for t in dm.targets}
+    assert set(catalogue.generated) <= trained
+    for target in dm.targets:
+        assert target.teacher_probs == pytest.approx(action_probabilities(target.scenario))
+    with pytest.raises(DataError, match=r"no scenario \(\w+_v1_[0-9a-f]{6}, \w+\)"):
+        make(oracle_teacher_dir(other, tmp_path / "teacher", n=1), catalogue)
