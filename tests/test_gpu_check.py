@@ -125,12 +125,12 @@ def test_gpu_train_overrides_compose(strategy, tmp_path):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"paths.root_dir={ROOT}"])
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision) == ("gpu", 1, "bf16-mixed")
-    assert cfg.model.name == "tiny_llama" and cfg.logger.name == "csv" and cfg.trainer.max_steps == gpu_runs.STEPS
+    assert cfg.model.name == "tiny_llama" and "csv" in cfg.logger and cfg.trainer.max_steps == gpu_runs.STEPS
     if strategy == "ddp":
-        assert cfg.trainer.strategy == "ddp"
+        assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
     else:
         stage = strategy.rsplit("_", 1)[1]
-        assert cfg.trainer.strategy.name == "deepspeed" and Path(cfg.trainer.strategy.config).name == f"{stage}.json"
+        assert "deepspeed" in cfg.trainer.strategy._target_ and Path(cfg.trainer.strategy.config).name == f"{stage}.json"
 
 
 @pytest.mark.parametrize("mode", ["generate", "score"])

@@ -481,11 +481,11 @@ def evaluate(cfg) -> dict:
 
     sources = {role: str(cfg.get(role)) for role in ROLES}
     summary = write_report(result, output, reference=reference, sources=sources)
-    logger = cfg.get("logger") or {}
-    if logger.get("name") == "wandb":
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")  # conf/logger/wandb.yaml
+    if wandb_cfg:
         from tomdistill.report.wandb_logging import log_to_wandb
 
-        log_to_wandb(result, output, summary, logger_cfg=OmegaConf.to_container(logger, resolve=True),
+        log_to_wandb(result, output, summary, logger_cfg=OmegaConf.to_container(wandb_cfg, resolve=True),
                      run_config=OmegaConf.to_container(cfg, resolve=False))
     from tomdistill.report.console import print_summary
 

@@ -44,3 +44,15 @@ def resolve_wandb_mode(mode: str | None = "auto") -> str:
 def _has_netrc_login() -> bool:
     netrc = os.path.expanduser("~/.netrc")
     return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+def wandb_logger(save_dir: str, project: str = "tomdistill", entity: str | None = None, group: str | None = None,
+                 tags=(), mode: str | None = "auto", job_type: str = "train", name: str | None = None):
+    """Lightning's `WandbLogger` in a mode that never hangs (`resolve_wandb_mode`); the run is named after its
+    output directory unless `name` is given (conf/logger/wandb.yaml)."""
+    from pathlib import Path
+
+    from pytorch_lightning.loggers import WandbLogger
+
+    return WandbLogger(project=project, entity=entity, group=group, tags=list(tags or []), save_dir=str(save_dir),
+                       name=name or Path(save_dir).name, mode=resolve_wandb_mode(mode), job_type=job_type)

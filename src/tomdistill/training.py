@@ -95,9 +95,9 @@ def train(cfg: DictConfig) -> float:
 
     # 4. callbacks, logger, trainer ---------------------------------------------------------------
     has_validation = bool(datamodule.val_targets)
-    callbacks = build_callbacks(cfg, output, has_validation, training_record(datamodule, cfg))
-    logger = build_logger(cfg, output)
-    trainer = build_trainer(cfg, output, callbacks, logger, has_validation)
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg, has_validation, training_record(datamodule, cfg), logged=bool(loggers))
+    trainer = build_trainer(cfg, output, list(callbacks.values()), loggers, has_validation)
 
     # 5. fit (resumes from ckpt_path: a path, or `last` = OUTPUT/checkpoints/last.ckpt) -----------
     started = time.perf_counter()
@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> float:
         raise TrainingConfigError(f"ckpt_path={ckpt_path}: refusing to load it, it holds pickled objects "
                                   f"(only plain weights are loaded: torch.load(weights_only=True)): {err}") from err
     except SIGTERMException as err:  # pre-empted: CheckpointOnSigterm saved last.ckpt; not a finished run
-        agreement = next(c for c in callbacks if type(c).__name__ == "StepAgreement")
+        agreement = callbacks["step_agreement"]
         if agreement.preempted:
             log.warning("pre-empted at global step %d, last.ckpt saved: %s; the requeued run resumes from it",
                         trainer.global_step, agreement.requeue(trainer))
@@ -119,9 +119,9 @@ def train(cfg: DictConfig) -> float:
                         trainer.global_step, output)
         raise SystemExit(128 + signal.SIGTERM) from err
     finally:
-        finish_logger(logger)
+        finish_loggers(loggers)
     seconds = time.perf_counter() - started
-    export = next(c for c in callbacks if type(c).__name__ == "AdapterExport")
+    export = callbacks["adapter_export"]
     if not export.exported and trainer.state.status == "finished":
         # resumed from a checkpoint already at max_steps (killed between the last checkpoint and the export):
         # Lightning skips the loop and its on_train_end, so the adapter is exported here
@@ -239,7 +239,6 @@ _NUMBER_RULES = {
 _CHOICES = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "data.target": ("answer_motivation", "motivation_answer", "answer_only"),
-    "logger.name": ("wandb", "csv", "none"),
 }
 
 
@@ -286,7 +285,7 @@ def check_process_layout(cfg: DictConfig) -> None:
 
 def zero_stage(strategy_cfg) -> int | None:
     """The ZeRO stage of a `trainer.strategy` DeepSpeed config (None for any other strategy)."""
-    if not isinstance(strategy_cfg, (dict, DictConfig)) or strategy_cfg.get("name") != "deepspeed":
+    if not isinstance(strategy_cfg, (dict, DictConfig)) or "deepspeed" not in str(strategy_cfg.get("_target_", "")):
         return None
     config = strategy_cfg.get("config")
     try:
@@ -314,43 +313,46 @@ def save_resolved_config(cfg: DictConfig, output: Path) -> None:
         OmegaConf.save(cfg, output / "config.yaml", resolve=True)
 
 
-def build_loss(cfg: DictConfig):
-    """The loss component of `conf/loss/<name>.yaml` (`_target_`: a tomdistill.losses class)."""
+def build(node, key: str, **runtime):
+    """Hydra's `instantiate` of the config at `key` (a `_target_` and its arguments) plus the objects only a run
+    has (`runtime`). A constructor's own user error comes out unwrapped; any other failure names the key."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    try:
+        # the runtime objects (a tokenizer, the catalogue) are passed to the constructor, not merged into the config
+        factory = instantiate(node, _convert_="all", _partial_=True)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise TrainingConfigError(f"{key} ({node.get('_target_')}): {cause}") from err
+        raise
+    try:
+        return factory(**runtime)
+    except USER_ERRORS:
+        raise
+    except (ValueError, TypeError) as err:
+        raise TrainingConfigError(f"{key} ({node.get('_target_')}): {err}") from err
+
+
+def build_loss(cfg: DictConfig):
+    """The loss component of `conf/loss/<name>.yaml` (`_target_`: a tomdistill.losses class)."""
     if not OmegaConf.select(cfg, "loss._target_"):
         raise TrainingConfigError(f"loss: {OmegaConf.to_container(cfg.loss)} has no _target_; expected a conf/loss/*.yaml "
                                   "naming a tomdistill.losses class")
-    try:
-        return instantiate(cfg.loss)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        raise TrainingConfigError(f"loss ({cfg.loss._target_}): {cause}") from err
+    return build(cfg.loss, "loss")
 
 
 def build_datamodule(cfg: DictConfig, loss):
-    from .data.datamodule import TeacherQADataModule
-    from .data.oracle_teacher import oracle_teacher_dir
+    """`conf/data/*.yaml` (`_target_`: the datamodule) with the student's tokenizer, the catalogue and the loss."""
     from .model.loading import load_tokenizer
     from .scenarios.catalogue import catalogue_from_config
 
-    data = cfg.data
     catalogue = catalogue_from_config(cfg.scenarios)
-    teacher = data.teacher
-    if not teacher:  # the embedded default: the oracle teacher, sampled in-process and cached
-        teacher = oracle_teacher_dir(catalogue, cfg.paths.cache_dir, n=int(data.oracle.samples_per_scenario),
-                                     seed=int(data.oracle.seed))
-        log.info("data.teacher is null: training on the oracle teacher's samples in %s", teacher)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir, padding_side="right")
-    return TeacherQADataModule(
-        teacher, tokenizer, catalogue, teacher_probs=data.teacher_probs, splits=list(data.splits), target=data.target,
-        loss=loss, val_contexts=data.val_contexts, num_val_contexts=int(data.num_val_contexts),
-        samples_per_scenario=data.samples_per_scenario, batch_size=int(data.batch_size),
-        scenario_batch_size=int(data.scenario_batch_size), eval_batch_size=int(data.eval_batch_size),
-        max_length=int(data.max_length), group_by_length=bool(data.group_by_length),
-        num_workers=int(data.num_workers), seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir,
-    )
+    return build(cfg.data, "data", tokenizer=tokenizer, catalogue=catalogue, loss=loss)
 
 
 def validation_scenarios(datamodule, cfg: DictConfig):
@@ -385,97 +387,68 @@ def training_record(datamodule, cfg: DictConfig) -> dict:
     }
 
 
-def build_callbacks(cfg: DictConfig, output: Path, has_validation: bool, training: dict | None = None) -> list:
-    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-
-    from .callbacks import AdapterExport, CheckpointOnSigterm, StepAgreement, StopOnDivergence
+def build_callbacks(cfg: DictConfig, has_validation: bool, training: dict | None = None, logged: bool = True) -> dict:
+    """`conf/callbacks/*.yaml`, by name: each built from its `_target_` (null leaves one out). Without held-out
+    validation there is nothing to monitor (no best checkpoint, best adapter or early stopping); without a logger
+    no learning-rate monitor; a divergence factor or early-stopping patience of 0 turns that one off."""
     from .model.loading import model_identity
 
-    metric = cfg.get("optimized_metric") or "val/alignment"
-    ckpt_dir = output / "checkpoints"
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-step{step}", auto_insert_metric_name=False,
-            monitor=metric if has_validation else None, mode="max", save_top_k=1 if has_validation else 0,
-            save_last=True,
-        ),
-        AdapterExport(output / "adapter", output / "adapter_best" if has_validation else None,
-                      model_identity(cfg.model), monitor=metric, training=training),
-        CheckpointOnSigterm(ckpt_dir / "last.ckpt"),
-        StepAgreement(float(cfg.callbacks.get("sigterm_grace_s", 60))),  # a no-op on one rank
-    ]
-    if cfg.logger.name != "none":  # it logs through the logger and refuses to run without one
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    divergence = cfg.callbacks.get("divergence")
-    if divergence and divergence.get("factor"):
-        try:
-            callbacks.append(StopOnDivergence(float(divergence.factor), int(divergence.get("baseline_steps", 1)),
-                                              int(divergence.get("patience", 2))))
-        except ValueError as err:
-            raise TrainingConfigError(str(err)) from err
-    stopping = cfg.callbacks.early_stopping
-    if has_validation and stopping.patience:
-        callbacks.append(EarlyStopping(monitor=metric, mode="max", patience=int(stopping.patience),
-                                       min_delta=float(stopping.min_delta), check_finite=False))
+    runtime = {"adapter_export": {"base_identity": model_identity(cfg.model), "training": training}}
+    if not has_validation:
+        runtime["model_checkpoint"] = {"monitor": None, "save_top_k": 0}
+        runtime["adapter_export"]["best_dir"] = None
+    callbacks = {}
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or not node.get("_target_"):
+            continue
+        off = ((name == "early_stopping" and (not has_validation or not node.get("patience")))
+               or (name == "divergence" and not node.get("factor"))
+               or (name == "learning_rate_monitor" and not logged))
+        if not off:
+            callbacks[name] = build(node, f"callbacks.{name}", **runtime.get(name, {}))
+    missing = [name for name in REQUIRED_CALLBACKS if name not in callbacks]
+    if missing:
+        raise TrainingConfigError(f"callbacks.{missing[0]} is null or has no _target_: the recipe needs it "
+                                  f"({', '.join(REQUIRED_CALLBACKS)} are always on; see conf/callbacks/default.yaml)")
     return callbacks
 
 
-def build_logger(cfg: DictConfig, output: Path):
-    name = cfg.logger.name
-    if name == "none":
-        return False
+# the recipe reads these after fit (the adapter, a pre-emption) and resumes from what they write
+REQUIRED_CALLBACKS = ("adapter_export", "checkpoint_on_sigterm", "step_agreement")
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """`conf/logger/*.yaml`: every entry with a `_target_` (none, one or several), each given the whole resolved
+    config as its hyperparameters."""
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()
+               if node is not None and node.get("_target_")]
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if name == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        logger = CSVLogger(save_dir=str(output), name="logs", version="")
-    elif name == "wandb":
-        from pytorch_lightning.loggers import WandbLogger
-
-        from .tracking import resolve_wandb_mode
-
-        mode = resolve_wandb_mode(cfg.logger.mode)  # never hangs: offline without network or key
-        logger = WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-            tags=list(cfg.logger.tags or []), save_dir=str(output), name=output.name, mode=mode,
-            job_type="train",
-        )
-    else:
-        raise TrainingConfigError(f"logger={name!r}: expected wandb, csv or none")
-    logger.log_hyperparams(resolved)  # the whole resolved config, not only the module's
-    return logger
+    for logger in loggers:
+        logger.log_hyperparams(resolved)  # the whole resolved config, not only the module's
+    return loggers
 
 
-def finish_logger(logger) -> None:
+def finish_loggers(loggers: list) -> None:
     """Close the W&B run so the next multirun job starts its own (docs/design.md, "W&B between multirun jobs")."""
-    if logger and type(logger).__name__ == "WandbLogger":
+    from pytorch_lightning.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
         import wandb
 
         wandb.finish()
 
 
 def build_strategy(strategy_cfg, accelerator: str):
-    """`auto` | `ddp` | {name: deepspeed, config: <json>, ...}; DeepSpeed on CPU gets the CPU subclass."""
-    if strategy_cfg in (None, "auto"):
-        return "auto"
-    if isinstance(strategy_cfg, str):
-        if strategy_cfg == "ddp":
-            from pytorch_lightning.strategies import DDPStrategy
-
-            return DDPStrategy(find_unused_parameters=False)
-        return strategy_cfg
-    options = dict(strategy_cfg)
-    name = options.pop("name")
-    if name != "deepspeed":
-        raise TrainingConfigError(f"trainer.strategy.name={name!r}: expected deepspeed (or a plain strategy string)")
-    config = options.pop("config")
-    if not Path(config).exists():
-        raise TrainingConfigError(f"trainer.strategy.config: DeepSpeed config {config} not found")
-    if accelerator == "cpu":
-        from .model.strategy import CPUDeepSpeedStrategy as Strategy
-    else:
-        from pytorch_lightning.strategies import DeepSpeedStrategy as Strategy
-    return Strategy(config=str(config), **options)
+    """`trainer.strategy`: a name Lightning knows (`auto`), or a `_target_` config (conf/trainer/ddp.yaml,
+    deepspeed_*.yaml); a config with an `accelerator` key gets the resolved one (DeepSpeed on CPU takes the CPU
+    subclass: src/tomdistill/model/strategy.py)."""
+    if strategy_cfg is None or isinstance(strategy_cfg, str):
+        return strategy_cfg or "auto"
+    if not strategy_cfg.get("_target_"):
+        raise TrainingConfigError(f"trainer.strategy={dict(strategy_cfg)}: expected a strategy name "
+                                  "(auto) or a config with a _target_ (see conf/trainer/)")
+    runtime = {"accelerator": accelerator} if "accelerator" in strategy_cfg else {}
+    return build(strategy_cfg, "trainer.strategy", **runtime)
 
 
 def resolve_accelerator(name: str) -> str:
@@ -510,7 +483,7 @@ def resolve_precision(precision, accelerator: str):
     return precision
 
 
-def build_trainer(cfg: DictConfig, output: Path, callbacks: list, logger, has_validation: bool):
+def build_trainer(cfg: DictConfig, output: Path, callbacks: list, loggers: list, has_validation: bool):
     import pytorch_lightning as pl
 
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -527,7 +500,7 @@ def build_trainer(cfg: DictConfig, output: Path, callbacks: list, logger, has_va
         # point of the step: a deadlock on several ranks); StepAgreement saves at a step boundary and requeues
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
-        accelerator=accelerator, strategy=strategy, precision=precision, callbacks=callbacks, logger=logger,
+        accelerator=accelerator, strategy=strategy, precision=precision, callbacks=callbacks, logger=loggers or False,
         default_root_dir=str(output), use_distributed_sampler=False,  # the batch sampler is rank-aware
         plugins=plugins or None, **options,
     )

@@ -53,10 +53,10 @@ def test_a_data_error_on_one_rank_stops_every_rank_naming_it(tmp_path, teacher):
 @pytest.mark.timeout(240)
 def test_sigterm_to_a_run_stuck_in_a_collective_still_ends_it(tmp_path, teacher):
     """Rank 1 never delivers its batch: ranks 0 and 2 block in the step's collective, where no Python signal
-    handler runs. SIGTERM still ends the run after `callbacks.sigterm_grace_s`, launched ranks included."""
+    handler runs. SIGTERM still ends the run after `callbacks.step_agreement.sigterm_grace_s`, launched ranks included."""
     log = tmp_path / "stuck.log"
     process = start("train.py", [*RANKS3, f"data.teacher={teacher}", f"output={tmp_path / 'run'}",
-                                 "callbacks.sigterm_grace_s=3"], log,
+                                 "callbacks.step_agreement.sigterm_grace_s=3"], log,
                     env={"TOMDISTILL_TEST_FAULT": "hang@1:1"}, new_session=True)
     try:
         wait_for(lambda: "test fault: rank 1 hangs" in log.read_text(), process, timeout=150, what="the stuck rank")

@@ -326,11 +326,12 @@ class Collator:
 class TeacherQADataModule(pl.LightningDataModule):
     def __init__(
         self,
-        teacher: str | Path,
+        teacher: str | Path | None,
         tokenizer,
         catalogue: Catalogue,
         *,
         teacher_probs: str | Path | None = None,
+        oracle: dict | None = None,
         splits: Sequence[str] = ("in_sample",),
         target: str = "answer_motivation",
         loss: DistillationLoss | None = None,
@@ -360,6 +361,7 @@ class TeacherQADataModule(pl.LightningDataModule):
                             "motivation that already names the action. Use data.target=answer_motivation or "
                             f"answer_only with {loss.name}, or loss=sft for reasoning-first training")
         self.teacher, self.teacher_probs_source = teacher, teacher_probs
+        self.oracle = dict(oracle or {})  # teacher=None: the oracle teacher's samples_per_scenario and seed
         self.tokenizer, self.catalogue = tokenizer, catalogue
         self.splits, self.target, self.loss = list(splits), target, loss
         self.val_contexts_cfg = list(val_contexts) if val_contexts else None
@@ -380,6 +382,15 @@ class TeacherQADataModule(pl.LightningDataModule):
             name = getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
             raise DataError(f"tokenizer {name!r} has no chat template; set `model.chat_template` to a Jinja template "
                             "(or use an instruct/chat checkpoint)")
+        if not self.teacher:  # the embedded default: the oracle teacher, sampled in-process and cached
+            from .oracle_teacher import oracle_teacher_dir
+
+            if self.cache_dir is None:
+                raise DataError("data.teacher is null (the oracle teacher) but no cache_dir to sample it into")
+            self.teacher = oracle_teacher_dir(self.catalogue, self.cache_dir,
+                                              n=int(self.oracle.get("samples_per_scenario", 16)),
+                                              seed=int(self.oracle.get("seed", 0)))
+            log.info("data.teacher is null: training on the oracle teacher's samples in %s", self.teacher)
         records = self._load_records()
         distributions = self._teacher_distributions(records)
         scenarios = self._training_scenarios(records, distributions)

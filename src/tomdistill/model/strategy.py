@@ -38,3 +38,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     @property
     def root_device(self) -> torch.device:
         return torch.device("cpu", self.local_rank)
+
+
+def deepspeed_strategy(config: str, accelerator: str = "gpu", **options) -> DeepSpeedStrategy:
+    """conf/trainer/deepspeed_*.yaml: Lightning's `DeepSpeedStrategy` on GPUs, `CPUDeepSpeedStrategy` on CPU
+    (`accelerator` is the resolved one, given by the recipe)."""
+    from pathlib import Path
+
+    if not Path(config).exists():
+        raise ValueError(f"DeepSpeed config {config} not found (trainer.strategy.config)")
+    strategy = CPUDeepSpeedStrategy if accelerator == "cpu" else DeepSpeedStrategy
+    return strategy(config=str(config), **options)
