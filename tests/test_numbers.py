@@ -14,7 +14,7 @@ import torch
 from tomdistill.evaluation import BOOTSTRAP_SCENARIOS, compute_evaluation, label_heldout_scenarios
 from tomdistill.metrics.propensity import answer_table
 from tomdistill.records import SamplesError, load_samples, mass_warning
-from tomdistill.sampling.scoring import (
+from tomdistill.scoring import (
     action_distribution, action_logprobs, answer_logprob, prepare_item, score_prompt, score_scenarios,
 )
 from tomdistill.scenarios import oracle

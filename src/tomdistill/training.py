@@ -356,7 +356,7 @@ def build_datamodule(cfg: DictConfig, loss):
 
 
 def validation_scenarios(datamodule, cfg: DictConfig):
-    from .data.datamodule import propensity
+    from .metrics.propensity import choice_propensity
     from .model.lora_module import ValidationScenarios
 
     targets = datamodule.val_targets
@@ -365,7 +365,7 @@ def validation_scenarios(datamodule, cfg: DictConfig):
         return None
     return ValidationScenarios(
         ids=[t.id for t in targets], items=[t.item for t in targets],
-        teacher_propensity=[propensity(t.teacher_probs) for t in targets], tokenizer=datamodule.tokenizer,
+        teacher_propensity=[choice_propensity(t.teacher_probs) for t in targets], tokenizer=datamodule.tokenizer,
         batch_size=int(cfg.data.eval_batch_size),
     )
 

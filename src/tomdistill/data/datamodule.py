@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..losses import DistillationLoss, SFTLoss
 from ..losses.base import IGNORE_INDEX
 from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
-from ..sampling.scoring import ScoringItem, prepare_item
+from ..scoring import ScoringItem, prepare_item
 from ..scenarios import ANSWER_PREFIX, MOTIVATION_PREFIX, UNPARSED, Catalogue, Scenario, answer_text, build_messages, render_prompt
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,6 @@ class ScenarioTarget:
     @property
     def id(self) -> str:
         return self.scenario.id
-
-
-def propensity(probs: dict[str, float]) -> float:
-    """The propensity to cooperate: P(C) for C/D games, the expected share given for amounts."""
-    if "C" in probs:
-        return float(probs["C"])
-    amounts = {int(a): p for a, p in probs.items()}
-    return sum(a * p for a, p in amounts.items()) / max(amounts)
 
 
 def teacher_distributions(records: datasets.Dataset) -> dict[tuple[str, str], dict[str, float]]:

@@ -35,7 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..losses import LossInputs
 from ..losses.base import IGNORE_INDEX
 from ..metrics.transfer import alignment
-from ..sampling.scoring import ScoringItem, action_distribution, action_logprobs
+from ..scoring import ScoringItem, action_distribution, action_logprobs
 from .loading import ModelLoadError, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -461,7 +461,7 @@ class LoRADistillModule(pl.LightningModule):
     @torch.no_grad()
     def score_validation(self) -> tuple[list[float], float]:
         """The student's propensity on each validation scenario and its mean mass on the actions."""
-        from ..data.datamodule import propensity
+        from ..metrics.propensity import choice_propensity
 
         v = self.validation
         logprobs = action_logprobs(self.model, v.tokenizer, v.items, v.batch_size)
@@ -469,7 +469,7 @@ class LoRADistillModule(pl.LightningModule):
         for lp in logprobs:
             probs, mass = action_distribution(lp)  # the same rule as score mode (complete answers, renormalised)
             masses.append(mass)
-            propensities.append(propensity(probs) if mass > 0 else float("nan"))
+            propensities.append(choice_propensity(probs) if mass > 0 else float("nan"))
         return propensities, float(np.mean(masses))
 
     # ---------------------------------------------------------------- optimisation

@@ -198,7 +198,7 @@ class HFBackend(Backend):
         return {self._cache_argument: cache}
 
     def score(self, scenarios: list[Scenario]) -> list[ScoredScenario]:
-        from .scoring import score_scenarios
+        from ..scoring import score_scenarios
 
         scored = score_scenarios(self.model, self.tokenizer, scenarios, self.settings.role,
                                  self.settings.score_batch_size, self.shuffle_seed)
@@ -322,7 +322,7 @@ class VLLMBackend(Backend):
         need P(no further digit): one sequence per (amount, digit-starting token) gives each of those."""
         import torch
 
-        from .scoring import action_distribution, answer_logprob, prepare_item, score_prompt
+        from ..scoring import action_distribution, answer_logprob, prepare_item, score_prompt
 
         role = self.settings.role
         items = [prepare_item(self.tokenizer, score_prompt(self.tokenizer, s, role, self.shuffle_seed), s.game.actions)

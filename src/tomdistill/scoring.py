@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..scenarios import ANSWER_PREFIX, Scenario, build_messages, render_prompt
+from .scenarios import ANSWER_PREFIX, Scenario, build_messages, render_prompt
 
 ASCII_DIGITS = frozenset("0123456789")
 
