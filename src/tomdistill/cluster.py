@@ -293,6 +293,12 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
     if not jobs:
         write_study(study_dir, list(variants(cfg)), seeds(cfg), show=True)
         return 0
+    old = previous.get("study table")
+    if not handles and old and active_job(old):  # nothing new: the queued table job still waits for the same jobs
+        record["study table"] = old
+        _write_json_atomic(record_path, record)
+        print(f"study table: job {old} is still queued, not resubmitted", flush=True)
+        return 0
     res = layouts[next(s.name for s in stages if s.kind == "evaluate")]
     executor = make_executor(launcher, folder, cluster, Resources(1, 1, 0, 1, res.mem_gb, 30),
                              f"{cluster.get('job_prefix') or 'tomdistill'}-study",
