@@ -4,7 +4,7 @@
 # are the training stack's). Then sample with it:
 #   .venv-vllm/bin/python sample.py sampler=vllm sampler.tensor_parallel_size=8 model=llama2_70b role=teacher
 #   python -m tomdistill.pipeline +experiment=paper \
-#     "pipeline.teacher=[model=llama2_70b,role=teacher,sampler=vllm,sampler.tensor_parallel_size=8,sampler.python=.venv-vllm/bin/python]"
+#     "pipeline.teacher=['model=llama2_70b','role=teacher','sampler=vllm','sampler.tensor_parallel_size=8','sampler.python=.venv-vllm/bin/python']"
 # A node whose driver needs a CUDA 12.x torch build (requirements-gpu.txt): TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 # installs torch from there first. PYTHON picks the interpreter (vLLM needs Python >= 3.11).
 set -euo pipefail

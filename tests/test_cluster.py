@@ -222,3 +222,51 @@ def test_the_paper_study_runs_as_chained_local_jobs_and_a_rerun_skips_finished_s
     third = ok(run_pipeline(*TINY_PAPER, "pipeline.launcher=submitit_local", f"output={study}", timeout=300))
     assert third.stdout.count("complete, skipped") == 5 and third.stdout.count("submitted job") == 1
     assert "[6/6] evaluate [soft]: submitted job" in third.stdout and summary.exists()
+
+
+CHILD = """#!/usr/bin/env bash
+# stands in for a stage's command: says which signal reached it
+trap 'echo TERM >> "$LOG"; exit 143' TERM
+trap 'echo USR2 >> "$LOG"; exit 0' USR2
+echo started >> "$LOG"
+sleep 60 & wait
+"""
+
+
+@pytest.mark.parametrize("script, restarts, reaches_child, outcome, requeue_call", [
+    ("evaluate.py", "0", "TERM", "requeued SLURM job 77", "requeue 77"),
+    ("sample.py", "3", "TERM", "not requeued: restarted 3 times already (pipeline.cluster.max_requeues)", None),
+    ("train.py", "0", "USR2", "train.py saved last.ckpt and requeued the job", None),  # train.py requeues itself
+])
+def test_a_preempted_job_stops_its_stage_and_requeues(tmp_path, monkeypatch, script, restarts, reaches_child,
+                                                      outcome, requeue_call):
+    import signal
+    import threading
+    import time
+
+    from tomdistill.cluster import StageFailed, StageJob
+    from tomdistill.pipeline import Stage
+
+    child, log = tmp_path / "child.sh", tmp_path / "child.log"
+    child.write_text(CHILD)
+    child.chmod(0o755)
+    for name, value in {"LOG": str(log), "SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_RESTART_COUNT": restarts,
+                        "FAKE_SLURM_DIR": str(tmp_path),
+                        "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}"}.items():
+        monkeypatch.setenv(name, value)
+    stage = Stage("a stage", script, tmp_path / "out", kind="evaluate", python=str(child))
+
+    def warn_when_started():  # SLURM's pre-emption warning, once the stage runs
+        deadline = time.time() + 30
+        while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=warn_when_started, daemon=True).start()
+    handler = signal.getsignal(signal.SIGUSR2)
+    with pytest.raises(StageFailed, match=re.escape(f"a stage: pre-empted; {outcome}")):
+        StageJob(stage, [], [], max_requeues=3)()
+    assert log.read_text().split() == ["started", reaches_child]
+    calls = (tmp_path / "scontrol.log").read_text().split("\n")[0] if (tmp_path / "scontrol.log").exists() else None
+    assert calls == requeue_call
+    assert signal.getsignal(signal.SIGUSR2) is handler  # the job's own handlers are put back

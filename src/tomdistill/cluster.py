@@ -141,7 +141,7 @@ class StageJob:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if preempted:
+        if preempted and not (returncode == 0 and stage.complete()):  # the warning came as the stage finished: done
             raise StageFailed(f"{stage.name}: pre-empted; {self._requeue()}")
         if returncode != 0:
             raise StageFailed(f"{stage.name}: exit {returncode}; command:\n  {' '.join(command)}")
