@@ -211,11 +211,12 @@ def _job_name(cluster, stage) -> str:
 
 
 def make_executor(launcher: str, folder: Path, cluster, res: Resources, name: str, dependency: str | None,
-                  srun_args: list[str], python: str | None = None):
+                  srun_args: list[str]):
+    """A submitit executor for one job; the job's wrapper runs with this interpreter (it unpickles `StageJob`),
+    the stage's own command with the stage's (`sampler.python`)."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if launcher == "slurm" else "local",
-                                     **({"slurm_python": python} if python and launcher == "slurm" else {}))
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if launcher == "slurm" else "local")
     additional = {"requeue": True, "kill-on-invalid-dep": "yes", **dict(cluster.get("additional") or {})}
     if dependency:
         additional["dependency"] = dependency
@@ -251,7 +252,7 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
         layouts[stage.name] = res
     record_path = folder / "jobs.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() and launcher == "slurm" else {}
-    record: dict[str, str] = {}
+    record: dict[str, str] = dict(previous)  # kept until replaced: a crash below must not forget a queued job
     jobs: dict[str, str] = {}       # stage name -> job id this stage's dependents wait for
     handles: dict[str, object] = {}  # local executor: the jobs to wait for
     total = len(stages)
