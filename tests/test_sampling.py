@@ -296,5 +296,5 @@ def test_smollm2_generate_and_score(tmp_path):
 def test_vllm_backend_missing_says_how_to_install_it(tmp_path):
     from tomdistill.model.loading import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="requirements-gpu.txt"):
+    with pytest.raises(ModelLoadError, match="scripts/setup_vllm.sh"):
         run(make_cfg(tmp_path, "sampler=vllm", *TWO_GAMES))

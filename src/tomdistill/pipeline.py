@@ -34,6 +34,9 @@ class Stage:
     script: str
     output: Path
     overrides: list[str] = field(default_factory=list)
+    kind: str = ""  # teacher | student | train | evaluate: which `pipeline.cluster.*` resources a job gets
+    needs: list[str] = field(default_factory=list)  # names of the stages whose outputs this one reads
+    python: str | None = None  # the interpreter of its command (sample.py: `sampler.python`); None = this one
 
     def complete(self) -> bool:
         if self.script == "sample.py":
@@ -74,10 +77,11 @@ def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
     if against not in ("teacher", "teacher_scores"):
         raise SystemExit(f"pipeline.evaluate_against={against!r}: expected teacher or teacher_scores")
     reference = teacher if against == "teacher" else teacher_scores
+    reference_stage = "teacher samples" if against == "teacher" else "teacher choice probabilities"
     stages = [
-        Stage("teacher samples", "sample.py", teacher, list(p.teacher)),
-        Stage("teacher choice probabilities", "sample.py", teacher_scores, list(p.teacher_scores)),
-        Stage("base student", "sample.py", base, list(p.student)),
+        Stage("teacher samples", "sample.py", teacher, list(p.teacher), "teacher"),
+        Stage("teacher choice probabilities", "sample.py", teacher_scores, list(p.teacher_scores), "teacher"),
+        Stage("base student", "sample.py", base, list(p.student), "student"),
     ]
     for variant, train_overrides in variants(cfg).items():
         for seed in seeds(cfg):
@@ -90,21 +94,30 @@ def plan(cfg: DictConfig, study_dir: Path) -> list[Stage]:
                     f"train [{name}]", "train.py", train_dir,
                     [f"data.teacher={teacher}", f"data.teacher_probs={teacher_scores}", *p.train, *train_overrides,
                      *seed_override],
+                    "train", ["teacher samples", "teacher choice probabilities"],
                 ),
-                Stage(f"tuned student [{name}]", "sample.py", tuned, [*p.student, f"adapter={train_dir / adapter}"]),
+                Stage(f"tuned student [{name}]", "sample.py", tuned, [*p.student, f"adapter={train_dir / adapter}"],
+                      "student", [f"train [{name}]"]),
                 Stage(
                     f"evaluate [{name}]", "evaluate.py", study_dir / f"evaluate_{name}",
                     [f"teacher={reference}", f"base={base}", f"tuned={tuned}", *p.evaluate],
+                    "evaluate", [reference_stage, "base student", f"tuned student [{name}]"],
                 ),
             ]
     return stages
 
 
-def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
-    command = [sys.executable, str(PROJECT_ROOT / stage.script), *common, *stage.overrides,
+def stage_command(stage: Stage, common: list[str], extra: list[str] = ()) -> list[str]:
+    """The stage's command line, decided when it starts: a training run that left `last.ckpt` resumes from it."""
+    command = [stage.python or sys.executable, str(PROJECT_ROOT / stage.script), *common, *stage.overrides, *extra,
                f"output={stage.output}", f"hydra.run.dir={stage.output / 'hydra'}"]
     if stage.script == "train.py" and (stage.output / "checkpoints" / "last.ckpt").exists():
         command.append("ckpt_path=last")  # resume an interrupted training run
+    return command
+
+
+def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
+    command = stage_command(stage, common)
     print(f"[{index}/{total}] {stage.name}: running → {stage.output}", flush=True)
     started = time.perf_counter()
     env = {**os.environ, "PROJECT_ROOT": str(PROJECT_ROOT)}
@@ -125,6 +138,40 @@ def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
         print(f"[{index}/{total}] {stage.name}: finished but its outputs are incomplete in {stage.output}", flush=True)
         raise SystemExit(1)
     return time.perf_counter() - started
+
+
+class PipelineConfigError(ValueError):
+    """A bad `pipeline.*` (or stage) setting; the message names the key."""
+
+
+def stage_config(stage: Stage, common: list[str]) -> DictConfig:
+    """The config the stage's command composes (inside the pipeline's Hydra app, or an initialised compose API)."""
+    from hydra import compose
+
+    config = {"sample.py": "sample", "train.py": "train", "evaluate.py": "evaluate"}[stage.script]
+    return compose(config, overrides=[*common, *stage.overrides, f"output={stage.output}"])
+
+
+def sampler_python(value, where: str) -> str:
+    """`sampler.python`: the interpreter that runs sample.py (e.g. the vLLM environment's); null = this one."""
+    if value in (None, ""):
+        return sys.executable
+    path = Path(str(value)).expanduser()
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise PipelineConfigError(f"sampler.python ({where}): {path} is not an executable Python interpreter "
+                                  "(bash scripts/setup_vllm.sh creates .venv-vllm/bin/python)")
+    return str(path)
+
+
+def resolve_interpreters(stages: list[Stage], common: list[str]) -> dict[str, DictConfig]:
+    """Set each sampling stage's interpreter from its own `sampler.python`; the composed sample configs by stage name."""
+    configs = {}
+    for stage in stages:
+        if stage.script == "sample.py":
+            configs[stage.name] = cfg = stage_config(stage, common)
+            stage.python = sampler_python(cfg.sampler.get("python"), stage.name)
+    return configs
 
 
 def _pipeline_overrides() -> list[str]:
@@ -201,25 +248,51 @@ def print_study(table: dict) -> None:
         console.print(out)
 
 
+def write_study(study_dir: Path, variant_names: list[str], seed_list: list[int | None], show: bool = False) -> dict:
+    """study.json (written atomically) from every evaluation's summary.json; `show` prints the tables."""
+    table = study_table(study_dir, variant_names, seed_list)
+    tmp = study_dir / "study.json.tmp"
+    tmp.write_text(json.dumps(table, indent=2))
+    os.replace(tmp, study_dir / "study.json")
+    if show:
+        print_study(table)
+    return table
+
+
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from .cluster import LAUNCHERS, ClusterConfigError, StageFailed, submit_study
+
+    launcher = cfg.pipeline.get("launcher") or "local"
+    if launcher not in LAUNCHERS:
+        raise SystemExit(f"pipeline.launcher={launcher!r}: expected one of {'|'.join(LAUNCHERS)}")
     study_dir = Path(cfg.output or cfg.pipeline.study_dir).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     common = _pipeline_overrides()
     stages = plan(cfg, study_dir)
-    (study_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    try:
+        stage_configs = resolve_interpreters(stages, common)
+    except PipelineConfigError as err:
+        raise SystemExit(f"pipeline: error: {err}") from None
+    tmp = study_dir / "pipeline.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    os.replace(tmp, study_dir / "pipeline.yaml")
     started = time.perf_counter()
+    if launcher != "local":
+        try:
+            code = submit_study(cfg, stages, common, study_dir, stage_configs)
+        except (ClusterConfigError, StageFailed) as err:
+            raise SystemExit(f"pipeline: error: {err}") from None
+        if launcher == "submitit_local":
+            print(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
+        raise SystemExit(code)
     for index, stage in enumerate(stages, 1):
         if stage.complete():
             print(f"[{index}/{len(stages)}] {stage.name}: complete, skipped ({stage.output})", flush=True)
             continue
         seconds = run_stage(stage, common, index, len(stages))
         print(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s", flush=True)
-    table = study_table(study_dir, list(variants(cfg)), seeds(cfg))
-    tmp = study_dir / "study.json.tmp"
-    tmp.write_text(json.dumps(table, indent=2))
-    os.replace(tmp, study_dir / "study.json")
-    print_study(table)
+    write_study(study_dir, list(variants(cfg)), seeds(cfg), show=True)
     print(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
 
 

@@ -256,36 +256,69 @@ class RowSeededSampler:
         return out.scatter_(1, choice, 0.0)
 
 
-class VLLMBackend(Backend):
-    """vLLM (optional, GPU): tensor parallel generation; exact scoring from prompt log-probabilities."""
+def prepare_vllm_process(local_rank: int, world_size: int, tensor_parallel_size: int) -> dict[str, str | None]:
+    """Before a vLLM engine starts in a data-parallel rank: only this rank's GPUs visible, no torchrun variables
+    and no torch process group for vLLM to take as its own (it builds its tensor-parallel group itself).
+    Returns what changed in the environment (None = removed)."""
+    import os
 
-    def __init__(self, cfg, settings: SamplerSettings, shuffle_seed: int | None = None, cache_dir: str | None = None):
+    from .settings import TORCHRUN_VARIABLES, vllm_visible_devices
+
+    changed: dict[str, str | None] = {}
+    devices = vllm_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank, world_size,
+                                   tensor_parallel_size)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = changed["CUDA_VISIBLE_DEVICES"] = devices
+    for name in TORCHRUN_VARIABLES:
+        if name in os.environ:
+            del os.environ[name]
+            changed[name] = None
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            changed["torch.distributed"] = None
+    except ImportError:
+        pass
+    return changed
+
+
+class VLLMBackend(Backend):
+    """vLLM (optional, GPU, its own environment: scripts/setup_vllm.sh): tensor parallel generation; exact scoring
+    from prompt log-probabilities; an adapter served through `LoRARequest`."""
+
+    def __init__(self, cfg, settings: SamplerSettings, shuffle_seed: int | None = None, cache_dir: str | None = None,
+                 local_rank: int = 0, world_size: int = 1):
         super().__init__(settings, shuffle_seed)
         try:
             import vllm
         except ImportError as err:
             raise ModelLoadError(
-                "sampler=vllm needs the optional `vllm` package (GPU only): `pip install -r requirements-gpu.txt`, "
-                f"or use sampler=hf ({err})"
+                "sampler=vllm needs the optional `vllm` package (GPU only) in its own environment: "
+                "`bash scripts/setup_vllm.sh`, then run sample.py with .venv-vllm/bin/python (in the pipeline: "
+                f"sampler.python=.venv-vllm/bin/python), or use sampler=hf ({err})"
             ) from err
         from ..model.loading import check_adapter_dir, resolve_model_path
+        from .settings import vllm_dtype, vllm_max_lora_rank
 
         self._vllm = vllm
         model_cfg = cfg.model
         self.name = model_identity(model_cfg)
-        dtype = settings.dtype if settings.dtype != "auto" else (_get(model_cfg, "dtype") or "auto")
         kwargs = {}
         self.lora_request = None
         if settings.adapter:
             adapter_config = check_adapter_dir(settings.adapter, self.name)
             from vllm.lora.request import LoRARequest
 
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, int(adapter_config.get("r", 16))))
+            kwargs.update(enable_lora=True,
+                          max_lora_rank=vllm_max_lora_rank(adapter_config.get("r", 16), f"adapter={settings.adapter}"))
             self.lora_request = LoRARequest("adapter", 1, str(Path(settings.adapter).resolve()))
+        prepare_vllm_process(local_rank, world_size, settings.tensor_parallel_size)
         self.llm = vllm.LLM(
             model=resolve_model_path(model_cfg, cache_dir),
             tensor_parallel_size=settings.tensor_parallel_size,
-            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype),
+            dtype=vllm_dtype(settings.dtype, _get(model_cfg, "dtype")),
             trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)),
             gpu_memory_utilization=settings.gpu_memory_utilization,
             seed=settings.seed,
@@ -357,12 +390,12 @@ class VLLMBackend(Backend):
 
 
 def make_backend(cfg, settings: SamplerSettings, shuffle_seed: int | None, local_rank: int = 0,
-                 cache_dir: str | None = None) -> Backend:
+                 cache_dir: str | None = None, world_size: int = 1) -> Backend:
     if settings.backend == "oracle":
         return OracleBackend(settings, shuffle_seed)
     if settings.backend == "hf":
         return HFBackend(cfg, settings, shuffle_seed, local_rank, cache_dir)
-    return VLLMBackend(cfg, settings, shuffle_seed, cache_dir)
+    return VLLMBackend(cfg, settings, shuffle_seed, cache_dir, local_rank, world_size)
 
 
 def backend_model_name(cfg, settings: SamplerSettings) -> str:

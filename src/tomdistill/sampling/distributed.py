@@ -75,10 +75,10 @@ def detect_world() -> World:
     return World(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def setup_world() -> World:
-    """This process's place among the ranks, joined to a gloo group when a rendezvous is known."""
+def setup_world(connect: bool = True) -> World:
+    """This process's place among the ranks, joined to a gloo group when a rendezvous is known (and `connect`)."""
     world = detect_world()
-    if world.world_size == 1:
+    if world.world_size == 1 or not connect:
         return world
     import torch.distributed as dist
 

@@ -221,7 +221,8 @@ def run(cfg) -> Path:
     settings = settings_from_config(cfg)
     shuffle_seed = shuffle_seed_of(cfg, settings)
     scenarios, version = select_scenarios(cfg, shuffle_seed, elicits_with_answer_prefix(settings))
-    world = setup_world()
+    # vLLM builds its own tensor-parallel process group: its ranks share only the output directory
+    world = setup_world(connect=settings.backend != "vllm")
     try:
         output_dir = resolve_output_dir(cfg, world)
         model = backend_model_name(cfg, settings)
@@ -234,7 +235,7 @@ def run(cfg) -> Path:
         written: list[str] = []
         if pending:
             cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
-            backend = make_backend(cfg, settings, shuffle_seed, world.local_rank, cache_dir)
+            backend = make_backend(cfg, settings, shuffle_seed, world.local_rank, cache_dir, world.world_size)
             label = f"{model} · {settings.mode} · {settings.role}"
             try:
                 with _Progress(mine, pending, world, settings.progress, label) as progress:

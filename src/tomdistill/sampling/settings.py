@@ -102,6 +102,67 @@ def resolve_device(value: str, key: str = "sampler.device", local_rank: int = 0)
     raise SamplingConfigError(f"{key}: must be auto, cpu, cuda or cuda:<index>, got {value!r}")
 
 
+# vLLM's own rules (vllm/config LoRAConfig and SamplingParams), checked here so a wrong setting fails before the
+# engine loads a 70b model: the LoRA ranks it accepts, and no greedy decoding with several samples per request.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# what torchrun leaves in the environment of a rank; vLLM reads these (RANK, WORLD_SIZE, MASTER_*) when it sets
+# up its own tensor-parallel group, so an engine started from a data-parallel rank must not inherit them
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def vllm_max_lora_rank(rank, key: str = "adapter") -> int:
+    """The smallest of vLLM's allowed `max_lora_rank` values that holds an adapter of rank `rank`."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise SamplingConfigError(f"{key}: adapter_config.json has LoRA rank r={rank!r}; expected a whole number ≥ 1")
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise SamplingConfigError(f"{key}: LoRA rank r={rank} is above vLLM's largest max_lora_rank "
+                              f"({VLLM_LORA_RANKS[-1]}; allowed {list(VLLM_LORA_RANKS)}); use sampler=hf")
+
+
+def vllm_dtype(sampler_dtype: str, model_dtype: str | None) -> str:
+    """vLLM's dtype: `auto` there means the checkpoint's (fp16 for Llama-2), so say bf16 as the hf backend does on GPU."""
+    name = sampler_dtype if sampler_dtype != "auto" else (model_dtype or "auto")
+    return {"auto": "bfloat16", "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+            "fp16": "float16", "float16": "float16"}[str(name)]
+
+
+def vllm_visible_devices(visible: str | None, local_rank: int, world_size: int, tensor_parallel_size: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for this rank's vLLM engine: GPUs local_rank × tp … + tp − 1 of what the node shows,
+    so data-parallel ranks on one node do not all start on GPU 0. None: leave it as it is (one rank, or the
+    scheduler already gave this task exactly its own tp GPUs, e.g. srun --gpus-per-task)."""
+    tp = tensor_parallel_size
+    if world_size <= 1:
+        return None
+    ids = [i.strip() for i in visible.split(",") if i.strip()] if visible not in (None, "") else None
+    if ids is not None and len(ids) == tp:
+        return None
+    start = local_rank * tp
+    if ids is None:
+        return ",".join(str(i) for i in range(start, start + tp))
+    if start + tp > len(ids):
+        raise SamplingConfigError(
+            f"sampler.tensor_parallel_size={tp}: local rank {local_rank} needs GPUs {start}..{start + tp - 1} of "
+            f"CUDA_VISIBLE_DEVICES={visible} ({len(ids)} GPU(s)); run at most {len(ids) // tp} rank(s) per node")
+    return ",".join(ids[start:start + tp])
+
+
+def check_vllm_settings(settings: "SamplerSettings") -> None:
+    """vLLM's rules for what tomdistill sends it (see VLLM_LORA_RANKS above)."""
+    if settings.mode == "generate" and settings.temperature == 0 and settings.n > 1:
+        raise SamplingConfigError(
+            f"sampler.temperature=0 (greedy) with sampler.n={settings.n}: vLLM refuses several samples per request "
+            "under greedy decoding, and they would all be the same answer; set sampler.n=1 or a temperature > 0")
+    if settings.device == "cpu" or settings.device_map:
+        key = "sampler.device=cpu" if settings.device == "cpu" else f"sampler.device_map={settings.device_map}"
+        raise SamplingConfigError(f"{key}: the vllm backend runs on GPUs only and places the model itself "
+                                  "(sampler.tensor_parallel_size); use sampler=hf for the CPU or device_map")
+
+
 def settings_from_config(cfg) -> SamplerSettings:
     """Validated settings from a composed `sample.yaml` config."""
     sampler = _get(cfg, "sampler")
@@ -126,7 +187,7 @@ def settings_from_config(cfg) -> SamplerSettings:
     progress = _get(sampler, "progress", True)
     if not isinstance(progress, bool):
         raise SamplingConfigError(f"sampler.progress: must be true or false, got {progress!r}")
-    return SamplerSettings(
+    settings = SamplerSettings(
         backend=backend,
         mode=mode,
         role=role,
@@ -151,3 +212,6 @@ def settings_from_config(cfg) -> SamplerSettings:
         answer_prefill=bool(_get(sampler, "answer_prefill", True)),
         adapter=adapter,
     )
+    if backend == "vllm":
+        check_vllm_settings(settings)
+    return settings
