@@ -4,7 +4,6 @@
     python evaluate.py +experiment=paper_published
 """
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -14,16 +13,10 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg) -> None:
-    from tomdistill.evaluation import EvaluationError, evaluate
-    from tomdistill.metrics.propensity import PropensityError
-    from tomdistill.records import SamplesError
-    from tomdistill.scenarios import CatalogueError
+    from tomdistill.errors import run_app
+    from tomdistill.evaluation import evaluate
 
-    try:
-        evaluate(cfg)
-    except (EvaluationError, PropensityError, SamplesError, CatalogueError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_app("evaluate.py", evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -9,33 +9,20 @@ Writes parquet shards and manifest.json into `output` (default: the Hydra run di
 conf/sample.yaml and conf/sampler/hf.yaml for the settings.
 """
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
-from omegaconf.errors import MissingMandatoryValue  # noqa: E402
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from tomdistill.devices import NoVisibleGPUError
-    from tomdistill.model.loading import ModelLoadError
-    from tomdistill.records import SamplesError
-    from tomdistill.sampling import SamplingConfigError, run
-    from tomdistill.scenarios import CatalogueError
+    from tomdistill.errors import run_app
+    from tomdistill.sampling import run
 
-    try:
-        run(cfg)
-    except (CatalogueError, SamplesError, ModelLoadError, SamplingConfigError, NoVisibleGPUError) as err:
-        print(f"sample.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except MissingMandatoryValue as err:
-        print(f"sample.py: error: missing config value {err.full_key!r} (set it on the command line, "
-              f"e.g. {err.full_key}=...)", file=sys.stderr)
-        sys.exit(2)
+    run_app("sample.py", run, cfg)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
     python train.py output=DIR ckpt_path=last        # resume an interrupted run
     python train.py -m hparams_search=lora_optuna    # Optuna sweep on val/alignment
 """
-import logging
 import os
 import sys
 from pathlib import Path
@@ -22,15 +21,10 @@ register_resolvers()
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from tomdistill.training import USER_ERRORS, train
+    from tomdistill.errors import run_app
+    from tomdistill.training import train
 
-
-    try:
-        return train(cfg)
-    except USER_ERRORS as err:
-        logging.getLogger("train").error("%s", err)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    return run_app("train.py", train, cfg)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from .errors import UserError
 from . import distributed
 from .model.loading import tag_adapter
 
@@ -84,7 +85,7 @@ class CheckpointOnSigterm(pl.Callback):
             log.warning("SIGTERM: checkpoint saved to %s at global step %d", self.path, trainer.global_step)
 
 
-class TrainingDivergedError(FloatingPointError):
+class TrainingDivergedError(FloatingPointError, UserError):
     """The training loss exploded (a learning rate that is too high); the message names the step."""
 
 

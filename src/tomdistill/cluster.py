@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from . import PROJECT_ROOT
 
 KINDS = ("teacher", "student", "train", "evaluate")
@@ -39,7 +40,7 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ValueError, UserError):
     """A bad `pipeline.cluster.*` setting; the message names the key."""
 
 

@@ -12,12 +12,14 @@ import shutil
 import subprocess
 from typing import Mapping
 
+from .errors import UserError
+
 # what SLURM sets for a job or step with GPUs (--gpus, --gpus-per-node, --gres=gpu:N)
 SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS")
 SLURM_GPU_COUNTS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS")
 
 
-class NoVisibleGPUError(RuntimeError):
+class NoVisibleGPUError(RuntimeError, UserError):
     """GPUs are allocated to this process but torch cannot use them; the message names build and driver."""
 
 

@@ -29,10 +29,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(RuntimeError, UserError):
     """Another rank failed; this rank stops with it (the message carries the other rank's error)."""
 
 

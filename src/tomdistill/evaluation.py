@@ -7,7 +7,6 @@ writes the report, logs to W&B and prints the headline table.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -15,6 +14,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from tomdistill.errors import UserError
 from tomdistill.metrics import stats, transfer
 from tomdistill.records import mass_warning
 from tomdistill.metrics.propensity import (
@@ -33,7 +33,7 @@ BOOTSTRAP_SCENARIOS = "scenarios resampled within each group"
 RECORD_FIELDS = ["model", "game", "context", "split", "action", "action_probs", "action_mass", "prompt_version"]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ValueError, UserError):
     """Datasets that cannot be compared; the message names the dataset(s) and the scenario(s)."""
 
 
@@ -78,11 +78,8 @@ def _num(value) -> float | None:
 
 
 def base_game_of(game: str, bases: Mapping[str, str] | None = None) -> str:
-    """The unscaled game a `<game>_x<k>` variant comes from (catalogue first, then the naming rule)."""
-    if bases and bases.get(game):
-        return bases[game]
-    match = re.fullmatch(r"(.+)_x\d+(?:\.\d+)?", game)
-    return match.group(1) if match else game
+    """The unscaled game a scaled variant comes from, as the catalogue records it (`Game.base`)."""
+    return (bases or {}).get(game) or game
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -212,7 +209,7 @@ def compute_evaluation(
     groups = pd.DataFrame(groups_meta)
     # resampling the scenarios of a one-scenario group always draws that scenario: no interval, not a zero-width one
     no_interval = (point["n_scenarios"] < 2) if exact else np.zeros(len(groups), bool)
-    for metric in ("improvement", "alignment"):
+    for metric in transfer.TRANSFER_METRICS:
         low, high = stats.percentile_interval(boot[metric], confidence)
         groups[metric] = point[metric]
         groups[f"{metric}_ci_low"] = np.where(no_interval, np.nan, low)
@@ -223,10 +220,10 @@ def compute_evaluation(
     for role in ROLES:
         scenarios[f"p_{role}"] = p[role]
         scenarios[f"n_unparsed_{role}"] = aligned[role]["n_unparsed"].to_numpy()
-    for key in ("gap", "defined", "improvement", "alignment"):
+    for key in ("gap", "defined", *transfer.TRANSFER_METRICS):
         scenarios[key] = per_scenario[key]
     per_group = groups[groups["kind"] == "scenario"].reset_index(drop=True)
-    for metric in ("improvement", "alignment"):
+    for metric in transfer.TRANSFER_METRICS:
         scenarios[f"{metric}_ci_low"] = per_group[f"{metric}_ci_low"].to_numpy()
         scenarios[f"{metric}_ci_high"] = per_group[f"{metric}_ci_high"].to_numpy()
     scenarios.loc[~scenarios["defined"], ["improvement_ci_low", "improvement_ci_high"]] = np.nan
@@ -433,19 +430,9 @@ def evaluate(cfg) -> dict:
     compare = cfg.get("compare")
     if compare not in (None, "paper_published"):
         raise EvaluationError(f"unknown compare={compare!r}; expected null or paper_published")
-    output = cfg.get("output")
-    if output is None:
-        from hydra.core.hydra_config import HydraConfig
+    from tomdistill.paths import run_output_dir
 
-        if not HydraConfig.initialized():
-            raise EvaluationError("no output directory: pass output=DIR")
-        output = HydraConfig.get().runtime.output_dir
-    from tomdistill.paths import UnsafePathError, safe_output_dir
-
-    try:
-        output = safe_output_dir(output)  # no `..` climbing out of where the config points
-    except UnsafePathError as err:
-        raise EvaluationError(str(err)) from err
+    output = run_output_dir(cfg.get("output"))
     cache_dir = cfg.paths.cache_dir
     metrics_cfg = cfg.metrics
     if int(metrics_cfg.n_bootstrap) < 1000:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
 
-class UnsafePathError(ValueError):
+
+class UnsafePathError(ValueError, UserError):
     """A configured path that would write outside its directory."""
 
 
@@ -17,3 +19,20 @@ def safe_output_dir(path: str | Path, key: str = "output") -> Path:
     if raw.exists() and not raw.is_dir():
         raise UnsafePathError(f"config key {key!r}: {raw} exists and is not a directory")
     return raw.resolve()
+
+
+def hydra_run_dir() -> Path | None:
+    """The Hydra run directory of this app, or None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def run_output_dir(output: str | Path | None, key: str = "output") -> Path:
+    """The output-directory rule of every app: `output=` when given, else the Hydra run directory; never a path
+    that climbs out with `..` (`safe_output_dir`)."""
+    if output in (None, ""):
+        output = hydra_run_dir()
+        if output is None:
+            raise UnsafePathError(f"{key}: not set, and there is no Hydra run directory to default to; pass {key}=DIR")
+    return safe_output_dir(output, key)

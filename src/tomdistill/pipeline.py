@@ -24,8 +24,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import UserError
 from . import PROJECT_ROOT
+from .metrics.transfer import HEADLINE_METRIC, TRANSFER_METRICS
 from .scenarios.catalogue import REPORT_SPLITS
+
+STUDY_METRICS = (HEADLINE_METRIC, *(m for m in TRANSFER_METRICS if m != HEADLINE_METRIC))  # the headline first
 
 
 @dataclass
@@ -140,7 +144,7 @@ def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
     return time.perf_counter() - started
 
 
-class PipelineConfigError(ValueError):
+class PipelineConfigError(ValueError, UserError):
     """A bad `pipeline.*` (or stage) setting; the message names the key."""
 
 
@@ -189,7 +193,7 @@ def study_table(study_dir: Path, variants: list[str], seeds: list[int | None] = 
         runs = [json.loads((study_dir / f"evaluate_{run_name(variant, seed)}" / "summary.json").read_text())
                 for seed in seeds]
         row = {}
-        for metric in ("alignment", "improvement"):
+        for metric in STUDY_METRICS:
             row[metric] = {}
             for split in runs[0][metric]:
                 cells = [r[metric][split] for r in runs]
@@ -210,7 +214,7 @@ def study_table(study_dir: Path, variants: list[str], seeds: list[int | None] = 
         table[variant] = row
         paper = (runs[0].get("compare") or {}).get("paper_published") or paper
     if paper:
-        table["paper (70b → 7b, published counts)"] = {m: dict(paper[m]) for m in ("alignment", "improvement")}
+        table["paper (70b → 7b, published counts)"] = {m: dict(paper[m]) for m in STUDY_METRICS}
     return table
 
 
@@ -220,7 +224,7 @@ def print_study(table: dict) -> None:
 
     console = Console(width=160)
     splits = [*REPORT_SPLITS, "overall"]
-    for metric in ("alignment", "improvement"):
+    for metric in STUDY_METRICS:
         out = Table(title=f"{metric} toward the teacher (1.0 = indistinguishable; 95% bootstrap CI, "
                           "or mean ± sd over training seeds)")
         out.add_column("variant")
@@ -261,19 +265,22 @@ def write_study(study_dir: Path, variant_names: list[str], seed_list: list[int |
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from .cluster import LAUNCHERS, ClusterConfigError, StageFailed, submit_study
+    from .errors import run_app
+
+    run_app("pipeline", run_study, cfg)
+
+
+def run_study(cfg: DictConfig) -> None:
+    from .cluster import LAUNCHERS, StageFailed, submit_study
 
     launcher = cfg.pipeline.get("launcher") or "local"
     if launcher not in LAUNCHERS:
-        raise SystemExit(f"pipeline.launcher={launcher!r}: expected one of {'|'.join(LAUNCHERS)}")
+        raise PipelineConfigError(f"pipeline.launcher={launcher!r}: expected one of {'|'.join(LAUNCHERS)}")
     study_dir = Path(cfg.output or cfg.pipeline.study_dir).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     common = _pipeline_overrides()
     stages = plan(cfg, study_dir)
-    try:
-        stage_configs = resolve_interpreters(stages, common)
-    except PipelineConfigError as err:
-        raise SystemExit(f"pipeline: error: {err}") from None
+    stage_configs = resolve_interpreters(stages, common)
     tmp = study_dir / "pipeline.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=False))
     os.replace(tmp, study_dir / "pipeline.yaml")
@@ -281,7 +288,7 @@ def main(cfg: DictConfig) -> None:
     if launcher != "local":
         try:
             code = submit_study(cfg, stages, common, study_dir, stage_configs)
-        except (ClusterConfigError, StageFailed) as err:
+        except StageFailed as err:
             raise SystemExit(f"pipeline: error: {err}") from None
         if launcher == "submitit_local":
             print(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")

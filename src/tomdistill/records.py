@@ -12,6 +12,8 @@ from pathlib import Path
 
 import datasets
 
+from .errors import UserError
+
 RECORD_COLUMNS = (
     "model", "role", "game", "context", "split", "sample_index", "seed", "prompt_version",
     "prompt", "completion", "action", "motivation", "action_probs", "action_mass",
@@ -55,7 +57,7 @@ def mass_warning(scenario_id: str, mass: float) -> str | None:
     return None
 
 
-class SamplesError(ValueError):
+class SamplesError(ValueError, UserError):
     """An unusable samples dataset; the message names the dataset and what was expected."""
 
 

@@ -25,17 +25,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .distributed import RankFailedError
-from .devices import NoVisibleGPUError
-from .model.loading import ModelLoadError
-from .paths import UnsafePathError, safe_output_dir
-from .records import SamplesError
-from .scenarios import CatalogueError
+from .errors import UserError
+from .paths import UnsafePathError, run_output_dir, safe_output_dir
 
 log = logging.getLogger(__name__)
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(ValueError, UserError):
     """A training configuration that cannot run; the message says which key to change."""
 
 
@@ -60,11 +56,8 @@ def refuse_unsafe_output_override(argv: list[str]) -> None:
                 sys.exit(2)
 
 
-# errors that are the user's input, reported as one clean line (train.py exits with code 2)
-# a non-finite or exploding loss stops the run the same way: one line naming the step and batch, no adapter;
-# on several ranks the others stop with it, each with a line naming the rank that failed (RankFailedError)
-USER_ERRORS = (SamplesError, ModelLoadError, CatalogueError, UnsafePathError, TrainingConfigError, FloatingPointError,
-               RankFailedError, NoVisibleGPUError)
+# a user's error (a bad key, unusable data, a non-finite loss, a rank that failed) derives from errors.UserError:
+# train.py reports it as one line and exits 2 (errors.run_app)
 
 
 def train(cfg: DictConfig) -> float:
@@ -187,15 +180,8 @@ def record_trial(summary: dict, output: Path) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------
 def output_dir(cfg: DictConfig) -> Path:
-    """`output=` or the Hydra run directory."""
-    if cfg.get("output"):
-        path = safe_output_dir(cfg.output)
-    else:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            raise TrainingConfigError("set `output=DIR` when calling train() outside a Hydra app")
-        path = Path(HydraConfig.get().runtime.output_dir)
+    """`output=` or the Hydra run directory (paths.run_output_dir), recorded in the config for the components."""
+    path = run_output_dir(cfg.get("output"))
     path.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.output = str(path)
@@ -324,14 +310,14 @@ def build(node, key: str, **runtime):
         factory = instantiate(node, _convert_="all", _partial_=True)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, USER_ERRORS):
+        if isinstance(cause, UserError):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
             raise TrainingConfigError(f"{key} ({node.get('_target_')}): {cause}") from err
         raise
     try:
         return factory(**runtime)
-    except USER_ERRORS:
+    except UserError:
         raise
     except (ValueError, TypeError) as err:
         raise TrainingConfigError(f"{key} ({node.get('_target_')}): {err}") from err

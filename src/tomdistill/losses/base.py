@@ -7,10 +7,12 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import UserError
+
 IGNORE_INDEX = -100  # a position without a next-token target (prompt, padding)
 
 
-class LossError(ValueError):
+class LossError(ValueError, UserError):
     """A loss configured with values it cannot train with; the message names the key."""
 
 

@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from tomdistill.errors import UserError
 from tomdistill.scenarios.catalogue import REPORT_SPLITS
 from tomdistill.scenarios.parsing import UNPARSED
 
@@ -28,7 +29,7 @@ MATRIX_ACTIONS = ("C", "D")
 DEFAULT_ENDOWMENT = 10
 
 
-class PropensityError(ValueError):
+class PropensityError(ValueError, UserError):
     """Records that cannot give a propensity; the message names the dataset and the scenario."""
 
 

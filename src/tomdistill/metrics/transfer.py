@@ -14,6 +14,10 @@ import numpy as np
 from tomdistill.scenarios.catalogue import REPORT_SPLITS
 
 DEFAULT_EPSILON = 0.01
+# the transfer metrics every table, summary, log and study reports, in report order (the paper's first);
+# a new metric is a per-scenario function below, a `scenario_transfer` entry and a name here
+TRANSFER_METRICS = ("improvement", "alignment")
+HEADLINE_METRIC = "alignment"  # the README's and the study table's first
 
 
 def improvement_per_scenario(p_base, p_tuned, p_teacher, epsilon: float = DEFAULT_EPSILON) -> np.ndarray:

@@ -21,13 +21,14 @@ from typing import Any, Mapping
 
 import torch
 
+from ..errors import UserError
 from .. import PROJECT_ROOT
 
 
 ADAPTER_META = "tomdistill_adapter.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RuntimeError, UserError):
     """A model, tokenizer or adapter that cannot be loaded; the message says what to do."""
 
 

@@ -32,6 +32,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..errors import UserError
 from ..losses import LossInputs
 from ..losses.base import IGNORE_INDEX
 from ..metrics.transfer import alignment
@@ -39,6 +40,10 @@ from ..scoring import ScoringItem, action_distribution, action_logprobs
 from .loading import ModelLoadError, load_causal_lm
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError, UserError):
+    """A NaN or inf loss; the message names the rank, step and batch (train.py reports it in one line)."""
 
 
 
@@ -357,7 +362,7 @@ class LoRADistillModule(pl.LightningModule):
 
     def _check_finite(self, loss: torch.Tensor, stage: str, batch_idx: int, batch: dict) -> None:
         if not torch.isfinite(loss):
-            raise FloatingPointError(self._non_finite_message(loss, stage, batch_idx, batch))
+            raise NonFiniteLossError(self._non_finite_message(loss, stage, batch_idx, batch))
 
     def _non_finite_message(self, loss: torch.Tensor, stage: str, batch_idx: int, batch: dict) -> str:
         world = self._world_size()
@@ -385,8 +390,8 @@ class LoRADistillModule(pl.LightningModule):
         failures, _, mean = agree(message, loss.device, value=loss)
         if failures:
             if message is not None:
-                raise FloatingPointError(message)
-            raise FloatingPointError(f"stopping rank {self.global_rank} with the others: {describe(failures)}")
+                raise NonFiniteLossError(message)
+            raise NonFiniteLossError(f"stopping rank {self.global_rank} with the others: {describe(failures)}")
         return mean.to(loss.device, loss.dtype)
 
     # ---------------------------------------------------------------- training

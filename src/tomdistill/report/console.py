@@ -4,6 +4,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from tomdistill.metrics.transfer import TRANSFER_METRICS
+
 from .tables import percent, present_columns, propensity_label
 
 
@@ -30,7 +32,7 @@ def print_summary(evaluation, summary: dict, output, reference=None, console: Co
         table.add_column(split, justify="right")
     rows = [("this run", evaluation)] + ([("paper (published counts)", reference)] if reference is not None else [])
     for source, data in rows:
-        for metric in ("improvement", "alignment"):
+        for metric in TRANSFER_METRICS:
             headline = data.headline(metric)
             cells = [_cell(headline[c]) for c in columns]
             table.add_row(source, metric, *cells)

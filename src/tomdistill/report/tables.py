@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tomdistill.metrics.transfer import TRANSFER_METRICS
 from tomdistill.scenarios.catalogue import REPORT_SPLITS
 
 HEADLINE_COLUMNS = [*REPORT_SPLITS, "overall"]
@@ -77,7 +78,7 @@ def write_table(frame: pd.DataFrame, directory: Path, name: str, markdown: pd.Da
 def headline_long(evaluation, source: str) -> pd.DataFrame:
     """One row per metric × split (overall included): value, CI, scenario counts."""
     rows = []
-    for metric in ("improvement", "alignment"):
+    for metric in TRANSFER_METRICS:
         for split, entry in evaluation.headline(metric).items():
             rows.append({"source": source, "metric": metric, "split": split, **entry})
     return pd.DataFrame(rows)
@@ -122,7 +123,7 @@ def scenario_markdown(scenarios: pd.DataFrame) -> pd.DataFrame:
 def groups_markdown(groups: pd.DataFrame) -> pd.DataFrame:
     view = groups[groups["kind"] != "scenario"][["kind", "split", "group", "n_scenarios", "n_defined"]].copy()
     chosen = groups[groups["kind"] != "scenario"]
-    for metric in ("improvement", "alignment"):
+    for metric in TRANSFER_METRICS:
         view[metric] = [with_interval(v, lo, hi) for v, lo, hi in
                         zip(chosen[metric], chosen[f"{metric}_ci_low"], chosen[f"{metric}_ci_high"])]
     return view

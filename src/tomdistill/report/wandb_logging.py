@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tomdistill.metrics.transfer import TRANSFER_METRICS
 from tomdistill.tracking import resolve_wandb_mode
 
 from .tables import HEADLINE_COLUMNS
@@ -13,7 +14,7 @@ from .tables import HEADLINE_COLUMNS
 def headline_metrics(summary: dict) -> dict[str, float]:
     """Flat run-summary keys, e.g. `alignment/in_sample`, `improvement/overall_ci_low` (fractions)."""
     out = {}
-    for metric in ("improvement", "alignment"):
+    for metric in TRANSFER_METRICS:
         for split in HEADLINE_COLUMNS:
             entry = summary[metric].get(split) or {}
             for key, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..model.loading import check_adapter_dir
-from ..paths import UnsafePathError, safe_output_dir
+from ..paths import run_output_dir
 from ..records import load_samples, mass_warning
 from ..scenarios import ANSWER_PREFIX, Scenario, catalogue_from_config, parse_action, parse_motivation, prompt_version
 from .backends import Backend, GenerationRequest, backend_model_name, make_backend
@@ -63,18 +63,10 @@ def resolve_output_dir(cfg, world: World) -> Path:
                 "output: set output=DIR when several ranks run without torch.distributed "
                 "(each would otherwise write to its own Hydra run directory)"
             )
-        if world.is_main:
-            try:
-                from hydra.core.hydra_config import HydraConfig
-
-                output = HydraConfig.get().runtime.output_dir
-            except ValueError as err:  # not inside a Hydra app
-                raise SamplingConfigError("output: not set, and there is no Hydra run directory to default to") from err
+        if world.is_main:  # every rank writes where rank 0's Hydra run directory is
+            output = str(run_output_dir(None))
         output = world.broadcast(output)
-    try:
-        directory = safe_output_dir(output)  # no `..` climbing out of where the config points
-    except UnsafePathError as err:
-        raise SamplingConfigError(str(err)) from err
+    directory = run_output_dir(output)
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from ..errors import UserError
+
 BACKENDS = ("hf", "vllm", "oracle")
 MODES = ("generate", "score")
 ROLES = ("teacher", "student")
@@ -16,7 +18,7 @@ DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEFAULT_MAX_NEW_TOKENS = {"student": 8, "teacher": 200}
 
 
-class SamplingConfigError(ValueError):
+class SamplingConfigError(ValueError, UserError):
     """A bad sampling config value; the message names the key."""
 
 

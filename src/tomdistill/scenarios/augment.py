@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterable, Mapping
 
-from .catalogue import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Game
+from .catalogue import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Game, scaled_game
 
 KEY = "scenarios.augment"
 CELLS = tuple((mine, theirs) for mine in MATRIX_ACTIONS for theirs in MATRIX_ACTIONS)  # R, S, T, P
@@ -210,7 +210,6 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
     new: dict[str, Game] = {}
     pairs: list[tuple[str, str]] = []
     for scale in augmentation.scales:
-        label = int(scale) if float(scale).is_integer() else scale
         for base_name, contexts in bases.items():
             base = games[base_name]
             matrix = tuple(v * Fraction(repr(float(scale))) for v in matrix_of(base))
@@ -220,12 +219,13 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
                     f"{KEY}.scales: scale {scale:g} turns {base_name} into the payoffs of {clash[0]}, which an evaluated "
                     f"split holds; augmentation would leak it"
                 )
-            name = f"{base_name}_x{label}"
+            scaled = scaled_game(base, scale)
+            name = scaled.name
             if name in games:  # a game file's `scaled_variants` already built it: reuse it if it matches
                 if matrix_of(games[name]) != matrix:
                     raise CatalogueError(f"{KEY}.scales: scale {scale:g} names {name!r}, a catalogue game with other payoffs")
             else:
-                new[name] = game_with_matrix(base, matrix, name, f"{base.title} (payoffs ×{label})", scale=float(scale))
+                new[name] = scaled
             pairs.extend((name, c) for c in contexts)
     if augmentation.variants:
         forbidden = list(evaluated.values())

@@ -14,6 +14,8 @@ from typing import Iterable
 
 import yaml
 
+from ..errors import UserError
+
 SPLITS = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
 # Evaluation only: in-sample games in contexts an adapter was NOT trained on (held out for validation).
 # `in_sample` then means the scenarios the adapter was trained on, as in the paper.
@@ -26,7 +28,7 @@ AUGMENT_SPLIT = "augment"
 MATRIX_ACTIONS = ("C", "D")
 
 
-class CatalogueError(ValueError):
+class CatalogueError(ValueError, UserError):
     """An invalid catalogue file; the message names the file and the key."""
 
 
@@ -213,18 +215,22 @@ def _parse_game(data: dict, path: Path) -> list[Game]:
     for scale in data.get("scaled_variants", []) or []:
         if not isinstance(scale, (int, float)) or scale <= 0:
             raise CatalogueError(f"{path}: key 'scaled_variants' must list positive numbers, got {scale!r}")
-        label = int(scale) if float(scale).is_integer() else scale
-        games.append(
-            Game(
-                name=f"{name}_x{label}",
-                title=f"{title} (payoffs ×{label})",
-                kind=kind,
-                payoffs={m: {t: v * scale for t, v in row.items()} for m, row in matrix.items()},
-                scale=float(scale),
-                base=name,
-            )
-        )
+        games.append(scaled_game(games[0], scale))
     return games
+
+
+def scaled_game(base: Game, scale: float) -> Game:
+    """The scaled-game rule (a game file's `scaled_variants`, `scenarios.augment.scales`): `base` with every
+    payoff × `scale`, named `<base>_x<scale>`, its `base` recorded so reports group it without parsing names."""
+    label = int(scale) if float(scale).is_integer() else scale
+    return Game(
+        name=f"{base.name}_x{label}",
+        title=f"{base.title} (payoffs ×{label})",
+        kind=base.kind,
+        payoffs={m: {t: v * scale for t, v in row.items()} for m, row in base.payoffs.items()},
+        scale=float(scale),
+        base=base.name,
+    )
 
 
 def _parse_context(data: dict, path: Path) -> Context:
