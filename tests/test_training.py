@@ -364,3 +364,21 @@ def test_kept_logits_without_native_mask_slicing_equal_the_native_ones(tiny_mode
     assert torch.allclose(manual, native, atol=1e-5)
     manual.sum().backward()  # gradients reach the adapter through the manual path
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(tiny_model_cfg):
+    from types import SimpleNamespace
+
+    from tomdistill.model.lora_module import LoRADistillModule
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    plus = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3, "lora_plus_ratio": 16}, SoftLabelLoss())
+    plus._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    groups = plus.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in plus.named_parameters()}
+    assert [g["initial_lr"] for g in groups] == [1e-3, 16e-3]
+    assert all("lora_A" in names[id(p)] for p in groups[0]["params"]) and groups[0]["params"]
+    assert all("lora_B" in names[id(p)] for p in groups[1]["params"]) and len(groups[1]["params"]) == len(groups[0]["params"])
+    plain = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3}, SoftLabelLoss())
+    plain._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    assert len(plain.configure_optimizers()["optimizer"].param_groups) == 1  # off by default: the demo unchanged

@@ -211,6 +211,7 @@ _NUMBER_RULES = {
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": (lambda v: v >= 0, "a number ≥ 0"),
     "optim.warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.lora_plus_ratio": (lambda v: v > 0, "a number > 0 (1 = off)"),
     "model.lora.r": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "model.lora.alpha": (lambda v: v > 0, "a number > 0"),
     "model.lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -482,8 +482,16 @@ class LoRADistillModule(pl.LightningModule):
         from transformers import get_scheduler
 
         cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]  # the adapter only (docs/design.md, "Optimizer parameters and hyperparameters")
-        optimizer = torch.optim.AdamW(params, lr=float(cfg.get("lr", 2e-4)), weight_decay=float(cfg.get("weight_decay", 0.0)),
+        lr = float(cfg.get("lr", 2e-4))
+        # the adapter only (docs/design.md, "Optimizer parameters and hyperparameters")
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        ratio = float(cfg.get("lora_plus_ratio") or 1.0)
+        if ratio == 1.0:
+            params = [p for _, p in named]
+        else:  # LoRA+ (Hayou et al., 2024): B, which starts at zero, learns `ratio` times faster than A
+            params = [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
+                      {"params": [p for n, p in named if "lora_B" in n], "lr": lr * ratio}]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)),
                                       betas=tuple(cfg.get("betas", (0.9, 0.999))))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(round(float(cfg.get("warmup_ratio", 0.0)) * total))
