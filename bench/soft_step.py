@@ -52,6 +52,7 @@ def step_seconds(model_name: str, batch: dict, precision: str, top_layers: int |
     import torch
 
     from tomdistill.model.lora_module import LoRADistillModule
+    from tomdistill.losses import SoftLabelLoss
 
     torch.manual_seed(0)
     lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear", "top_layers": top_layers,

@@ -249,6 +249,7 @@ def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(t
     teacher data of another augmentation (same prompt_version) cannot silently label these prompts."""
     from tomdistill.data.datamodule import DataError, TeacherQADataModule
     from tomdistill.data.oracle_teacher import oracle_teacher_dir
+    from tomdistill.losses import SoftLabelLoss
     from tomdistill.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_cfg, padding_side="right")
@@ -256,7 +257,7 @@ def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(t
     other = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 1})
 
     def make(teacher, cat):
-        dm = TeacherQADataModule(teacher, tokenizer, cat, loss="soft", splits=["in_sample", AUGMENT_SPLIT],
+        dm = TeacherQADataModule(teacher, tokenizer, cat, loss=SoftLabelLoss(), splits=["in_sample", AUGMENT_SPLIT],
                                  cache_dir=tmp_path / "cache")
         dm.setup("fit")
         return dm
