@@ -113,7 +113,7 @@ class StageJob:
     max_requeues: int = 3
 
     def __call__(self) -> str:
-        from .pipeline import stage_command
+        from .study import stage_command
 
         stage = self.stage
         if stage.complete():  # a requeued or duplicate job of a finished stage
@@ -184,7 +184,7 @@ class StudyJob:
     seeds: list
 
     def __call__(self) -> str:
-        from .pipeline import write_study
+        from .study import write_study
 
         write_study(Path(self.study_dir), list(self.variants), list(self.seeds))
         return str(Path(self.study_dir) / "study.json")
@@ -285,7 +285,7 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
             _write_json_atomic(record_path, record)
         after = f" after {', '.join(needs)}" if needs and launcher == "slurm" else ""
         print(f"[{index}/{total}] {stage.name}: submitted job {job.job_id}{after} → {stage.output}", flush=True)
-    from .pipeline import seeds, variants, write_study
+    from .study import seeds, variants, write_study
 
     if launcher == "submitit_local":
         for name, job in handles.items():

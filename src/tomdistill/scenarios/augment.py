@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterable, Mapping
 
-from .catalogue import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Game, scaled_game
+from .schema import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Game, scaled_game
 
 KEY = "scenarios.augment"
 CELLS = tuple((mine, theirs) for mine in MATRIX_ACTIONS for theirs in MATRIX_ACTIONS)  # R, S, T, P

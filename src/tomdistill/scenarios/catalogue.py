@@ -8,82 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import yaml
 
-from ..errors import UserError
 
-SPLITS = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
-# Evaluation only: in-sample games in contexts an adapter was NOT trained on (held out for validation).
-# `in_sample` then means the scenarios the adapter was trained on, as in the paper.
-HELDOUT_CONTEXT = "heldout_context"
-REPORT_SPLITS = ("in_sample", HELDOUT_CONTEXT, "oos_context", "oos_payoffs", "oos_game")  # the order reports use
-# Training-only scenarios (`scenarios.augment`, scenarios/augment.py): the in-sample games with rescaled
-# payoffs and/or random payoffs that keep each game's ordering, so a student sees payoff numbers vary.
-# Never evaluated; never equal to an evaluated matrix.
-AUGMENT_SPLIT = "augment"
-MATRIX_ACTIONS = ("C", "D")
-
-
-class CatalogueError(ValueError, UserError):
-    """An invalid catalogue file; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class Game:
-    name: str
-    title: str
-    kind: str  # "matrix" (two actions C/D) or "public_goods" (a donation 0..endowment)
-    payoffs: dict[str, dict[str, float]] = field(default_factory=dict)  # [mine][theirs] -> my points
-    scale: float = 1.0
-    base: str | None = None  # the game this one was scaled from
-    players: int = 2
-    endowment: int = 0
-    multiplier: float = 0.0
-
-    @property
-    def actions(self) -> tuple[str, ...]:
-        if self.kind == "public_goods":
-            return tuple(str(d) for d in range(self.endowment + 1))
-        return MATRIX_ACTIONS
-
-    def payoff(self, mine: str, theirs: str) -> float:
-        return self.payoffs[mine][theirs]
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-@dataclass(frozen=True)
-class Context:
-    name: str
-    coplayer: str
-    points: str
-    framing: str
-    regard: float  # oracle: weight on the coplayer's payoff
-    belief: float  # oracle: belief that the coplayer cooperates
-    games: tuple[str, ...] | None = None  # game kinds/names this context may frame; None = all matrix games
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
-
-@dataclass(frozen=True)
-class Scenario:
-    game: Game
-    context: Context
-    split: str
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.game.name, self.context.name)
-
-    @property
-    def id(self) -> str:
-        return f"{self.game.name}/{self.context.name}"
+# the building blocks (splits, games, contexts, scenarios) live in schema.py, below augment.py and this file
+from .schema import (  # noqa: F401
+    AUGMENT_SPLIT, HELDOUT_CONTEXT, MATRIX_ACTIONS, REPORT_SPLITS, SPLITS, CatalogueError, Context, Game, Scenario,
+    scaled_game,
+)
 
 
 @dataclass(frozen=True)
@@ -217,20 +153,6 @@ def _parse_game(data: dict, path: Path) -> list[Game]:
             raise CatalogueError(f"{path}: key 'scaled_variants' must list positive numbers, got {scale!r}")
         games.append(scaled_game(games[0], scale))
     return games
-
-
-def scaled_game(base: Game, scale: float) -> Game:
-    """The scaled-game rule (a game file's `scaled_variants`, `scenarios.augment.scales`): `base` with every
-    payoff × `scale`, named `<base>_x<scale>`, its `base` recorded so reports group it without parsing names."""
-    label = int(scale) if float(scale).is_integer() else scale
-    return Game(
-        name=f"{base.name}_x{label}",
-        title=f"{base.title} (payoffs ×{label})",
-        kind=base.kind,
-        payoffs={m: {t: v * scale for t, v in row.items()} for m, row in base.payoffs.items()},
-        scale=float(scale),
-        base=base.name,
-    )
 
 
 def _parse_context(data: dict, path: Path) -> Context:

@@ -1,0 +1,93 @@
+"""The catalogue's building blocks: split names, games, contexts and scenarios, and the scaled-game rule.
+
+Plain frozen dataclasses with no I/O; `catalogue.py` loads them from YAML, `augment.py` derives
+training-only games from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+SPLITS = ("in_sample", "oos_context", "oos_payoffs", "oos_game")
+# Evaluation only: in-sample games in contexts an adapter was NOT trained on (held out for validation).
+# `in_sample` then means the scenarios the adapter was trained on, as in the paper.
+HELDOUT_CONTEXT = "heldout_context"
+REPORT_SPLITS = ("in_sample", HELDOUT_CONTEXT, "oos_context", "oos_payoffs", "oos_game")  # the order reports use
+# Training-only scenarios (`scenarios.augment`, scenarios/augment.py): the in-sample games with rescaled
+# payoffs and/or random payoffs that keep each game's ordering, so a student sees payoff numbers vary.
+# Never evaluated; never equal to an evaluated matrix.
+AUGMENT_SPLIT = "augment"
+MATRIX_ACTIONS = ("C", "D")
+
+
+class CatalogueError(ValueError, UserError):
+    """An invalid catalogue file; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Game:
+    name: str
+    title: str
+    kind: str  # "matrix" (two actions C/D) or "public_goods" (a donation 0..endowment)
+    payoffs: dict[str, dict[str, float]] = field(default_factory=dict)  # [mine][theirs] -> my points
+    scale: float = 1.0
+    base: str | None = None  # the game this one was scaled from
+    players: int = 2
+    endowment: int = 0
+    multiplier: float = 0.0
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        if self.kind == "public_goods":
+            return tuple(str(d) for d in range(self.endowment + 1))
+        return MATRIX_ACTIONS
+
+    def payoff(self, mine: str, theirs: str) -> float:
+        return self.payoffs[mine][theirs]
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Context:
+    name: str
+    coplayer: str
+    points: str
+    framing: str
+    regard: float  # oracle: weight on the coplayer's payoff
+    belief: float  # oracle: belief that the coplayer cooperates
+    games: tuple[str, ...] | None = None  # game kinds/names this context may frame; None = all matrix games
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    game: Game
+    context: Context
+    split: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.game.name, self.context.name)
+
+    @property
+    def id(self) -> str:
+        return f"{self.game.name}/{self.context.name}"
+
+
+def scaled_game(base: Game, scale: float) -> Game:
+    """The scaled-game rule (a game file's `scaled_variants`, `scenarios.augment.scales`): `base` with every
+    payoff × `scale`, named `<base>_x<scale>`, its `base` recorded so reports group it without parsing names."""
+    label = int(scale) if float(scale).is_integer() else scale
+    return Game(
+        name=f"{base.name}_x{label}",
+        title=f"{base.title} (payoffs ×{label})",
+        kind=base.kind,
+        payoffs={m: {t: v * scale for t, v in row.items()} for m, row in base.payoffs.items()},
+        scale=float(scale),
+        base=base.name,
+    )
