@@ -142,3 +142,30 @@ def test_reference_data_shape(paper):
     assert friends["p"] == pytest.approx(231 / 299)
     pg = props[props["kind"] == "public_goods"].set_index("role")["mean_donation"]
     assert pg.to_dict() == pytest.approx({"teacher": 7.0, "base": 5.4933, "tuned": 5.92}, abs=1e-4)
+
+
+def test_training_val_alignment_and_evaluation_agree_on_the_same_score_records():
+    """Training's `val/alignment` (model/lora_module.py: choice_propensity per scenario, then `alignment`) and
+    evaluation's (records -> answer table -> scenario propensities -> alignment) are one computation."""
+    from tomdistill.metrics.propensity import choice_propensity
+
+    rng = np.random.default_rng(3)
+    contexts = ["team", "friends", "business", "diplomacy"]
+
+    def records(role):
+        rows = []
+        for context in contexts:
+            c, d, rest = rng.dirichlet([2, 2, 0.3])  # some mass off the actions, as a student's scores have
+            rows.append({"split": "in_sample", "game": "stag_hunt", "context": context, "action": "C" if c > d else "D",
+                         "action_probs": json.dumps({"C": c, "D": d})})
+        return pd.DataFrame(rows)
+
+    data = {role: records(role) for role in ("teacher", "base", "tuned")}
+    training = {role: [choice_propensity(json.loads(raw)) for raw in frame["action_probs"]] for role, frame in data.items()}
+    evaluation = {role: scenario_propensities(answer_table(frame, role), role)["p"].to_numpy()
+                  for role, frame in data.items()}
+    for role in data:
+        assert evaluation[role] == pytest.approx(training[role], abs=1e-12)
+    value = transfer.alignment(training["base"], training["tuned"], training["teacher"])
+    assert transfer.alignment(evaluation["base"], evaluation["tuned"], evaluation["teacher"]) == pytest.approx(value, abs=1e-12)
+    assert math.isfinite(value)
