@@ -414,7 +414,13 @@ def tuned_training_record(source: str) -> dict | None:
 
 
 def reference_evaluation(cache_dir, **kwargs) -> Evaluation:
-    """The paper's published counts, evaluated exactly like a user's samples."""
+    """The paper's published counts, evaluated exactly like a user's samples (their games are the shipped
+    catalogue's: its scaled games name their base)."""
+    if kwargs.get("game_bases") is None:
+        from tomdistill import CATALOGUE_DIR
+        from tomdistill.scenarios import load_catalogue
+
+        kwargs["game_bases"] = {n: g.base for n, g in load_catalogue(CATALOGUE_DIR).games.items() if g.base}
     records = {role: load_records(resolve_source(f"{REFERENCE_PREFIX}paper_published/{role}", role, cache_dir), role)[0]
                for role in ROLES}
     return compute_evaluation(records, **kwargs)
