@@ -382,3 +382,11 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(tiny_model_cfg):
     plain = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3}, SoftLabelLoss())
     plain._trainer = SimpleNamespace(estimated_stepping_batches=10)
     assert len(plain.configure_optimizers()["optimizer"].param_groups) == 1  # off by default: the demo unchanged
+
+
+def test_the_frozen_layer_cache_is_off_under_deepspeed(tmp_path, teacher):
+    """ZeRO partitions the frozen layers' weights, which the cache's direct layer calls do not gather."""
+    result = run_train([*TINY, "trainer=deepspeed_zero2", "model.lora.top_layers=1", "trainer.max_steps=1",
+                        "data.num_val_contexts=0", f"data.teacher={teacher}", f"output={tmp_path}/run"], timeout=300)
+    check(result)
+    assert "model.lora.cache_frozen_layers: off under CPUDeepSpeedStrategy" in result.stdout + result.stderr

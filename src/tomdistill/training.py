@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .errors import UserError
 from .paths import UnsafePathError, run_output_dir, safe_output_dir
@@ -192,7 +192,7 @@ def output_dir(cfg: DictConfig) -> Path:
 def processes_per_node(devices, accelerator: str) -> int:
     """How many processes Lightning starts on a node for `trainer.devices`: a count (`2`, `"2"`), `-1` or `"auto"`
     (every visible GPU; one process on CPU), or the devices themselves (`[0, 1]`, `"0,1"`)."""
-    if isinstance(devices, (list, tuple)) or type(devices).__name__ == "ListConfig":
+    if isinstance(devices, (list, tuple, ListConfig)):
         return len(devices)
     text = str(devices).strip()
     if text in ("auto", "-1"):

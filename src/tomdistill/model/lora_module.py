@@ -348,9 +348,10 @@ class LoRADistillModule(pl.LightningModule):
         return out
 
     def on_fit_start(self) -> None:
-        strategy = type(self.trainer.strategy).__name__.lower()
         self._one_forward_per_batch = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
-        if self.frozen_cache is not None and "deepspeed" in strategy:
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        if self.frozen_cache is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # ZeRO partitions the layers' weights: the cached path's direct layer calls are not set up for that
             log.info("model.lora.cache_frozen_layers: off under %s", type(self.trainer.strategy).__name__)
             self.frozen_cache = None
