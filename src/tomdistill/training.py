@@ -105,8 +105,10 @@ def train(cfg: DictConfig) -> float:
     except SIGTERMException as err:  # pre-empted: CheckpointOnSigterm saved last.ckpt; not a finished run
         agreement = callbacks["step_agreement"]
         if agreement.preempted:
-            log.warning("pre-empted at global step %d, last.ckpt saved: %s; the requeued run resumes from it",
-                        trainer.global_step, agreement.requeue(trainer))
+            # said before requeue(): under submitit its handler requeues and exits there, and never returns
+            log.warning("pre-empted at global step %d, last.ckpt saved; the requeued run resumes from it",
+                        trainer.global_step)
+            log.warning("requeue: %s", agreement.requeue(trainer))
         else:
             log.warning("stopped by SIGTERM at global step %d; resume with `output=%s ckpt_path=last`",
                         trainer.global_step, output)
