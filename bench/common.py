@@ -31,6 +31,13 @@ def sampler_config(**overrides) -> dict:
     return sampler
 
 
+def oracle_config(n: int, seed: int = 0) -> dict:
+    """`data.oracle` (train.py's in-process oracle teacher): conf/sampler/oracle.yaml over hf.yaml, n answers each."""
+    oracle = yaml.safe_load((CONF / "sampler" / "oracle.yaml").read_text())
+    oracle.pop("defaults")
+    return {"seed": seed, "sampler": sampler_config(**{**oracle, "n": n})}
+
+
 def hf_backend(model_name: str, role: str = "student", seed: int = 0, **sampler_overrides):
     """The `hf` backend exactly as sample.py makes it (same class, same settings validation)."""
     from omegaconf import OmegaConf

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import ROOT, machine, median, model_config, set_threads
+from bench.common import ROOT, machine, median, model_config, oracle_config, set_threads
 
 
 def demo_batch(model_name: str):
@@ -31,15 +31,15 @@ def demo_batch(model_name: str):
     from tomdistill import CATALOGUE_DIR
     from tomdistill.data.datamodule import TeacherQADataModule
     from tomdistill.losses import SoftLabelLoss
-    from tomdistill.data.oracle_teacher import oracle_teacher_dir
     from tomdistill.model.loading import load_tokenizer
     from tomdistill.scenarios import load_catalogue
 
     catalogue = load_catalogue(CATALOGUE_DIR)
     cache = ROOT / ".cache"
-    teacher = oracle_teacher_dir(catalogue, cache, n=2, seed=0)
     tokenizer = load_tokenizer(model_config(model_name), cache, padding_side="right")
-    datamodule = TeacherQADataModule(teacher, tokenizer, catalogue, loss=SoftLabelLoss(), num_val_contexts=1, cache_dir=cache)
+    # data.teacher=null: train.py's in-process oracle teacher
+    datamodule = TeacherQADataModule(None, tokenizer, catalogue, oracle=oracle_config(n=2), loss=SoftLabelLoss(),
+                                     num_val_contexts=1, cache_dir=cache)
     datamodule.setup("fit")
     collate = datamodule._collator()
     return collate([datamodule.train_set[i] for i in range(len(datamodule.train_set))])

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import ROOT, machine, median, model_config, set_threads
+from bench.common import ROOT, machine, median, model_config, oracle_config, set_threads
 
 IGNORE_INDEX = -100
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}      # conf/train.yaml model.lora
@@ -104,11 +104,12 @@ def stats_of(labels, attention_mask) -> BatchStats:
 def teacher_data(model_name: str, cache_dir: Path, samples_per_scenario: int):
     """The oracle teacher's in-sample answers + motivations (a samples directory) and the catalogue."""
     from tomdistill import CATALOGUE_DIR
-    from tomdistill.data.oracle_teacher import oracle_teacher_dir
+    from tomdistill.sampling.oracle_teacher import oracle_teacher
     from tomdistill.scenarios import load_catalogue
 
     catalogue = load_catalogue(CATALOGUE_DIR)
-    return oracle_teacher_dir(catalogue, cache_dir, n=samples_per_scenario, seed=0), catalogue
+    teacher = oracle_teacher(catalogue, cache_dir, oracle_config(samples_per_scenario), ("generate",))["generate"]
+    return teacher, catalogue
 
 
 def trl_records(teacher_dir: Path, catalogue) -> list[dict]:

@@ -151,12 +151,13 @@ def test_prompt_version_unchanged_while_the_training_data_is_named():
 
 
 def test_two_augmentations_never_share_an_oracle_teacher_cache(tmp_path):
-    from tomdistill.data.oracle_teacher import oracle_teacher_dir
+    from helpers import oracle_config
     from tomdistill.records import load_samples
+    from tomdistill.sampling.oracle_teacher import oracle_teacher
 
     one = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 0})
     two = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 1})
-    first, second = oracle_teacher_dir(one, tmp_path, n=1), oracle_teacher_dir(two, tmp_path, n=1)
+    first, second = (oracle_teacher(c, tmp_path, oracle_config(n=1), ("score",))["score"] for c in (one, two))
     assert first != second
     games = set(load_samples(first, "teacher").unique("game"))
     assert set(one.generated) <= games and not set(two.generated) & games
@@ -247,10 +248,11 @@ def test_evaluation_leaves_the_augment_split_out():
 def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(tmp_path, tiny_model_cfg):
     """data.splits=[in_sample, augment] needs no datamodule change; the variant names carry their matrix, so
     teacher data of another augmentation (same prompt_version) cannot silently label these prompts."""
+    from helpers import oracle_config
     from tomdistill.data.datamodule import DataError, TeacherQADataModule
-    from tomdistill.data.oracle_teacher import oracle_teacher_dir
     from tomdistill.losses import SoftLabelLoss
     from tomdistill.model.loading import load_tokenizer
+    from tomdistill.sampling.oracle_teacher import oracle_teacher
 
     tokenizer = load_tokenizer(tiny_model_cfg, padding_side="right")
     catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 0})
@@ -262,10 +264,13 @@ def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(t
         dm.setup("fit")
         return dm
 
-    dm = make(oracle_teacher_dir(catalogue, tmp_path / "teacher", n=1), catalogue)
+    def scores(cat):
+        return oracle_teacher(cat, tmp_path / "teacher", oracle_config(n=1), ("score",))["score"]
+
+    dm = make(scores(catalogue), catalogue)
     trained = {t.scenario.game.name for t in dm.targets}
     assert set(catalogue.generated) <= trained
     for target in dm.targets:
         assert target.teacher_probs == pytest.approx(action_probabilities(target.scenario))
     with pytest.raises(DataError, match=r"no scenario \(\w+_v1_[0-9a-f]{6}, \w+\)"):
-        make(oracle_teacher_dir(other, tmp_path / "teacher", n=1), catalogue)
+        make(scores(other), catalogue)

@@ -293,16 +293,16 @@ def test_train_py_reports_data_errors_before_loading_a_model(tmp_path):
 def test_payoff_augmentation_trains_on_rescaled_games_from_the_in_process_oracle(tokenizer, tmp_path):
     """scenarios.augment_scales + data.splits=[in_sample, augment]: the oracle teacher (cached per scales)
     gives the rescaled games too, and they become training scenarios with their own soft targets."""
+    from helpers import oracle_config
     from tomdistill import CATALOGUE_DIR
-    from tomdistill.data.oracle_teacher import oracle_teacher_dir
     from tomdistill.scenarios import load_catalogue
 
     plain = load_catalogue(CATALOGUE_DIR)
     augmented = load_catalogue(CATALOGUE_DIR, augment_scales=[0.5, 3])
-    plain_dir = oracle_teacher_dir(plain, tmp_path / "cache", n=2)
-    augmented_dir = oracle_teacher_dir(augmented, tmp_path / "cache", n=2)
-    assert plain_dir != augmented_dir  # same prompt_version, different data: keyed by the scales
-    dm = make(augmented_dir, tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"])
+    plain_dm = make(None, tokenizer, plain, tmp_path, loss="soft", oracle=oracle_config())
+    dm = make(None, tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
+              oracle=oracle_config())
+    assert plain_dm.teacher != dm.teacher  # same prompt_version, different data: keyed by the scales
     games = {t.scenario.game.name for t in dm.targets}
     assert {"stag_hunt", "stag_hunt_x0.5", "stag_hunt_x3"} <= games
     x3 = next(t for t in dm.targets if t.scenario.game.name == "stag_hunt_x3" and t.scenario.context.name == "team")

@@ -145,9 +145,9 @@ def test_the_party_teacher_follows_the_catalogue_definition(catalogue):
 
 
 def test_oracle_records_name_the_agent_and_its_precision(catalogue):
-    from tomdistill.data.oracle_teacher import oracle_records
+    from helpers import oracle_records
 
-    records = oracle_records(catalogue, 1, 0, "score", splits=["oos_game"])
+    records = oracle_records(catalogue, "score", n=1, splits=["oos_game"])
     assert records[0]["model"] == oracle.oracle_identity() != oracle.oracle_identity(0.9)
     assert records[0]["model"].startswith("oracle-logit")
 

@@ -353,7 +353,7 @@ class TeacherQADataModule(pl.LightningDataModule):
                             "motivation that already names the action. Use data.target=answer_motivation or "
                             f"answer_only with {loss.name}, or loss=sft for reasoning-first training")
         self.teacher, self.teacher_probs_source = teacher, teacher_probs
-        self.oracle = dict(oracle or {})  # teacher=None: the oracle teacher's samples_per_scenario and seed
+        self.oracle = dict(oracle or {})  # teacher=None: the oracle teacher's seed and sampler (conf/data/default.yaml)
         self.tokenizer, self.catalogue = tokenizer, catalogue
         self.splits, self.target, self.loss = list(splits), target, loss
         self.val_contexts_cfg = list(val_contexts) if val_contexts else None
@@ -375,14 +375,7 @@ class TeacherQADataModule(pl.LightningDataModule):
             raise DataError(f"tokenizer {name!r} has no chat template; set `model.chat_template` to a Jinja template "
                             "(or use an instruct/chat checkpoint)")
         if not self.teacher:  # the embedded default: the oracle teacher, sampled in-process and cached
-            from .oracle_teacher import oracle_teacher_dir
-
-            if self.cache_dir is None:
-                raise DataError("data.teacher is null (the oracle teacher) but no cache_dir to sample it into")
-            self.teacher = oracle_teacher_dir(self.catalogue, self.cache_dir,
-                                              n=int(self.oracle.get("samples_per_scenario", 16)),
-                                              seed=int(self.oracle.get("seed", 0)))
-            log.info("data.teacher is null: training on the oracle teacher's samples in %s", self.teacher)
+            self.teacher, self.teacher_probs_source = self._oracle_teacher()
         records = self._load_records()
         distributions = self._teacher_distributions(records)
         scenarios = self._training_scenarios(records, distributions)
@@ -418,6 +411,24 @@ class TeacherQADataModule(pl.LightningDataModule):
         self.stats["padding_fraction_random"] = padding_fraction(plain.batches(), lengths)
         log.info("teacher data: %s", json.dumps(self.stats))
         self._ready = True
+
+    def _oracle_teacher(self) -> tuple[Path, Path]:
+        """`data.teacher=null`: the teacher and teacher_probs datasets `sample.py sampler=oracle role=teacher` would
+        write, sampled in-process (sampling/oracle_teacher.py). The exact choice probabilities (score mode) are the
+        soft target and every loss's `val/alignment` reference; sampled answers (generate mode) are sampled only when
+        the loss trains on tokens."""
+        from ..sampling.oracle_teacher import oracle_teacher
+
+        if self.cache_dir is None:
+            raise DataError("data.teacher is null (the oracle teacher) but no cache_dir to sample it into")
+        if self.teacher_probs_source:
+            raise DataError(f"data.teacher_probs={self.teacher_probs_source} with data.teacher=null: the in-process "
+                            "oracle teacher scores itself; give data.teacher as well, or leave data.teacher_probs null")
+        modes = ("generate", "score") if self.loss.uses_tokens else ("score",)
+        directories = oracle_teacher(self.catalogue, self.cache_dir, self.oracle, modes)
+        log.info("data.teacher is null: training on the oracle teacher sampled in-process into %s",
+                 ", ".join(str(d) for d in directories.values()))
+        return directories.get("generate", directories["score"]), directories["score"]
 
     def _load_records(self) -> datasets.Dataset:
         records = load_samples(self.teacher, "teacher")

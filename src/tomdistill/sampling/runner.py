@@ -5,6 +5,7 @@
    backend; parse each completion; write each shard atomically as soon as it is done.
 3. Once every shard of the plan exists: write `manifest.json` (`complete: true`) and print the
    summary table. A killed run leaves no manifest; rerunning the same command resumes it.
+`sample_into` does steps 2 and 3 but the printing; train.py's in-process oracle teacher (oracle_teacher.py) runs it too.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -174,10 +176,9 @@ def _batches(pending: list[Shard], settings: SamplerSettings) -> list[list[Shard
     return batches
 
 
-def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Shard], output_dir: Path,
-                  version: str, progress: _Progress) -> list[str]:
-    """Sample and write `pending`, one backend call per batch; the names of the shards written."""
-    written = []
+def sampled_shards(backend: Backend, settings: SamplerSettings, pending: list[Shard],
+                   version: str) -> Iterator[tuple[Shard, list[dict], int]]:
+    """Each of `pending` with its records and the tokens generated for it, one backend call per batch."""
     prompts: dict[str, str] = {}
     for batch in _batches(pending, settings):
         for shard in batch:
@@ -191,9 +192,7 @@ def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Sha
             for shard, completions in zip(batch, outputs):
                 records = generation_records(backend, settings, shard, prompts[shard.scenario.id], completions,
                                              version, backend.name)
-                write_shard(output_dir, shard, records)
-                written.append(shard.filename)
-                progress.shard_done(shard, sum(c.new_tokens for c in completions))
+                yield shard, records, sum(c.new_tokens for c in completions)
         else:
             for shard, scored in zip(batch, backend.score([s.scenario for s in batch])):
                 problem = mass_warning(shard.scenario.id, scored.mass)
@@ -202,9 +201,17 @@ def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Sha
                 best = max(scored.probs, key=scored.probs.get)
                 record = _record(shard.scenario, settings, backend.name, version, 0, scored.prompt,
                                  ANSWER_PREFIX, best, "", json.dumps(scored.probs), float(scored.mass))
-                write_shard(output_dir, shard, [record])
-                written.append(shard.filename)
-                progress.shard_done(shard, 0)
+                yield shard, [record], 0  # score mode generates no token
+
+
+def sample_shards(backend: Backend, settings: SamplerSettings, pending: list[Shard], output_dir: Path,
+                  version: str, progress: _Progress) -> list[str]:
+    """Sample and write `pending`, each shard as soon as its batch is done; the names of the shards written."""
+    written = []
+    for shard, records, tokens in sampled_shards(backend, settings, pending, version):
+        write_shard(output_dir, shard, records)
+        written.append(shard.filename)
+        progress.shard_done(shard, tokens)
     return written
 
 
@@ -218,52 +225,72 @@ def run(cfg) -> Path:
     try:
         output_dir = resolve_output_dir(cfg, world)
         model = backend_model_name(cfg, settings)
-        plan = plan_shards(scenarios, settings.samples_per_scenario, settings.shard_size)
-        if settings.adapter:  # a wrong adapter is refused before plan.json pins the directory to it
-            check_adapter_dir(settings.adapter, model)
-        check_or_write_plan(output_dir, build_plan(settings, model, version, [s.id for s in scenarios]))
-        mine = shards_for_rank(plan, world.rank, world.world_size)
-        pending = missing_shards(output_dir, mine)
-        written: list[str] = []
-        if pending:
-            cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
-            backend = make_backend(cfg, settings, shuffle_seed, world.local_rank, cache_dir, world.world_size)
-            label = f"{model} · {settings.mode} · {settings.role}"
-            try:
-                with _Progress(mine, pending, world, settings.progress, label) as progress:
-                    written = sample_shards(backend, settings, pending, output_dir, version, progress)
-            finally:
-                backend.close()
-        world.barrier()
-        written_by_rank = world.all_gather(written)
-        missing = missing_shards(output_dir, plan)
-        if missing:
-            if world.is_main or not world.connected:
-                print(f"{len(plan) - len(missing)} of {len(plan)} shards in {output_dir}; {len(missing)} still missing "
-                      "(other ranks still running, or a crash): rerun the same command to resume.")
-            return output_dir
-        if world.is_main or not world.connected:
-            finish(cfg, settings, scenarios, model, version, plan, output_dir, world, written_by_rank)
-        world.barrier()
+        finished = sample_into(
+            output_dir, settings, scenarios, version, model, world,
+            open_backend=lambda: make_backend(cfg, settings, shuffle_seed, world.local_rank,
+                                              OmegaConf.select(cfg, "paths.cache_dir", default=None), world.world_size),
+            config=resolved_config(cfg, output_dir))
+        if finished is not None:
+            print_summary(settings, model, output_dir, *finished)
     finally:
         world.close()
     return output_dir
 
 
-def finish(cfg, settings, scenarios, model, version, plan, output_dir, world, written_by_rank) -> None:
-    """Every shard exists: summarise, write the manifest, print the table."""
-    from rich.console import Console
+def sample_into(output_dir: Path, settings: SamplerSettings, scenarios: list[Scenario], version: str, model: str,
+                world: World, open_backend: Callable[[], Backend], config: dict) -> tuple[dict, list] | None:
+    """Sample this rank's missing shards of `scenarios` into `output_dir`; once every shard exists, write the
+    manifest (`config`: what the run was given). Returns the manifest and the per-scenario summaries where this
+    process wrote the manifest, else None. `open_backend` is only called when a shard is missing."""
+    plan = plan_shards(scenarios, settings.samples_per_scenario, settings.shard_size)
+    if settings.adapter:  # a wrong adapter is refused before plan.json pins the directory to it
+        check_adapter_dir(settings.adapter, model)
+    check_or_write_plan(output_dir, build_plan(settings, model, version, [s.id for s in scenarios]))
+    mine = shards_for_rank(plan, world.rank, world.world_size)
+    pending = missing_shards(output_dir, mine)
+    written: list[str] = []
+    if pending:
+        backend = open_backend()
+        label = f"{model} · {settings.mode} · {settings.role}"
+        try:
+            with _Progress(mine, pending, world, settings.progress, label) as progress:
+                written = sample_shards(backend, settings, pending, output_dir, version, progress)
+        finally:
+            backend.close()
+    world.barrier()
+    written_by_rank = world.all_gather(written)
+    missing = missing_shards(output_dir, plan)
+    if missing:
+        if world.is_main or not world.connected:
+            print(f"{len(plan) - len(missing)} of {len(plan)} shards in {output_dir}; {len(missing)} still missing "
+                  "(other ranks still running, or a crash): rerun the same command to resume.")
+        return None
+    finished = None
+    if world.is_main or not world.connected:
+        finished = finish(config, settings, scenarios, model, version, plan, output_dir, world, written_by_rank)
+    world.barrier()
+    return finished
 
+
+def finish(config, settings, scenarios, model, version, plan, output_dir, world, written_by_rank) -> tuple[dict, list]:
+    """Every shard exists: summarise and write the manifest; return it and the summaries."""
     remove_stale_temps(output_dir)
     dataset = load_samples(output_dir, name=f"{settings.role} samples")
     amount_games = {s.game.name for s in scenarios if s.game.kind == "public_goods"}
     order = {s.id: i for i, s in enumerate(scenarios)}  # catalogue order, not file order
     summaries = sorted(summarise(dataset, settings.mode, amount_games), key=lambda s: order.get(s.id, len(order)))
     manifest = build_manifest(
-        config=resolved_config(cfg, output_dir), settings=settings, model=model, prompt_version=version,
+        config=config, settings=settings, model=model, prompt_version=version,
         summaries=summaries, shard_count=len(plan), world_size=world.world_size, written_by_rank=written_by_rank,
     )
     write_manifest(output_dir, manifest)
+    return manifest, summaries
+
+
+def print_summary(settings: SamplerSettings, model: str, output_dir: Path, manifest: dict, summaries: list) -> None:
+    """The summary table of a finished directory, on the console."""
+    from rich.console import Console
+
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough for a row of nine contexts
         console = Console(width=max(console.width, 140))
