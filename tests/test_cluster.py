@@ -90,7 +90,7 @@ def test_paper_study_on_slurm_renders_every_stage_as_a_chained_job(tmp_path):
     pickled = DelayedSubmission.load(study / ".submitit" / ids["train_sft"] / f"{ids['train_sft']}_submitted.pkl")
     job = pickled.function
     assert job.stage.output == study / "train_sft" and job.common == ["+experiment=paper"]
-    assert job.extra == ["trainer.num_nodes=2", "trainer.devices=8"]
+    assert job.extra == ["trainer.num_nodes=2", "trainer.devices=8", "callbacks.step_agreement.max_requeues=3"]
     recorded = json.loads((study / ".submitit" / "jobs.json").read_text())
     assert recorded["train [sft]"] == ids["train_sft"]
 

@@ -132,3 +132,21 @@ def test_ranks_started_together_on_a_cold_cache_tokenize_once(tmp_path, teacher,
     assert sorted(r.split()[0] for r in results) == ["cached=False", "cached=True", "cached=True"], results
     assert len({r.split()[1] for r in results}) == 1
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.arrow"))) == 1
+
+
+@pytest.mark.parametrize("restarts, requeued", [("", True), ("2", True), ("3", False)])
+def test_a_preempted_run_requeues_only_below_max_requeues(monkeypatch, restarts, requeued):
+    """train.py requeues its own job after a pre-emption; a job restarted max_requeues times stops instead."""
+    import signal
+    from types import SimpleNamespace
+
+    from tomdistill.callbacks import StepAgreement
+
+    calls = []
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+    agreement = StepAgreement(max_requeues=3)
+    agreement._deferred[signal.SIGUSR2] = lambda signum, frame: calls.append(signum)  # submitit's handler
+    outcome = agreement.requeue(SimpleNamespace(is_global_zero=True))
+    assert (calls == [signal.SIGUSR2]) == requeued
+    if not requeued:
+        assert "restarted 3 times" in outcome and "callbacks.step_agreement.max_requeues=3" in outcome

@@ -149,10 +149,13 @@ class StepAgreement(pl.Callback):
     the recipe turns it off). After a pre-emption the job is requeued by `requeue()` (train.py), and
     the requeued run resumes from `last.ckpt` by itself (`training.resume_path`).
     `sigterm_grace_s`: a rank still running that long after its SIGTERM exits by itself.
+    `max_requeues`: a job already restarted this often (SLURM_RESTART_COUNT) is not requeued again, so a
+    job pre-empted over and over stops instead of cycling for ever (null: no cap).
     """
 
-    def __init__(self, sigterm_grace_s: float = 60.0):
+    def __init__(self, sigterm_grace_s: float = 60.0, max_requeues: int | None = 3):
         self.sigterm_grace_s = float(sigterm_grace_s)
+        self.max_requeues = None if max_requeues is None else int(max_requeues)
         self.sigterm_pending = False
         self.preempt_signal: int | None = None  # the pre-emption warning this rank received
         self.preempted = False  # every rank agreed to stop for a pre-emption
@@ -224,6 +227,10 @@ class StepAgreement(pl.Callback):
         """
         if not trainer.is_global_zero:
             return "left to global rank 0"
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if self.max_requeues is not None and restarts >= self.max_requeues:
+            return (f"not requeued: the job was restarted {restarts} times already "
+                    f"(callbacks.step_agreement.max_requeues={self.max_requeues}); resume with ckpt_path=last")
         signum = self.preempt_signal or signal.SIGUSR2
         deferred = self._deferred.get(signum) or next(iter(self._deferred.values()), None)
         if deferred is not None:

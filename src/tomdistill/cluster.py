@@ -274,7 +274,8 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
         res = layouts[stage.name]
         extra = []
         if stage.script == "train.py":  # Lightning's ranks must match the allocation, or training hangs
-            extra = [f"trainer.num_nodes={res.nodes}", f"trainer.devices={res.tasks_per_node}"]
+            extra = [f"trainer.num_nodes={res.nodes}", f"trainer.devices={res.tasks_per_node}",
+                     f"callbacks.step_agreement.max_requeues={max_requeues}"]  # train.py requeues itself
         srun_args = ["--kill-on-bad-exit=1"] if res.nodes * res.tasks_per_node > 1 else []
         executor = make_executor(launcher, folder, cluster, res, _job_name(cluster, stage),
                                  f"afterok:{':'.join(needs)}" if needs and launcher == "slurm" else None, srun_args)
