@@ -77,6 +77,19 @@ def _declared(experiment: str) -> dict:
     return declared
 
 
+def test_the_module_is_built_from_its_target_with_the_models_lora_and_optim_overrides():
+    """conf/module/lora_distill.yaml reads model/, model.lora and optim, so a sweep's overrides reach the module."""
+    from hydra.utils import get_class
+
+    from tomdistill.model.lora_module import LoRADistillModule
+
+    cfg = compose_train(["+experiment=demo", "model=tiny_llama", "model.lora.r=8", "optim.lr=1e-3", "output=/tmp/x",
+                         f"paths.root_dir={ROOT}"])
+    assert get_class(cfg.module._target_) is LoRADistillModule
+    assert cfg.module.model_cfg.name == "tiny_llama" and cfg.module.lora.r == 8 and cfg.module.optim.lr == 1e-3
+    assert cfg.module.gradient_checkpointing is False and cfg.module.cache_dir == cfg.paths.cache_dir
+
+
 @pytest.mark.parametrize("experiment", TRAIN_EXPERIMENTS)
 def test_every_experiment_composes_the_loss_model_trainer_and_target_its_file_names(experiment):
     # train.yaml's own `override loss: soft` used to beat an experiment's `override /loss: sft`

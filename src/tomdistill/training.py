@@ -4,7 +4,7 @@
   1. seed; output directory; the resolved config saved as OUTPUT/config.yaml
   2. data: teacher samples -> chat examples, validation on held-out contexts (errors here, before
      any model loads)
-  3. module: the student + a LoRA adapter, losses sft | soft | sft_soft
+  3. module: the student + a LoRA adapter, trained by the loss (conf/module/, conf/loss/)
   4. callbacks (checkpoints, best adapter, early stopping, SIGTERM), logger (W&B | CSV), strategy
   5. `Trainer.fit(ckpt_path=...)`; the adapter is written to OUTPUT/adapter (peft format)
   6. return the objective (best `val/alignment`) for sweeps; OUTPUT/train_summary.json
@@ -78,13 +78,7 @@ def train(cfg: DictConfig) -> float:
     datamodule.setup("fit")
 
     # 3. module -----------------------------------------------------------------------------------
-    from .model.lora_module import LoRADistillModule
-
-    module = LoRADistillModule(
-        model_cfg=cfg.model, lora=cfg.model.lora, optim=cfg.optim, loss=loss,
-        gradient_checkpointing=bool(cfg.model.gradient_checkpointing), cache_dir=cfg.paths.cache_dir,
-        validation=validation_scenarios(datamodule, cfg),
-    )
+    module = build(cfg.module, "module", loss=loss, validation=validation_scenarios(datamodule, cfg))  # conf/module/
 
     # 4. callbacks, logger, trainer ---------------------------------------------------------------
     has_validation = bool(datamodule.val_targets)
