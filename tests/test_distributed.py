@@ -150,3 +150,19 @@ def test_a_preempted_run_requeues_only_below_max_requeues(monkeypatch, restarts,
     assert (calls == [signal.SIGUSR2]) == requeued
     if not requeued:
         assert "restarted 3 times" in outcome and "callbacks.step_agreement.max_requeues=3" in outcome
+
+
+def test_building_the_tiny_snapshot_on_a_cold_cache_leaves_the_callers_random_state_alone(tmp_path, tiny_model_cfg):
+    """A cold cache must not shift the LoRA initialisation drawn after the model loads (first run = later runs)."""
+    import torch
+
+    from tomdistill.model.loading import resolve_model_path
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    resolve_model_path(tiny_model_cfg, cache_dir=tmp_path)  # builds the snapshot
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(123)
+    resolve_model_path(tiny_model_cfg, cache_dir=tmp_path)  # warm: nothing built
+    assert torch.equal(torch.rand(4), expected)

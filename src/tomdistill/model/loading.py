@@ -11,6 +11,7 @@ must be peft safetensors directories.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -38,6 +39,16 @@ def _get(cfg: Mapping | Any, key: str, default=None):
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
+
+
+def _private_rng(build):
+    """Build a snapshot under a forked random state: a cold cache must not shift what the caller draws next
+    (the LoRA initialisation), or a run's first adapter would differ from every later one."""
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+    return wrapped
 
 
 def default_cache_dir() -> Path:
@@ -71,6 +82,7 @@ def _gguf_snapshot(cfg, cache_dir: Path) -> Path:
         return _build_gguf_snapshot(cfg, target, package, filename)
 
 
+@_private_rng
 def _build_gguf_snapshot(cfg, target: Path, package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)  # never import the package itself (it needs `llm`)
     if spec is None or not spec.submodule_search_locations:
@@ -132,11 +144,11 @@ def _tiny_snapshot(cfg, cache_dir: Path) -> Path:
         return _build_tiny_snapshot(tiny, seed, tokenizer_source, target)
 
 
+@_private_rng
 def _build_tiny_snapshot(tiny: dict, seed: int, tokenizer_source: Path, target: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -145,6 +157,7 @@ def _build_tiny_snapshot(tiny: dict, seed: int, tokenizer_source: Path, target: 
         tie_word_embeddings=True,
         **tiny,
     )
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
