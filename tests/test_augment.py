@@ -272,5 +272,10 @@ def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(t
     assert set(catalogue.generated) <= trained
     for target in dm.targets:
         assert target.teacher_probs == pytest.approx(action_probabilities(target.scenario))
+    from tomdistill.training import teacher_labels  # what the adapter and the evaluation report count
+
+    held_out = len(dm.val_targets)
+    assert teacher_labels(dm) == {"distributions": len(dm.targets) - held_out, "answers": 0,
+                                  "scenarios_by_split": {AUGMENT_SPLIT: 4 * 4, "in_sample": 16}}
     with pytest.raises(DataError, match=r"no scenario \(\w+_v1_[0-9a-f]{6}, \w+\)"):
         make(scores(other), catalogue)

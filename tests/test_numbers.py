@@ -306,3 +306,17 @@ def test_a_reasoning_first_student_is_flagged():
     result = compute_evaluation(exact_records(ROWS), training={**TRAINING, "target": "motivation_answer"},
                                 n_bootstrap=1000)
     assert any("scored with `Answer:` right after the prompt, without its reasoning" in w for w in result.warnings)
+
+
+def test_the_report_says_how_many_teacher_labels_training_used(tmp_path):
+    from tomdistill.report import write_report
+
+    labels = {"distributions": 10, "answers": 0, "scenarios_by_split": {"augment": 8, "in_sample": 2}}
+    result = compute_evaluation(exact_records(ROWS), training={**TRAINING, "teacher_labels": labels}, n_bootstrap=100)
+    summary = write_report(result, tmp_path / "report")
+    assert summary["settings"]["teacher_labels"] == labels
+    assert ("Training: 10 scenarios (augment 8, in_sample 2); teacher labels used: 10 choice distributions, "
+            "0 sampled answers.") in (tmp_path / "report" / "report.md").read_text()
+    plain = compute_evaluation(exact_records(ROWS), training=TRAINING, n_bootstrap=100)  # an older adapter: no line
+    write_report(plain, tmp_path / "plain")
+    assert "teacher labels used" not in (tmp_path / "plain" / "report.md").read_text()

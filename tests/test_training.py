@@ -50,6 +50,9 @@ def test_cpu_fit_writes_adapter_checkpoints_config_and_val_alignment(cpu_run):
     assert not any(s.endswith("/" + held_out) for s in training["trained_scenarios"])
     assert len(training["validation_scenarios"]) == 4 and training["prompt_version"].startswith("p1-")
     assert (training["loss"], training["target"], training["steps"]) == ("sft_soft", "answer_motivation", 2)
+    # sft_soft: one choice distribution per trained scenario and one sampled answer per training example
+    assert training["teacher_labels"] == {"distributions": 16, "answers": result["data"]["train_examples"],
+                                          "scenarios_by_split": {"in_sample": 16}}
     checkpoint = torch.load(cpu_run / "checkpoints/last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])  # adapter only
 

@@ -277,7 +277,8 @@ def compute_evaluation(
         settings={"epsilon": epsilon, "n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed,
                   "splits": splits, "bootstrap": BOOTSTRAP_SCENARIOS if exact else BOOTSTRAP_ANSWERS,
                   "propensity": "exact" if all((props[r]["mode"] == "score").all() for r in ROLES) else "sampled",
-                  "trained_scenarios_known": bool(training)},
+                  "trained_scenarios_known": bool(training),
+                  "teacher_labels": (training or {}).get("teacher_labels")},
     )
 
 

@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -353,11 +354,24 @@ def validation_scenarios(datamodule, cfg: DictConfig):
     )
 
 
+def teacher_labels(datamodule) -> dict:
+    """How many teacher labels the training used: one choice distribution per trained scenario (losses on the
+    distribution) and one sampled completion per training example (losses on tokens), with the trained
+    scenarios per split (the `augment` split counts the payoff variants)."""
+    loss = datamodule.loss
+    return {
+        "distributions": len(datamodule.train_targets) if loss.uses_distribution else 0,
+        "answers": len(datamodule.train_set) if loss.uses_tokens else 0,
+        "scenarios_by_split": dict(sorted(Counter(t.scenario.split for t in datamodule.train_targets).items())),
+    }
+
+
 def training_record(datamodule, cfg: DictConfig) -> dict:
     """What the adapter is trained on, saved beside it (tomdistill_adapter.json, `training`): evaluation
     reports in-sample transfer over exactly these scenarios and the held-out contexts apart."""
     return {
         "trained_scenarios": sorted(t.id for t in datamodule.train_targets),
+        "teacher_labels": teacher_labels(datamodule),
         "validation_contexts": sorted(datamodule.val_context_names),
         "validation_scenarios": sorted(t.id for t in datamodule.val_targets),
         "prompt_version": datamodule.prompt_version,

@@ -155,8 +155,14 @@ def report_markdown(evaluation, summary: dict, headline_md: pd.DataFrame, made: 
         f"resamples ({evaluation.settings.get('bootstrap')}); a group of one scenario under the scenario bootstrap "
         "has no interval (—). `in_sample` counts the scenarios the adapter was trained on; `heldout_context` the "
         "in-sample games in contexts held out for validation.",
-        "## Headline", tables.markdown_table(headline_md),
     ]
+    labels = evaluation.settings.get("teacher_labels")
+    if labels:
+        by_split = ", ".join(f"{split} {n}" for split, n in labels.get("scenarios_by_split", {}).items())
+        parts.append(f"Training: {sum(labels.get('scenarios_by_split', {}).values())} scenarios ({by_split}); teacher "
+                     f"labels used: {labels.get('distributions', 0)} choice distributions, "
+                     f"{labels.get('answers', 0)} sampled answers.")
+    parts += ["## Headline", tables.markdown_table(headline_md)]
     if summary.get("paper_note"):
         parts.append("> " + summary["paper_note"])
     parts.append("## Warnings")
