@@ -182,3 +182,19 @@ def test_shuffled_outcomes_are_seeded(catalogue):
     first = build_messages(scenario, "student", shuffle_seed=3)[1]["content"]
     assert first == build_messages(scenario, "student", shuffle_seed=3)[1]["content"]
     assert sorted(first.splitlines()) == sorted(plain.splitlines())
+
+
+def test_the_in_sample_games_list_the_same_numbers_in_a_context_only_their_lines_differ():
+    """docs/scenarios.md: a prompt's numbers, taken without their outcome line, do not tell the four games apart."""
+    import re
+    from collections import Counter
+
+    from tomdistill.scenarios.prompts import describe_game
+
+    catalogue = load_catalogue(CATALOGUE_DIR)
+    prompts = {s.game.name: describe_game(s) for s in catalogue.scenarios(["in_sample"], contexts=["friends"])}
+    assert len(prompts) == 4
+    numbers = {game: Counter(re.findall(r"\d+", text)) for game, text in prompts.items()}
+    assert len({tuple(sorted(c.items())) for c in numbers.values()}) == 1  # one multiset of numbers
+    lines = {game: tuple(re.findall(r"you get (\d+) points", text)) for game, text in prompts.items()}
+    assert len(set(lines.values())) == 4  # which line carries which number does differ
