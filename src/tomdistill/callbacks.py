@@ -227,7 +227,7 @@ class StepAgreement(pl.Callback):
         """
         if not trainer.is_global_zero:
             return "left to global rank 0"
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        restarts = distributed.slurm_restarts()
         if self.max_requeues is not None and restarts >= self.max_requeues:
             return (f"not requeued: the job was restarted {restarts} times already "
                     f"(callbacks.step_agreement.max_requeues={self.max_requeues}); resume with ckpt_path=last")

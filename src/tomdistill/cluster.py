@@ -160,12 +160,12 @@ class StageJob:
             return "not a SLURM job: rerun the pipeline to resume"
         if _global_rank() != 0:
             return "requeue left to rank 0"
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        from .distributed import requeue_slurm_job, slurm_restarts
+
+        restarts = slurm_restarts()
         if restarts >= self.max_requeues:
             return (f"not requeued: restarted {restarts} times already (pipeline.cluster.max_requeues); "
                     "rerun the pipeline to resume")
-        from .distributed import requeue_slurm_job
-
         return f"requeued SLURM job {job}" if requeue_slurm_job(job) else f"requeue of {job} failed"
 
 

@@ -93,6 +93,12 @@ def restarted() -> str | None:
     return None
 
 
+def slurm_restarts() -> int:
+    """How often SLURM has restarted this job (SLURM_RESTART_COUNT; 0 when unset): the requeue caps read it."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
 def requeue_slurm_job(job_id: str) -> bool:
     """`scontrol requeue JOB`: the job goes back to the queue and reruns its own command (which then resumes)."""
     import subprocess
