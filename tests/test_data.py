@@ -310,3 +310,20 @@ def test_payoff_augmentation_trains_on_rescaled_games_from_the_in_process_oracle
     base = next(t for t in dm.targets if t.scenario.game.name == "stag_hunt" and t.scenario.context.name == "team")
     assert x3.teacher_probs["C"] != pytest.approx(base.teacher_probs["C"])  # rescaled payoffs: another choice
     assert len(dm.train_set) + len(dm.val_set) == 3 * len(plain.scenarios(["in_sample"]))
+
+
+def test_evaluation_targets_are_the_report_splits_with_the_teachers_distribution(tmp_path, tokenizer, catalogue):
+    teacher = write_teacher(tmp_path / "teacher", catalogue, n=1, modes=("score",),
+                            splits=("in_sample", "oos_context", "oos_payoffs"))
+    dm = make(teacher, tokenizer, catalogue, tmp_path, loss="soft")
+    assert dm.evaluation_targets("in_sample") == [t for t in dm.train_targets if t.scenario.split == "in_sample"]
+    assert dm.evaluation_targets("heldout_context") == dm.val_targets
+    payoffs = dm.evaluation_targets("oos_payoffs")
+    assert {t.scenario.key for t in payoffs} == {s.key for s in catalogue.scenarios(["oos_payoffs"])}
+    for target in payoffs:  # the oracle's exact choice probabilities, and the prompt evaluation scores
+        assert sum(target.teacher_probs.values()) == pytest.approx(1.0)
+        assert target.item.prompt.endswith("Answer:") and target.item.actions == target.scenario.game.actions
+    with pytest.raises(DataError, match="no records of split 'oos_game'"):
+        dm.evaluation_targets("oos_game")
+    with pytest.raises(DataError, match="unknown split 'oos'"):
+        dm.evaluation_targets("oos")

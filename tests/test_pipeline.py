@@ -15,6 +15,9 @@ TINY_STUDY = [
     "~pipeline.variants.sft_soft", "pipeline.teacher=['sampler=oracle','role=teacher','sampler.n=4']",
     "metrics.n_bootstrap=1000", "pipeline.variants.soft=['loss=soft']",
 ]
+EVALUATED = ["in_sample", "heldout_context", "oos_context", "oos_payoffs", "oos_game"]
+# training also measures its final student on every split (callbacks.split_alignment, the recipe search's objective)
+MEASURED_IN_TRAINING = f"pipeline.train=['logger=csv','callbacks.split_alignment.splits=[{','.join(EVALUATED)}]']"
 
 
 def run_pipeline(study_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -26,7 +29,7 @@ def run_pipeline(study_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_and_resumes(tmp_path):
     study = tmp_path / "study"
-    first = run_pipeline(study)
+    first = run_pipeline(study, MEASURED_IN_TRAINING)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in ("teacher", "teacher_scores", "base", "tuned_sft", "tuned_soft"):
         manifest = json.loads((study / stage / "manifest.json").read_text())
@@ -44,11 +47,16 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path):
             png = report / f"{figure}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (report / "report.md").read_text().strip()
+        # ... and finds what sample.py + evaluate.py find for the same adapter
+        measured = json.loads((study / f"train_{variant}" / "split_alignment.json").read_text())["splits"]
+        for split in EVALUATED:
+            assert measured[split]["scenarios"] == summary["alignment"][split]["n_scenarios"], split
+            assert measured[split]["alignment"] == pytest.approx(summary["alignment"][split]["value"], abs=1e-5), split
     table = json.loads((study / "study.json").read_text())
     assert {"sft", "soft"} <= set(table) and any(k.startswith("paper") for k in table)
     assert "alignment toward the teacher" in first.stdout
 
-    again = run_pipeline(study)  # every stage complete: all skipped, same table
+    again = run_pipeline(study, MEASURED_IN_TRAINING)  # every stage complete: all skipped, same table
     assert again.returncode == 0
     assert again.stdout.count("complete, skipped") == 9
     assert json.loads((study / "study.json").read_text()) == table

@@ -32,20 +32,30 @@ def test_multirun_of_two_jobs_each_with_its_own_offline_wandb_run(tmp_path, teac
     assert lrs == [1e-3, 3e-3]
 
 
-def test_optuna_sweep_of_two_trials_maximises_val_alignment(tmp_path, teacher):
+def test_optuna_recipe_search_of_two_trials_maximises_the_held_out_transfer(tmp_path):
+    """The recipe search: each trial's objective is its final student's mean alignment on the held-out splits
+    (callbacks.split_alignment), and the trial table has every split."""
     sweep = tmp_path / "optuna"
-    check(run_train(["-m", "hparams_search=lora_optuna", *SHORT, "logger=csv", f"data.teacher={teacher}",
+    check(run_train(["-m", "+experiment=demo", "hparams_search=soft_recipe_optuna", "model=tiny_llama", "logger=csv",
+                     "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32",
                      "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]))
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     values = [summary(sweep / job)["value"] for job in ("0", "1")]
     assert result["best_value"] == pytest.approx(max(values))
-    assert {"optim.lr", "model.lora.r"} <= set(result["best_params"])  # (loss is fixed on the command line)
+    assert {"optim.lr", "model.lora.r", "model.lora.target_modules"} <= set(result["best_params"])
+    held_out = ("heldout_context", "oos_context", "oos_payoffs")
+    for job, value in zip(("0", "1"), values):
+        measured = yaml.safe_load((sweep / job / "split_alignment.json").read_text())
+        assert value == pytest.approx(sum(measured["splits"][s]["alignment"] for s in held_out) / 3)
+        assert summary(sweep / job)["objective"] == "transfer/alignment"
     import csv
 
     trials = list(csv.DictReader((sweep / "trials.csv").open()))  # the trial table: one row per trial
     assert [row["trial"] for row in trials] == ["0", "1"]
     assert [float(row["value"]) for row in trials] == pytest.approx(values)
-    assert all("optim.lr=" in row["overrides"] and row["objective"] == "val/alignment" for row in trials)
+    for row in trials:
+        assert "optim.lr=" in row["overrides"] and row["objective"] == "transfer/alignment"
+        assert all(row[f"transfer/alignment/{s}"] for s in ("in_sample", *held_out, "oos_game"))
 
 
 def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(tmp_path):

@@ -1,11 +1,13 @@
-"""Training callbacks: adapter export (final and best-by-metric), checkpoint-on-SIGTERM, divergence, and keeping
-several ranks in step (`StepAgreement`)."""
+"""Training callbacks: adapter export (final and best-by-metric), the final student's transfer on evaluation splits
+(`SplitAlignment`, the recipe search's objective), checkpoint-on-SIGTERM, divergence, and keeping several ranks in
+step (`StepAgreement`)."""
 from __future__ import annotations
 
 import logging
 import math
 import os
 import signal
+import json
 import threading
 from pathlib import Path
 
@@ -65,6 +67,63 @@ class AdapterExport(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
+
+
+class SplitAlignment(pl.Callback):
+    """After training, the final student's `alignment` (metrics/transfer.py) toward the teacher on each of `splits`,
+    as evaluate.py measures it after `sample.py sampler.mode=score adapter=...`: the same scenarios
+    (`datamodule.evaluation_targets`), exact action probabilities by the same rule, against the base student (the
+    adapter disabled). Sets `transfer/alignment/<split>` and `transfer/action_mass/<split>` in the trainer's metrics,
+    and `transfer/alignment`, the mean over `objective` (a recipe search's `optimized_metric`), and writes them to
+    `path` (JSON). Every rank scores every scenario (ZeRO-3 gathers weights collectively), as in validation."""
+
+    def __init__(self, splits, objective=None, path: str | Path | None = None):
+        self.splits = list(splits or [])
+        self.objective = list(objective) if objective else list(self.splits)
+        unknown = [s for s in self.objective if s not in self.splits]
+        if unknown:
+            raise TransferSplitsError(f"callbacks.split_alignment.objective {unknown} must be among its splits {self.splits}")
+        self.path = Path(path) if path else None
+        self.results: dict[str, dict] = {}
+
+    def on_train_end(self, trainer: pl.Trainer, module) -> None:
+        import numpy as np
+        import torch
+
+        from .metrics.propensity import choice_propensity
+        from .metrics.transfer import alignment
+
+        datamodule = trainer.datamodule
+        was_training = module.training
+        module.eval()
+        try:
+            for split in self.splits:
+                targets = datamodule.evaluation_targets(split)
+                items = [t.item for t in targets]
+                teacher = [choice_propensity(t.teacher_probs) for t in targets]
+                with module.model.disable_adapter():
+                    base, _ = module.score_items(items, datamodule.tokenizer, datamodule.eval_batch_size)
+                tuned, masses = module.score_items(items, datamodule.tokenizer, datamodule.eval_batch_size)
+                self.results[split] = {"alignment": float(alignment(base, tuned, teacher)),
+                                       "action_mass": float(np.mean(masses)), "scenarios": len(targets)}
+        finally:
+            module.train(was_training)
+        metrics = {f"transfer/{name}/{split}": value[name] for split, value in self.results.items()
+                   for name in ("alignment", "action_mass")}
+        metrics["transfer/alignment"] = float(np.mean([self.results[s]["alignment"] for s in self.objective]))
+        for name, value in metrics.items():
+            trainer.callback_metrics[name] = torch.tensor(value)
+        log.info("transfer after training: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if self.path is not None and trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(json.dumps({"objective": self.objective, "splits": self.results,
+                                           "metrics": metrics, "global_step": trainer.global_step}, indent=2))
+            partial.replace(self.path)
+
+
+class TransferSplitsError(ValueError, UserError):
+    """`callbacks.split_alignment` names an objective split it does not score."""
 
 
 class CheckpointOnSigterm(pl.Callback):

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .errors import UserError
 from .paths import UnsafePathError, run_output_dir, safe_output_dir
+from .scenarios.schema import REPORT_SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,10 @@ def train(cfg: DictConfig) -> float:
     # 6. objective and summary ---------------------------------------------------------------------
     metric = cfg.get("optimized_metric") or "val/alignment"
     final = trainer.callback_metrics.get(metric)
-    objective = export.best_score if export.best_score is not None else (float(final) if final is not None else math.nan)
+    if metric == export.monitor and export.best_score is not None:  # the best adapter's, not the last step's
+        objective = export.best_score
+    else:  # e.g. transfer/alignment (callbacks.split_alignment), measured on the final adapter
+        objective = float(final) if final is not None else math.nan
     if trainer.is_global_zero:
         summary = {
             "objective": metric, "value": objective, "best_step": export.best_step,
@@ -136,7 +140,7 @@ def train(cfg: DictConfig) -> float:
 
 
 TRIAL_COLUMNS = ("trial", "objective", "value", "best_step", "global_step", "fit_seconds", "val_action_mass",
-                 "overrides", "output")
+                 *(f"transfer/alignment/{split}" for split in REPORT_SPLITS), "overrides", "output")
 
 
 def record_trial(summary: dict, output: Path) -> Path | None:
@@ -159,6 +163,7 @@ def record_trial(summary: dict, output: Path) -> Path | None:
         "trial": hydra_cfg.job.get("num"), "objective": summary["objective"], "value": summary["value"],
         "best_step": summary["best_step"], "global_step": summary["global_step"],
         "fit_seconds": summary["fit_seconds"], "val_action_mass": summary["final_metrics"].get("val/action_mass"),
+        **{key: summary["final_metrics"].get(key) for key in TRIAL_COLUMNS if key.startswith("transfer/")},
         "overrides": " ".join(hydra_cfg.overrides.task), "output": str(output),
     }
     line = io.StringIO()
@@ -400,6 +405,7 @@ def build_callbacks(cfg: DictConfig, has_validation: bool, training: dict | None
             continue
         off = ((name == "early_stopping" and (not has_validation or not node.get("patience")))
                or (name == "divergence" and not node.get("factor"))
+               or (name == "split_alignment" and not node.get("splits"))
                or (name == "learning_rate_monitor" and not logged))
         if not off:
             callbacks[name] = build(node, f"callbacks.{name}", **runtime.get(name, {}))

@@ -41,7 +41,8 @@ from ..losses import DistillationLoss, SFTLoss
 from ..losses.base import IGNORE_INDEX
 from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
 from ..scoring import ScoringItem, prepare_item
-from ..scenarios import ANSWER_PREFIX, MOTIVATION_PREFIX, UNPARSED, Catalogue, Scenario, answer_text, build_messages, render_prompt
+from ..scenarios import (ANSWER_PREFIX, HELDOUT_CONTEXT, MOTIVATION_PREFIX, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue, Scenario, answer_text,
+                         build_messages, render_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +451,7 @@ class TeacherQADataModule(pl.LightningDataModule):
                 "scenarios.shuffle_outcomes), or configure the catalogue it was sampled with"
             )
         self.stats["teacher_models"] = sorted(set().union(*(ds.unique("model") for ds in named.values())))
+        self.all_records = records  # every split: evaluation_targets reads the ones not trained on
         kept = records.filter(lambda split: split in self.splits, input_columns="split")
         if len(kept) == 0:
             found = sorted(set(records.unique("split")))
@@ -511,6 +513,38 @@ class TeacherQADataModule(pl.LightningDataModule):
                 f"tell them apart. Train it with loss=sft, or leave its split out of data.splits (now {self.splits})"
             )
         return ScenarioTarget(scenario, full, item, list(first), list(first.values()))
+
+    def evaluation_targets(self, split: str) -> list[ScenarioTarget]:
+        """The scenarios of one report split (scenarios/schema.py REPORT_SPLITS), each with the teacher's choice
+        distribution and its exact-scoring item, for measuring the trained student where evaluate.py does:
+        `in_sample` = the trained in-sample scenarios, `heldout_context` = the validation contexts' scenarios,
+        and a catalogue split (oos_context, oos_payoffs, oos_game) from the teacher's records of it."""
+        if split == "in_sample":
+            return [t for t in self.train_targets if t.scenario.split == "in_sample"]
+        if split == HELDOUT_CONTEXT:
+            if not self.val_targets:
+                raise DataError("split heldout_context: no validation context is held out (data.num_val_contexts=0)")
+            return list(self.val_targets)
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {list(REPORT_SPLITS)}")
+
+        def of_split(records):
+            return records.filter(lambda s: s == split, input_columns="split")
+
+        distributions = teacher_distributions(of_split(self.probs_records)) if self.probs_records is not None else {}
+        for key, probs in teacher_distributions(of_split(self.all_records)).items():
+            distributions.setdefault(key, probs)
+        if not distributions:
+            raise DataError(f"teacher dataset {self.teacher_probs_source or self.teacher}: no records of split "
+                            f"{split!r} to measure the student on; sample the teacher on it (scenarios.splits)")
+        targets = []
+        for game, context in sorted(distributions):
+            scenario = self.catalogue.scenario(game, context)
+            prompt = render_prompt(self.tokenizer, build_messages(scenario, "student"))
+            item = prepare_item(self.tokenizer, prompt + ANSWER_PREFIX, scenario.game.actions)
+            targets.append(ScenarioTarget(scenario, {a: float(distributions[game, context].get(a, 0.0))
+                                                     for a in scenario.game.actions}, item))
+        return targets
 
     def _end_of_turn(self) -> str:
         """What the chat template appends after an assistant message (e.g. `<|im_end|>`)."""

@@ -464,19 +464,24 @@ class LoRADistillModule(pl.LightningModule):
         self.log("val/base_action_mass", self._base_mass)
         self.log("val/propensity_gap", float(np.mean(np.abs(np.array(tuned) - self.validation.teacher_propensity))))
 
-    @torch.no_grad()
     def score_validation(self) -> tuple[list[float], float]:
         """The student's propensity on each validation scenario and its mean mass on the actions."""
+        v = self.validation
+        propensities, masses = self.score_items(v.items, v.tokenizer, v.batch_size)
+        return propensities, float(np.mean(masses))
+
+    @torch.no_grad()
+    def score_items(self, items: list[ScoringItem], tokenizer, batch_size: int) -> tuple[list[float], list[float]]:
+        """The student's propensity on each scoring item and its mass on the actions, by the same rule as
+        sample.py's score mode (complete answers, renormalised); NaN where no mass is on an action."""
         from ..metrics.propensity import choice_propensity
 
-        v = self.validation
-        logprobs = action_logprobs(self.model, v.tokenizer, v.items, v.batch_size)
         propensities, masses = [], []
-        for lp in logprobs:
-            probs, mass = action_distribution(lp)  # the same rule as score mode (complete answers, renormalised)
+        for lp in action_logprobs(self.model, tokenizer, items, batch_size):
+            probs, mass = action_distribution(lp)
             masses.append(mass)
             propensities.append(choice_propensity(probs) if mass > 0 else float("nan"))
-        return propensities, float(np.mean(masses))
+        return propensities, masses
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
