@@ -156,3 +156,17 @@ def test_logger_none_trains(tmp_path, teacher):
                         f"output={tmp_path}/run", f"data.teacher={teacher}"], timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_split_alignment_refuses_an_unknown_split_or_objective_when_built():
+    from tomdistill.callbacks import SplitAlignment, TransferSplitsError
+
+    with pytest.raises(TransferSplitsError, match=r"callbacks\.split_alignment\.splits: unknown \['oos'\]"):
+        SplitAlignment(["in_sample", "oos"])
+    with pytest.raises(TransferSplitsError, match=r"objective \['oos_game'\] must be among its splits"):
+        SplitAlignment(["in_sample"], objective=["oos_game"])
+    assert compose_train(["output=/tmp/x"]).callbacks.split_alignment.splits == []  # off unless a search asks
+    search = compose_train(["+experiment=demo", "hparams_search=soft_recipe_optuna", "output=/tmp/x"])
+    assert search.optimized_metric == "transfer/alignment"
+    assert list(search.callbacks.split_alignment.objective) == ["heldout_context", "oos_context", "oos_payoffs"]
+    assert search.callbacks.adapter_export.monitor == "val/alignment"  # checkpoints stay chosen by validation

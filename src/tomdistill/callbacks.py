@@ -78,13 +78,24 @@ class SplitAlignment(pl.Callback):
     `path` (JSON). Every rank scores every scenario (ZeRO-3 gathers weights collectively), as in validation."""
 
     def __init__(self, splits, objective=None, path: str | Path | None = None):
+        from .scenarios.schema import REPORT_SPLITS
+
         self.splits = list(splits or [])
         self.objective = list(objective) if objective else list(self.splits)
+        unknown = [s for s in self.splits if s not in REPORT_SPLITS]
+        if unknown:
+            raise TransferSplitsError(f"callbacks.split_alignment.splits: unknown {unknown}; expected some of "
+                                      f"{list(REPORT_SPLITS)}")
         unknown = [s for s in self.objective if s not in self.splits]
         if unknown:
             raise TransferSplitsError(f"callbacks.split_alignment.objective {unknown} must be among its splits {self.splits}")
         self.path = Path(path) if path else None
+        self.targets: dict[str, list] = {}
         self.results: dict[str, dict] = {}
+
+    def setup(self, trainer: pl.Trainer, module, stage: str) -> None:
+        # before training: a split without teacher records fails now, not after the last step
+        self.targets = {split: trainer.datamodule.evaluation_targets(split) for split in self.splits}
 
     def on_train_end(self, trainer: pl.Trainer, module) -> None:
         import numpy as np
@@ -98,7 +109,7 @@ class SplitAlignment(pl.Callback):
         module.eval()
         try:
             for split in self.splits:
-                targets = datamodule.evaluation_targets(split)
+                targets = self.targets[split]
                 items = [t.item for t in targets]
                 teacher = [choice_propensity(t.teacher_probs) for t in targets]
                 with module.model.disable_adapter():
@@ -123,7 +134,7 @@ class SplitAlignment(pl.Callback):
 
 
 class TransferSplitsError(ValueError, UserError):
-    """`callbacks.split_alignment` names an objective split it does not score."""
+    """`callbacks.split_alignment` names an unknown split, or an objective split it does not score."""
 
 
 class CheckpointOnSigterm(pl.Callback):
