@@ -83,7 +83,12 @@ def interrupt_inside(study: Path, stage: int) -> None:
         (partial / "summary.json").unlink()
 
 
-@pytest.mark.parametrize("stage", range(len(STAGES)), ids=DIRS)
+# teacher_scores and base are interrupted like teacher and tuned_default (a sampling stage): opt-in (-m extended)
+SAMPLING_REPEATS = ("teacher_scores", "base")
+
+
+@pytest.mark.parametrize("stage", [pytest.param(i, id=d, marks=[pytest.mark.extended] if d in SAMPLING_REPEATS else [])
+                                   for i, d in enumerate(DIRS)])
 def test_a_study_interrupted_inside_each_stage_resumes_at_that_stage(tmp_path, complete_study, stage):
     study = Path(shutil.copytree(complete_study, tmp_path / "study"))
     # plan.json pins the adapter by absolute path: point the copy's at the copy's own adapter, as it would be

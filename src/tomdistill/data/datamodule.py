@@ -521,10 +521,10 @@ class TeacherQADataModule(pl.LightningDataModule):
         and a catalogue split (oos_context, oos_payoffs, oos_game) from the teacher's records of it."""
         if split == "in_sample":
             return [t for t in self.train_targets if t.scenario.split == "in_sample"]
-        if split == HELDOUT_CONTEXT:
+        if split == HELDOUT_CONTEXT:  # evaluate.py's: the untrained in-sample scenarios (not augment variants)
             if not self.val_targets:
                 raise DataError("split heldout_context: no validation context is held out (data.num_val_contexts=0)")
-            return list(self.val_targets)
+            return [t for t in self.val_targets if t.scenario.split == "in_sample"]
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected one of {list(REPORT_SPLITS)}")
 
