@@ -3,11 +3,11 @@
 step (`StepAgreement`)."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
-import json
 import threading
 from pathlib import Path
 

@@ -41,8 +41,8 @@ from ..losses import DistillationLoss, SFTLoss
 from ..losses.base import IGNORE_INDEX
 from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
 from ..scoring import ScoringItem, prepare_item
-from ..scenarios import (ANSWER_PREFIX, HELDOUT_CONTEXT, MOTIVATION_PREFIX, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue, Scenario, answer_text,
-                         build_messages, render_prompt)
+from ..scenarios import (ANSWER_PREFIX, HELDOUT_CONTEXT, MOTIVATION_PREFIX, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue,
+                         Scenario, answer_text, build_messages, render_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -517,8 +517,8 @@ class TeacherQADataModule(pl.LightningDataModule):
     def evaluation_targets(self, split: str) -> list[ScenarioTarget]:
         """The scenarios of one report split (scenarios/schema.py REPORT_SPLITS), each with the teacher's choice
         distribution and its exact-scoring item, for measuring the trained student where evaluate.py does:
-        `in_sample` = the trained in-sample scenarios, `heldout_context` = the validation contexts' scenarios,
-        and a catalogue split (oos_context, oos_payoffs, oos_game) from the teacher's records of it."""
+        `in_sample` = the trained in-sample scenarios, `heldout_context` = the validation contexts' in-sample
+        scenarios, and a catalogue split (oos_context, oos_payoffs, oos_game) from the teacher's records of it."""
         if split == "in_sample":
             return [t for t in self.train_targets if t.scenario.split == "in_sample"]
         if split == HELDOUT_CONTEXT:  # evaluate.py's: the untrained in-sample scenarios (not augment variants)
