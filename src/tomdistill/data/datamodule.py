@@ -464,10 +464,11 @@ class TeacherQADataModule(pl.LightningDataModule):
             log.warning("teacher data: dropped %d unparsed answer(s) of %d", unparsed, len(generated))
         return kept
 
-    def _teacher_distributions(self, records):
-        source = self.probs_records if self.probs_records is not None else records
+    def _teacher_distributions(self, records, probs_records=None):
+        probs_records = self.probs_records if probs_records is None else probs_records
+        source = probs_records if probs_records is not None else records
         distributions = teacher_distributions(source)
-        if self.probs_records is not None:  # scenarios without scores fall back to the samples
+        if probs_records is not None:  # scenarios without scores fall back to the samples
             for key, probs in teacher_distributions(records).items():
                 distributions.setdefault(key, probs)
         return distributions
@@ -531,9 +532,8 @@ class TeacherQADataModule(pl.LightningDataModule):
         def of_split(records):
             return records.filter(lambda s: s == split, input_columns="split")
 
-        distributions = teacher_distributions(of_split(self.probs_records)) if self.probs_records is not None else {}
-        for key, probs in teacher_distributions(of_split(self.all_records)).items():
-            distributions.setdefault(key, probs)
+        distributions = self._teacher_distributions(
+            of_split(self.all_records), of_split(self.probs_records) if self.probs_records is not None else None)
         if not distributions:
             raise DataError(f"teacher dataset {self.teacher_probs_source or self.teacher}: no records of split "
                             f"{split!r} to measure the student on; sample the teacher on it (scenarios.splits)")
