@@ -38,6 +38,7 @@ from ..losses.base import IGNORE_INDEX
 from ..metrics.transfer import alignment
 from ..scoring import ScoringItem, action_distribution, action_logprobs
 from .loading import ModelLoadError, load_causal_lm
+from .shared_prefix import shared_prefix_logits
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ class LoRADistillModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         cache_dir: str | None = None,
         validation: ValidationScenarios | None = None,
+        shared_prefix: bool = True,
     ):
         super().__init__()
         model_cfg, lora, optim = (_plain(x) for x in (model_cfg, lora, optim))
@@ -284,6 +286,9 @@ class LoRADistillModule(pl.LightningModule):
         # ZeRO-3 gathers each layer's weights collectively in every forward pass: every rank must run as many
         # forward passes as every other, so a soft batch runs padded in one pass there (on_fit_start)
         self._one_forward_per_batch = False
+        # a batch's common prompt prefixes run once (model/shared_prefix.py); gradient checkpointing refuses the
+        # key/value cache that carries them, so it runs full passes
+        self.shared_prefix = bool(shared_prefix) and not gradient_checkpointing
         self.frozen_cache: FrozenLayerCache | None = None
         if lora.get("top_layers") and lora.get("cache_frozen_layers", True):
             first = self.model.get_base_model().config.num_hidden_layers - int(lora["top_layers"])
@@ -303,7 +308,9 @@ class LoRADistillModule(pl.LightningModule):
         has_answer = answer_pos >= 0
         if loss.uses_distribution:
             keep[rows[has_answer], answer_pos[has_answer]] = True
-        if loss.per_scenario and not self._one_forward_per_batch:  # one prompt per scenario, few lengths
+        if self.shared_prefix and self.frozen_cache is None and not self._one_forward_per_batch:
+            logits = shared_prefix_logits(kept_logits, self.model, keep, batch["input_ids"], batch["attention_mask"])
+        elif loss.per_scenario and not self._one_forward_per_batch:  # one prompt per scenario, few lengths
             logits = self._logits_by_length(batch["input_ids"], batch["attention_mask"], keep)
         else:
             logits = self._logits(batch["input_ids"], batch["attention_mask"], keep)  # (kept positions, vocab), row-major
