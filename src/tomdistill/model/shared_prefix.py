@@ -122,7 +122,7 @@ def shared_prefix_logits(forward_kept, model, keep: torch.Tensor, input_ids: tor
 
 
 def _cache_name(model) -> str:
-    """The key/value cache's argument and output name: `cache` from transformers 5.24, `past_key_values` before."""
+    """The key/value cache's argument and output name: `cache` in transformers 5.24, `past_key_values` in 5.17."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
