@@ -31,7 +31,7 @@ class PrefixPlan:
     groups: tuple[PrefixGroup, ...]
     plain: tuple[int, ...]  # ascending rows that run in one ordinary padded pass
     tokens: int             # tokens of compute under this plan
-    unshared_tokens: int    # the same rows run unpadded, one pass each length (the plan must beat this)
+    unshared_tokens: int    # the rows' real tokens, every one computed (what sharing saves from)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
