@@ -3,7 +3,7 @@ small cases, and the logits, loss and adapter gradients equal one plain padded f
 import pytest
 import torch
 
-from tomdistill.model.shared_prefix import PASS_OVERHEAD_TOKENS, plan_shared_prefixes
+from tomdistill.model.shared_prefix import GROUP_COST_TOKENS, plan_shared_prefixes
 
 
 def test_the_plan_groups_rows_by_their_common_prefix_and_leaves_loners_plain():
@@ -18,7 +18,7 @@ def test_the_plan_groups_rows_by_their_common_prefix_and_leaves_loners_plain():
     assert plan.plain == (4,)
     total = sum(map(len, (a, b, c, d, e)))
     assert plan.unshared_tokens == total
-    assert plan.tokens == 2 * PASS_OVERHEAD_TOKENS + (100 + 3 + 2) + (110 + 0 + 1) + 3
+    assert plan.tokens == 2 * GROUP_COST_TOKENS + (100 + 3 + 2) + (110 + 0 + 1) + 3
 
 
 def test_a_prefix_stops_before_the_first_kept_position_and_short_shares_stay_plain():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 # tokens a group must save to be worth forming (its prefix and suffix rows are padded with the others')
-PASS_OVERHEAD_TOKENS = 32
+GROUP_COST_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def plan_shared_prefixes(sequences: list[list[int]], limits: list[int],
-                         overhead: int = PASS_OVERHEAD_TOKENS) -> PrefixPlan:
+                         overhead: int = GROUP_COST_TOKENS) -> PrefixPlan:
     """Split rows into groups that share a token prefix, minimising the tokens computed.
 
     `sequences[r]` are row r's real tokens; `limits[r]` is the most of them its prefix may cover (the
