@@ -141,6 +141,15 @@ def test_augment_scenarios_are_in_sample_contexts_in_the_augment_split_only():
     assert {k: v for k, v in catalogue.splits.items() if k != AUGMENT_SPLIT} == plain.splits
 
 
+def test_a_game_filter_keeps_the_variants_of_the_games_it_names():
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 2})
+    chosen = catalogue.scenarios(["in_sample", AUGMENT_SPLIT], games=["stag_hunt", "stag_hunt_x2"])
+    assert {s.game.base or s.game.name for s in chosen} == {"stag_hunt"}
+    assert sum(s.split == AUGMENT_SPLIT for s in chosen) == 2 * sum(s.split == "in_sample" for s in chosen) > 0
+    # outside the augment split the filter is exact: stag_hunt does not bring in stag_hunt_x2
+    assert [s.game.name for s in catalogue.scenarios(["oos_payoffs"], games=["stag_hunt"])] == []
+
+
 def test_prompt_version_unchanged_while_the_training_data_is_named():
     plain = load_catalogue(CATALOGUE_DIR)
     specs = [{"variants": 2}, {"variants": 2, "seed": 1}, {"scales": [3]}, {"variants": 1, "scales": [0.5]}]

@@ -327,3 +327,68 @@ def test_evaluation_targets_are_the_report_splits_with_the_teachers_distribution
         dm.evaluation_targets("oos_game")
     with pytest.raises(DataError, match="unknown split 'oos'"):
         dm.evaluation_targets("oos")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_anchored_batches_hold_every_anchor_and_deal_the_pool_one_per_group_in_turns(ranks):
+    from tomdistill.data.datamodule import AnchoredBatchSampler, shard
+
+    anchors = [0, 1, 2, 3]
+    groups = [[4, 5], [6, 7], [8, 9], [10, 11], [12, 13, 14]]  # uneven: the last group has three members
+    lengths = [10] * 15
+    sampler = AnchoredBatchSampler(lengths, anchors, groups, per_batch=5, seed=7, num_replicas=ranks)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = sampler.batches()
+        assert len(batches) == len(sampler) == 3  # 11 pool examples, 5 a step
+        assert all(b[:4] == anchors for b in batches)
+        dealt = [i for b in batches for i in b[4:]]
+        assert sorted(dealt) == list(range(4, 15))  # every variant exactly once an epoch
+        first = set(batches[0][4:])
+        assert all(len(first & set(g)) == 1 for g in groups)  # one of each group before any group's second
+        for r in range(ranks):  # the ranks' shards rebuild each global batch
+            sampler.rank = r
+            mine = list(sampler)
+            if ranks == 1:
+                assert mine == batches
+            else:
+                assert [[i for i, _ in b] for b in mine] == [shard(b, ranks, r)[0] for b in batches]
+        sampler.rank = 0
+    again = AnchoredBatchSampler(lengths, anchors, groups, per_batch=5, seed=7)
+    other = AnchoredBatchSampler(lengths, anchors, groups, per_batch=5, seed=8)
+    assert again.batches() == AnchoredBatchSampler(lengths, anchors, groups, per_batch=5, seed=7).batches()
+    assert again.batches() != other.batches()  # seeded
+
+
+def test_augment_per_step_trains_every_in_sample_scenario_each_step_and_the_variants_in_turns(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from helpers import oracle_config
+    from tomdistill import CATALOGUE_DIR
+    from tomdistill.scenarios import load_catalogue
+
+    augmented = load_catalogue(CATALOGUE_DIR, augment={"variants": 2})
+    dm = make(None, tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
+              oracle=oracle_config(), augment_per_step=8)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=None)
+    loader = dm.train_dataloader()
+    in_sample = [t for t in dm.train_targets if t.scenario.split == "in_sample"]
+    variants = [t for t in dm.train_targets if t.scenario.split == "augment"]
+    assert len(variants) == 2 * len(in_sample) and len(loader) == len(variants) // 8
+    seen = []
+    for batch in loader:
+        scenarios = [dm.targets[s].scenario for s in batch["scenario"].tolist()]
+        assert sorted(s.key for s in scenarios if s.split == "in_sample") == sorted(t.scenario.key for t in in_sample)
+        dealt = [s for s in scenarios if s.split == "augment"]
+        assert len(dealt) == 8 and len({(s.game.base, s.context.name) for s in dealt}) == 8
+        seen += [s.key for s in dealt]
+    assert sorted(seen) == sorted(t.scenario.key for t in variants)
+    dm.trainer = None
+    with pytest.raises(DataError, match="data.augment_per_step=8, but no scenario of the 'augment' split"):
+        plain = make(None, tokenizer, augmented, tmp_path, loss="soft", oracle=oracle_config(), augment_per_step=8)
+        plain.trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=None)
+        plain.train_dataloader()
+    with pytest.raises(DataError, match="augment_per_step=8 takes a per-scenario loss"):
+        TeacherQADataModule(None, tokenizer, augmented, loss=SFTLoss(), augment_per_step=8)
+    with pytest.raises(DataError, match="choose one way to batch scenarios"):
+        TeacherQADataModule(None, tokenizer, augmented, loss=SoftLabelLoss(), augment_per_step=8, scenario_batch_size=4)

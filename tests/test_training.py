@@ -387,6 +387,22 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(tiny_model_cfg):
     assert len(plain.configure_optimizers()["optimizer"].param_groups) == 1  # off by default: the demo unchanged
 
 
+def test_warmup_stable_decay_holds_the_lr_then_decays_it_to_zero_over_the_last_share(tiny_model_cfg):
+    from types import SimpleNamespace
+
+    from tomdistill.model.lora_module import LoRADistillModule
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    module = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3, "scheduler": "wsd", "warmup_ratio": 0.1,
+                                                      "decay_ratio": 0.25}, SoftLabelLoss())
+    module._trainer = SimpleNamespace(estimated_stepping_batches=20)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = [scheduler.lr_lambdas[0](step) for step in range(21)]  # the lr multiplier at each step (LambdaLR)
+    assert lrs[0] == 0 and 0 < lrs[1] < 1  # 2 warm-up steps
+    assert all(lr == pytest.approx(1.0) for lr in lrs[2:15])  # constant until the last 5 (25% of 20)
+    assert all(a > b for a, b in zip(lrs[15:20], lrs[16:21])) and lrs[20] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_the_frozen_layer_cache_is_off_under_deepspeed(tmp_path, teacher):
     """ZeRO partitions the frozen layers' weights, which the cache's direct layer calls do not gather."""
     result = run_train([*TINY, "trainer=deepspeed_zero2", "model.lora.top_layers=1", "trainer.max_steps=1",

@@ -213,12 +213,14 @@ _NUMBER_RULES = {
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": (lambda v: v >= 0, "a number ≥ 0"),
     "optim.warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.decay_ratio": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "optim.lora_plus_ratio": (lambda v: v > 0, "a number > 0 (1 = off)"),
     "model.lora.r": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "model.lora.alpha": (lambda v: v > 0, "a number > 0"),
     "model.lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "data.batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "data.scenario_batch_size": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
+    "data.augment_per_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
     "data.eval_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "data.max_length": (lambda v: v >= 8 and float(v).is_integer(), "a whole number ≥ 8"),
     "data.num_val_contexts": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0"),
@@ -226,7 +228,7 @@ _NUMBER_RULES = {
     "loss.soft_weight": (lambda v: v >= 0, "a number ≥ 0"),
 }
 _CHOICES = {
-    "optim.scheduler": ("cosine", "linear", "constant"),
+    "optim.scheduler": ("cosine", "linear", "constant", "wsd"),
     "data.target": ("answer_motivation", "motivation_answer", "answer_only"),
 }
 

@@ -41,7 +41,7 @@ from ..losses import DistillationLoss, SFTLoss
 from ..losses.base import IGNORE_INDEX
 from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
 from ..scoring import ScoringItem, prepare_item
-from ..scenarios import (ANSWER_PREFIX, HELDOUT_CONTEXT, MOTIVATION_PREFIX, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue,
+from ..scenarios import (ANSWER_PREFIX, AUGMENT_SPLIT, HELDOUT_CONTEXT, MOTIVATION_PREFIX, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue,
                          Scenario, answer_text, build_messages, render_prompt)
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,37 @@ class LengthGroupedBatchSampler(Sampler[list]):
         return batches if self.split_batches else math.ceil(batches / self.num_replicas)
 
 
+class AnchoredBatchSampler(LengthGroupedBatchSampler):
+    """Global batches of every `anchors` example plus `per_batch` examples of a rotating `pool`
+    (`data.augment_per_step`: the trained scenarios in every step, the payoff variants in turns).
+
+    Each epoch shuffles the pool and deals it one member of each group at a time (a group: the variants of
+    one game in one context), so a batch holds at most one variant of a game and context until every group
+    has given one, and an epoch shows every pool example exactly once. Split over ranks like
+    `LengthGroupedBatchSampler(split_batches=True)`.
+    """
+
+    def __init__(self, lengths: Sequence[int], anchors: Sequence[int], pool_groups: Sequence[Sequence[int]],
+                 per_batch: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        pool_size = sum(len(g) for g in pool_groups)
+        if per_batch < 1 or pool_size == 0:
+            raise ValueError(f"AnchoredBatchSampler needs per_batch ≥ 1 and a pool, got {per_batch} and {pool_size}")
+        super().__init__(lengths, len(anchors) + per_batch, shuffle=True, group_by_length=False, seed=seed,
+                         num_replicas=num_replicas, rank=rank, split_batches=True)
+        self.anchors, self.pool_groups, self.per_batch = list(anchors), [list(g) for g in pool_groups], per_batch
+        self.pool_size = pool_size
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        groups = [rng.sample(g, len(g)) for g in self.pool_groups]
+        rng.shuffle(groups)
+        dealt = [g[r] for r in range(max(map(len, groups))) for g in groups if r < len(g)]
+        return [self.anchors + dealt[s:s + self.per_batch] for s in range(0, len(dealt), self.per_batch)]
+
+    def __len__(self) -> int:
+        return math.ceil(self.pool_size / self.per_batch)
+
+
 class WeightedExamples(torch.utils.data.Dataset):
     """A map-style dataset that also takes `(index, weight)` keys and returns the example with its `weight`.
 
@@ -333,6 +364,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         samples_per_scenario: int | None = None,
         batch_size: int = 8,
         scenario_batch_size: int = 0,
+        augment_per_step: int = 0,
         eval_batch_size: int = 16,
         max_length: int = 512,
         group_by_length: bool = True,
@@ -361,6 +393,13 @@ class TeacherQADataModule(pl.LightningDataModule):
         self.num_val_contexts = num_val_contexts
         self.samples_per_scenario = samples_per_scenario
         self.batch_size, self.scenario_batch_size, self.eval_batch_size = batch_size, scenario_batch_size, eval_batch_size
+        if augment_per_step and not loss.per_scenario:
+            raise DataError(f"data.augment_per_step={augment_per_step} takes a per-scenario loss (loss=soft, "
+                            f"jensen_shannon), not loss={loss.name}; set it to 0")
+        if augment_per_step and scenario_batch_size:
+            raise DataError(f"data.augment_per_step={augment_per_step} and data.scenario_batch_size="
+                            f"{scenario_batch_size}: choose one way to batch scenarios (set the other to 0)")
+        self.augment_per_step = augment_per_step
         self.max_length, self.group_by_length = max_length, group_by_length
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -646,13 +685,33 @@ class TeacherQADataModule(pl.LightningDataModule):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return Collator(pad, self.targets)
 
+    def _anchored_sampler(self, num_replicas: int, rank: int) -> AnchoredBatchSampler:
+        """`data.augment_per_step`: every trained scenario of the other splits in each step, the augment
+        split's variants `augment_per_step` at a time, grouped by the game they vary and their context."""
+        anchors, groups = [], {}
+        for i, s in enumerate(self.train_set["scenario"]):
+            scenario = self.targets[s].scenario
+            if scenario.split == AUGMENT_SPLIT:
+                groups.setdefault((scenario.game.base or scenario.game.name, scenario.context.name), []).append(i)
+            else:
+                anchors.append(i)
+        if not groups:
+            raise DataError(f"data.augment_per_step={self.augment_per_step}, but no scenario of the {AUGMENT_SPLIT!r} "
+                            f"split is trained (data.splits={self.splits}): add {AUGMENT_SPLIT} to data.splits and "
+                            "set scenarios.augment")
+        return AnchoredBatchSampler(self.train_set["length"], anchors, list(groups.values()), self.augment_per_step,
+                                    seed=self.seed, num_replicas=num_replicas, rank=rank)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        sampler = LengthGroupedBatchSampler(
-            self.train_set["length"], self._train_batch_size(), shuffle=True, group_by_length=self.group_by_length,
-            seed=self.seed, num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
-            split_batches=self.loss.per_scenario,
-        )
+        num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if self.augment_per_step:
+            sampler = self._anchored_sampler(num_replicas, rank)
+        else:
+            sampler = LengthGroupedBatchSampler(
+                self.train_set["length"], self._train_batch_size(), shuffle=True, group_by_length=self.group_by_length,
+                seed=self.seed, num_replicas=num_replicas, rank=rank, split_batches=self.loss.per_scenario,
+            )
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed) if trainer else None
         return ResumableDataLoader(
             WeightedExamples(self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"])),

@@ -492,7 +492,7 @@ class LoRADistillModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        from transformers import get_scheduler
+        from transformers import get_scheduler, get_wsd_schedule
 
         cfg = self.optim_cfg
         lr = float(cfg.get("lr", 2e-4))
@@ -509,8 +509,13 @@ class LoRADistillModule(pl.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(round(float(cfg.get("warmup_ratio", 0.0)) * total))
         name = cfg.get("scheduler", "cosine")
-        scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(name, name), optimizer,
-                                  num_warmup_steps=warmup, num_training_steps=total)
+        if name == "wsd":  # warm-up, a constant lr, then a cosine decay over the last `decay_ratio` of the steps
+            decay = max(int(round(float(cfg.get("decay_ratio", 0.2)) * total)), 1)
+            scheduler = get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay,
+                                         num_training_steps=total)
+        else:
+            scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(name, name), optimizer,
+                                      num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints

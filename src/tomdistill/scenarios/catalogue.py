@@ -48,7 +48,9 @@ class Catalogue:
         out = []
         for split in chosen:
             for game_name, context_name in self.splits[split]:
-                if game_filter is not None and game_name not in game_filter:
+                # a payoff variant (augment split) passes the filter with the game it varies
+                if game_filter is not None and game_name not in game_filter and not (
+                        split == AUGMENT_SPLIT and self.games[game_name].base in game_filter):
                     continue
                 if context_filter is not None and context_name not in context_filter:
                     continue
