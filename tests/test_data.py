@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from helpers import TINY, run_train, write_teacher
-from tomdistill.data.datamodule import (
-    IGNORE_INDEX, DataError, LengthGroupedBatchSampler, TeacherQADataModule, padding_fraction,
-)
+from tomdistill.data.batching import LengthGroupedBatchSampler, padding_fraction
+from tomdistill.data.datamodule import IGNORE_INDEX, DataError, TeacherQADataModule
 from tomdistill.losses import SFTLoss, SFTPlusSoftLoss, SoftLabelLoss
 from tomdistill.records import SamplesError
 from tomdistill.scenarios import ANSWER_PREFIX, answer_text
@@ -189,7 +188,7 @@ def test_every_rank_gets_distinct_batches_and_as_many_as_the_others(examples, ra
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 12])
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_a_global_batch_splits_over_ranks_and_the_weighted_rank_losses_average_to_its_mean(size, ranks):
-    from tomdistill.data.datamodule import shard
+    from tomdistill.data.batching import shard
 
     batch = list(range(100, 100 + size))
     losses = {i: 0.3 + (i % 7) * 0.11 for i in batch}
@@ -331,7 +330,7 @@ def test_evaluation_targets_are_the_report_splits_with_the_teachers_distribution
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_anchored_batches_hold_every_anchor_and_deal_the_pool_one_per_group_in_turns(ranks):
-    from tomdistill.data.datamodule import AnchoredBatchSampler, shard
+    from tomdistill.data.batching import AnchoredBatchSampler, shard
 
     anchors = [0, 1, 2, 3]
     groups = [[4, 5], [6, 7], [8, 9], [10, 11], [12, 13, 14]]  # uneven: the last group has three members
@@ -354,6 +353,9 @@ def test_anchored_batches_hold_every_anchor_and_deal_the_pool_one_per_group_in_t
             else:
                 assert [[i for i, _ in b] for b in mine] == [shard(b, ranks, r)[0] for b in batches]
         sampler.rank = 0
+    sampler.set_epoch(2)
+    sampler.resume_at(2, 1)  # a run restored mid-epoch (ResumableDataLoader) goes on with the next batch
+    assert list(sampler) == sampler.batches()[1:] if ranks == 1 else len(list(sampler)) == 2
     again = AnchoredBatchSampler(lengths, anchors, groups, per_batch=5, seed=7)
     other = AnchoredBatchSampler(lengths, anchors, groups, per_batch=5, seed=8)
     assert again.batches() == AnchoredBatchSampler(lengths, anchors, groups, per_batch=5, seed=7).batches()

@@ -114,7 +114,8 @@ def test_the_training_loader_reshuffles_per_epoch_and_resumes_mid_epoch():
     """The mechanics behind the data-order guarantee, through Lightning's own epoch hook."""
     from lightning_fabric.utilities.data import _set_sampler_epoch
 
-    from tomdistill.data.datamodule import LengthGroupedBatchSampler, ResumableDataLoader
+    from tomdistill.data.batching import LengthGroupedBatchSampler
+    from tomdistill.data.datamodule import ResumableDataLoader
 
     lengths = [(i * 7) % 13 + 1 for i in range(40)]
     loader = ResumableDataLoader(list(range(40)), batch_sampler=LengthGroupedBatchSampler(lengths, 4, seed=1),
