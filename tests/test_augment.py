@@ -288,3 +288,30 @@ def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(t
                                   "scenarios_by_split": {AUGMENT_SPLIT: 4 * 4, "in_sample": 16}}
     with pytest.raises(DataError, match=r"no scenario \(\w+_v1_[0-9a-f]{6}, \w+\)"):
         make(scores(other), catalogue)
+
+
+def test_a_soft_student_trains_on_variants_its_teacher_only_scored(tmp_path, tiny_model_cfg):
+    """A 70b teacher need not generate answers for the variants: with data.teacher_probs, a per-scenario loss
+    trains every scored scenario of data.splits; an SFT loss still trains on the sampled answers alone."""
+    from helpers import write_teacher
+    from tomdistill.data.datamodule import TeacherQADataModule
+    from tomdistill.losses import SFTLoss, SoftLabelLoss
+    from tomdistill.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_cfg, padding_side="right")
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 1})
+    answers = write_teacher(tmp_path / "answers", catalogue, modes=("generate",), splits=("in_sample",))
+    scores = write_teacher(tmp_path / "scores", catalogue, modes=("score",), splits=("in_sample", AUGMENT_SPLIT))
+
+    def make(loss):
+        dm = TeacherQADataModule(answers, tokenizer, catalogue, teacher_probs=scores, loss=loss,
+                                 splits=["in_sample", AUGMENT_SPLIT], cache_dir=tmp_path / "cache")
+        dm.setup("fit")
+        return dm
+
+    soft = make(SoftLabelLoss())
+    assert {t.scenario.split for t in soft.targets} == {"in_sample", AUGMENT_SPLIT}
+    assert {t.scenario.game.name for t in soft.targets} >= set(catalogue.generated)
+    for target in soft.targets:
+        assert target.teacher_probs == pytest.approx(action_probabilities(target.scenario))
+    assert {t.scenario.split for t in make(SFTLoss()).targets} == {"in_sample"}  # no answers, nothing to imitate

@@ -353,7 +353,13 @@ class TeacherQADataModule(pl.LightningDataModule):
         return distributions
 
     def _training_scenarios(self, records, distributions) -> list[Scenario]:
-        keys = sorted({(g, c) for g, c in zip(records["game"], records["context"])})
+        keys = {(g, c) for g, c in zip(records["game"], records["context"])}
+        if self.loss.per_scenario and self.probs_records is not None:
+            # a per-scenario loss needs only the scores: scenarios scored but never sampled (e.g. payoff variants a
+            # 70b teacher labelled in score mode alone) train too
+            scored = self.probs_records.filter(lambda split: split in self.splits, input_columns="split")
+            keys |= {(g, c) for g, c in zip(scored["game"], scored["context"])}
+        keys = sorted(keys)
         scenarios = []
         for game, context in keys:
             try:
