@@ -387,6 +387,17 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(tiny_model_cfg):
     assert len(plain.configure_optimizers()["optimizer"].param_groups) == 1  # off by default: the demo unchanged
 
 
+def test_rslora_scales_the_update_by_alpha_over_the_root_of_the_rank(tiny_model_cfg):
+    from tomdistill.model.lora_module import build_lora_model
+
+    for use_rslora, scale in ((False, 8 / 4), (True, 8 / 2)):
+        model = build_lora_model(tiny_model_cfg, {"r": 4, "alpha": 8, "target_modules": ["q_proj"],
+                                                  "use_rslora": use_rslora})
+        assert model.peft_config["default"].use_rslora is use_rslora  # saved in adapter_config.json: plain peft reads it
+        layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "scaling"))
+        assert layer.scaling["default"] == pytest.approx(scale)
+
+
 def test_warmup_stable_decay_holds_the_lr_then_decays_it_to_zero_over_the_last_share(tiny_model_cfg):
     from types import SimpleNamespace
 

@@ -120,7 +120,7 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
     config = LoraConfig(
         r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 32)), lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=targets if isinstance(targets, str) else list(targets), bias="none", task_type="CAUSAL_LM",
-        layers_to_transform=layers,
+        layers_to_transform=layers, use_rslora=bool(lora.get("use_rslora", False)),
     )
     if not isinstance(targets, str):
         # checked here, not by peft after it has wrapped half the model: one line naming the key and the choices
