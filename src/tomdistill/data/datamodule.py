@@ -37,12 +37,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..losses import DistillationLoss, SFTLoss
-from .batching import AnchoredBatchSampler, LengthGroupedBatchSampler, WeightedExamples, padding_fraction
 from ..losses.base import IGNORE_INDEX
 from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
 from ..scoring import ScoringItem, prepare_item
 from ..scenarios import (ANSWER_PREFIX, AUGMENT_SPLIT, HELDOUT_CONTEXT, MOTIVATION_PREFIX, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue,
                          Scenario, answer_text, build_messages, render_prompt)
+from .batching import AnchoredBatchSampler, LengthGroupedBatchSampler, WeightedExamples, padding_fraction
 
 log = logging.getLogger(__name__)
 
