@@ -420,3 +420,43 @@ def test_the_frozen_layer_cache_is_off_under_deepspeed(tmp_path, teacher):
                         "data.num_val_contexts=0", f"data.teacher={teacher}", f"output={tmp_path}/run"], timeout=300)
     check(result)
     assert "model.lora.cache_frozen_layers: off under CPUDeepSpeedStrategy" in result.stdout + result.stderr
+
+
+def test_pissa_starts_as_the_base_model_and_saves_a_plain_lora_that_peft_reloads(tiny_model_cfg, tmp_path):
+    from peft import PeftModel
+
+    from tomdistill.model.loading import load_causal_lm
+    from tomdistill.model.lora_module import LoRADistillModule
+
+    for use_rslora in (False, True):
+        lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "init": "pissa", "use_rslora": use_rslora}
+        module = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3}, SoftLabelLoss())
+        module.model.eval()
+        ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+        base = load_causal_lm(tiny_model_cfg).eval()(input_ids=ids).logits
+        with torch.no_grad():
+            assert torch.allclose(module.model(input_ids=ids).logits, base, atol=1e-4)  # residual + start = base
+            generator = torch.Generator().manual_seed(0)
+            for param in module.model.parameters():  # what training does: both factors move
+                if param.requires_grad:
+                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
+            tuned = module.model(input_ids=ids).logits
+            assert not torch.allclose(tuned, base, atol=1e-3)
+            with module.base_weights():  # the untuned student, for base propensities
+                assert torch.allclose(module.model(input_ids=ids).logits, base, atol=1e-4)
+            assert torch.equal(module.model(input_ids=ids).logits, tuned)  # the trained adapter is back
+        module.save_adapter(tmp_path / f"adapter_{use_rslora}")
+        config = json.loads((tmp_path / f"adapter_{use_rslora}" / "adapter_config.json").read_text())
+        assert config["r"] == 8 and config["init_lora_weights"] is True
+        reloaded = PeftModel.from_pretrained(load_causal_lm(tiny_model_cfg), str(tmp_path / f"adapter_{use_rslora}"))
+        with torch.no_grad():
+            assert torch.allclose(reloaded.eval()(input_ids=ids).logits, tuned, atol=1e-4)
+        assert module.model.peft_config["default"].r == 4  # the live config is untouched
+
+
+def test_an_unknown_lora_init_names_the_key(tiny_model_cfg):
+    from tomdistill.model.loading import ModelLoadError
+    from tomdistill.model.lora_module import build_lora_model
+
+    with pytest.raises(ModelLoadError, match=r"model.lora.init='svd': expected one of lora\|pissa"):
+        build_lora_model(tiny_model_cfg, {"r": 4, "target_modules": ["q_proj"], "init": "svd"})

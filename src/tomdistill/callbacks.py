@@ -112,7 +112,7 @@ class SplitAlignment(pl.Callback):
                 targets = self.targets[split]
                 items = [t.item for t in targets]
                 teacher = [choice_propensity(t.teacher_probs) for t in targets]
-                with module.model.disable_adapter():
+                with module.base_weights():
                     base, _ = module.score_items(items, datamodule.tokenizer, datamodule.eval_batch_size)
                 tuned, masses = module.score_items(items, datamodule.tokenizer, datamodule.eval_batch_size)
                 self.results[split] = {"alignment": float(alignment(base, tuned, teacher)),

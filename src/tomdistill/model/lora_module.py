@@ -86,6 +86,26 @@ def local_rank(environ=None) -> int:
     return 0
 
 
+# model.lora.init -> peft's init_lora_weights. lora: B = 0, so the adapter starts as no change. pissa: A and B start as
+# the top-r singular directions of each adapted weight and the base keeps the residual (peft rewrites it), so training
+# starts with gradients on both factors; its adapter is saved as the equivalent plain LoRA (`pissa_as_lora`).
+LORA_INITS = {"lora": True, "pissa": "pissa"}
+
+
+def pissa_as_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PiSSA adapter as a plain LoRA on the original base weights: W = W_res + B0 A0 and the tuned weight is
+    W_res + B A, so the change is B A - B0 A0 = [B | -B0] [A ; A0], a rank-2r LoRA of the same scale."""
+    converted = {}
+    for name, value in trained.items():
+        if ".lora_A." in name:
+            converted[name] = torch.cat([value, initial[name].to(value)], dim=0)
+        elif ".lora_B." in name:
+            converted[name] = torch.cat([value, -initial[name].to(value)], dim=1)
+        else:
+            converted[name] = value
+    return converted
+
+
 def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool = False, cache_dir=None):
     """The base causal LM (optionally 4-bit) with a fresh LoRA adapter; only the adapter trains."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -117,10 +137,16 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
             output_layer = model.get_output_embeddings()
             targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                               if isinstance(module, torch.nn.Linear) and module is not output_layer})
+    init = lora.get("init", "lora")
+    if init not in LORA_INITS:
+        raise ModelLoadError(f"model.lora.init={init!r}: expected one of {'|'.join(LORA_INITS)}")
+    if init == "pissa" and quantization:
+        raise ModelLoadError(f"model.lora.init=pissa: not with model.quantization={quantization} (PiSSA rewrites "
+                             "the base weights it adapts, which a quantized base cannot hold exactly)")
     config = LoraConfig(
         r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 32)), lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=targets if isinstance(targets, str) else list(targets), bias="none", task_type="CAUSAL_LM",
-        layers_to_transform=layers, use_rslora=bool(lora.get("use_rslora", False)),
+        layers_to_transform=layers, use_rslora=bool(lora.get("use_rslora", False)), init_lora_weights=LORA_INITS[init],
     )
     if not isinstance(targets, str):
         # checked here, not by peft after it has wrapped half the model: one line naming the key and the choices
@@ -273,6 +299,12 @@ class LoRADistillModule(pl.LightningModule):
         self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss.hparams(),
                                    "gradient_checkpointing": gradient_checkpointing})
         self.model = build_lora_model(model_cfg, lora, gradient_checkpointing, cache_dir)
+        # PiSSA's starting adapter: the base model is the base weights plus it (base_weights, save_adapter). A plain
+        # attribute, not a buffer: PiSSA's initialisation is deterministic and is recomputed on resume
+        self.initial_adapter: dict[str, torch.Tensor] | None = None
+        if lora.get("init", "lora") == "pissa":
+            self.initial_adapter = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()
+                                    if p.requires_grad}
         self.loss = loss  # a tomdistill.losses.DistillationLoss
         self.optim_cfg = optim
         self.validation = validation
@@ -358,10 +390,34 @@ class LoRADistillModule(pl.LightningModule):
         self._one_forward_per_batch = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
+        if self.initial_adapter is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            # base_weights copies whole adapter tensors in and out, which ZeRO's partitioned parameters are not
+            raise ModelLoadError("model.lora.init=pissa: not under DeepSpeed (trainer.strategy); use ddp or "
+                                 "model.lora.init=lora")
         if self.frozen_cache is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # ZeRO partitions the layers' weights: the cached path's direct layer calls are not set up for that
             log.info("model.lora.cache_frozen_layers: off under %s", type(self.trainer.strategy).__name__)
             self.frozen_cache = None
+
+    @contextlib.contextmanager
+    def base_weights(self):
+        """The untuned student inside the block: the adapter switched off, or for PiSSA (whose base weights are a
+        residual) the adapter set back to its starting values."""
+        if self.initial_adapter is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        trained = {n: p for n, p in self.model.named_parameters() if n in self.initial_adapter}
+        kept = {n: p.detach().clone() for n, p in trained.items()}
+        try:
+            with torch.no_grad():
+                for name, param in trained.items():
+                    param.copy_(self.initial_adapter[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in trained.items():
+                    param.copy_(kept[name])
 
     def on_train_end(self) -> None:
         if self.frozen_cache is not None:
@@ -460,7 +516,7 @@ class LoRADistillModule(pl.LightningModule):
         if self.validation is None or not self.validation.items:
             return
         if self._base_propensity is None:
-            with self.model.disable_adapter():
+            with self.base_weights():
                 self._base_propensity, base_mass = self.score_validation()
             self._base_mass = base_mass
         tuned, mass = self.score_validation()
@@ -528,6 +584,21 @@ class LoRADistillModule(pl.LightningModule):
             keep = self.trainable_state_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def _save_pissa_as_lora(self, directory: str | Path, state: dict[str, torch.Tensor]) -> None:
+        """Save a PiSSA adapter as the plain rank-2r LoRA of the same change on the original base weights
+        (`pissa_as_lora`; peft's own conversion needs the starting adapter on disk and cannot take a gathered
+        state dict), so plain peft reloads it onto the unchanged base model."""
+        config = self.model.peft_config["default"]
+        saved = (config.r, config.lora_alpha, config.init_lora_weights)
+        # r doubles; alpha follows so that the scale (alpha / r, or alpha / sqrt(r) with rsLoRA) stays the same
+        config.r, config.lora_alpha = 2 * config.r, config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
+        config.init_lora_weights = True
+        try:
+            self.model.save_pretrained(str(directory), state_dict=pissa_as_lora(state, self.initial_adapter),
+                                       safe_serialization=True)
+        finally:
+            config.r, config.lora_alpha, config.init_lora_weights = saved
+
     def save_adapter(self, directory: str | Path) -> None:
         """Write the adapter in plain peft format. Collective: call on every rank.
 
@@ -545,6 +616,9 @@ class LoRADistillModule(pl.LightningModule):
             state = {n: p.detach().to("cpu").clone() for n, p in named}
         if self.global_rank == 0:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+            if self.initial_adapter is None:
+                self.model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+            else:
+                self._save_pissa_as_lora(directory, state)
         if self._trainer is not None:
             self.trainer.strategy.barrier("save_adapter")
