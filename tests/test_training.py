@@ -460,3 +460,10 @@ def test_an_unknown_lora_init_names_the_key(tiny_model_cfg):
 
     with pytest.raises(ModelLoadError, match=r"model.lora.init='svd': expected one of lora\|pissa"):
         build_lora_model(tiny_model_cfg, {"r": 4, "target_modules": ["q_proj"], "init": "svd"})
+
+
+def test_pissa_is_refused_under_deepspeed_with_the_key_named(tmp_path, teacher):
+    result = run_train([*TINY, "trainer=deepspeed_zero2", "model.lora.init=pissa", "trainer.max_steps=1",
+                        "data.num_val_contexts=0", f"data.teacher={teacher}", f"output={tmp_path}/run"], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "model.lora.init=pissa: not under DeepSpeed" in result.stderr
