@@ -302,7 +302,7 @@ class LoRADistillModule(pl.LightningModule):
         # PiSSA's starting adapter: the base model is the base weights plus it (base_weights, save_adapter). A plain
         # attribute, not a buffer: PiSSA's initialisation is deterministic and is recomputed on resume
         self.initial_adapter: dict[str, torch.Tensor] | None = None
-        if lora.get("init", "lora") == "pissa":
+        if self.model.peft_config["default"].init_lora_weights == LORA_INITS["pissa"]:  # build_lora_model chose it
             self.initial_adapter = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()
                                     if p.requires_grad}
         self.loss = loss  # a tomdistill.losses.DistillationLoss
