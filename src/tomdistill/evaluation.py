@@ -18,7 +18,7 @@ from tomdistill.errors import UserError
 from tomdistill.metrics import stats, transfer
 from tomdistill.records import mass_warning
 from tomdistill.metrics.propensity import (
-    SCENARIO_KEYS, answer_table, group_propensities, mixed_scenarios, scenario_propensities,
+    SCENARIO_KEYS, answer_table, donation_shares, group_propensities, mixed_scenarios, scenario_propensities,
 )
 from tomdistill.scenarios.catalogue import AUGMENT_SPLIT, HELDOUT_CONTEXT, REPORT_SPLITS
 
@@ -45,6 +45,7 @@ class Evaluation:
     prompt_version: str
     propensities: pd.DataFrame  # one row per role × scenario
     answers: pd.DataFrame  # the answer tables (role, scenario, value, count) the propensities come from
+    donations: pd.DataFrame  # public goods: role, scenario, amount, share (answers' frequencies or P(amount))
     scenarios: pd.DataFrame  # one row per scenario: p per role, gap, improvement, alignment (+ CIs)
     groups: pd.DataFrame  # one row per group (overall, split, game/context within a split, scenario)
     cooperation: pd.DataFrame  # mean propensity per role and split / game / context
@@ -159,7 +160,7 @@ def compute_evaluation(
         if training.get("target") == "motivation_answer":
             warnings.append("the tuned student was trained to reason before answering (data.target=motivation_answer) but "
                             "is scored with `Answer:` right after the prompt, without its reasoning")
-    answers, props = {}, {}
+    answers, props, donations = {}, {}, {}
     for role in ROLES:
         training_only = records[role]["split"].isin(TRAINING_ONLY_SPLITS)
         if training_only.any():
@@ -178,6 +179,8 @@ def compute_evaluation(
                 raise EvaluationError(f"{role} dataset: no scenarios in the chosen splits {splits}")
         answers[role] = table
         props[role] = scenario_propensities(table, role)
+        shares = donation_shares(records[role][~training_only], role, endowments)
+        donations[role] = shares if splits is None else shares[shares["split"].isin(splits)]
     check_comparable(props)
 
     models = {role: _model_name(records[role], role) for role in ROLES}
@@ -266,6 +269,7 @@ def compute_evaluation(
         prompt_version=str(records["teacher"]["prompt_version"].iloc[0]) if "prompt_version" in records["teacher"] else "",
         propensities=propensities,
         answers=pd.concat([answers[role].assign(role=role) for role in ROLES], ignore_index=True),
+        donations=pd.concat([donations[role].assign(role=role) for role in ROLES], ignore_index=True),
         scenarios=scenarios,
         groups=groups,
         cooperation=cooperation,

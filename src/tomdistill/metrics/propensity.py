@@ -131,6 +131,34 @@ def answer_table(records: pd.DataFrame, dataset: str, endowments: Mapping[str, i
     return pd.DataFrame(rows, columns=[*SCENARIO_KEYS, "kind", "endowment", "mode", "value", "count"])
 
 
+def donation_shares(records: pd.DataFrame, dataset: str, endowments: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """Public goods: each scenario's distribution over the whole-dollar amounts 0..endowment, one row per
+    (scenario, amount) with its `share` — the parsed answers' frequencies, or in score mode P(amount) renormalised
+    over the amounts (the distribution `choice_propensity` takes the mean of), averaged over the scenario's records.
+    """
+    table = answer_table(records, dataset, endowments)
+    rows = []
+    for (split, game, context), group in table[table["kind"] == "public_goods"].groupby(SCENARIO_KEYS, sort=False):
+        endowment = int(group["endowment"].iloc[0])
+        shares = np.zeros(endowment + 1)
+        if (group["mode"] == "score").any():
+            chosen = records[(records["split"] == split) & (records["game"] == game) & (records["context"] == context)]
+            for raw in chosen.loc[is_scored(chosen), "action_probs"]:
+                probs = json.loads(raw) if isinstance(raw, str) else dict(raw)
+                amounts = {int(a): float(p) for a, p in probs.items() if str(a).isdigit() and int(a) <= endowment}
+                total = sum(amounts.values())
+                for amount, p in amounts.items():
+                    shares[amount] += p / total  # total > 0: answer_table has already scored this record
+        else:
+            parsed = group[group["value"].notna()]
+            for value, count in zip(parsed["value"], parsed["count"]):
+                shares[round(value * endowment)] += count
+        shares = shares / shares.sum() if shares.sum() > 0 else shares
+        rows += [{"split": split, "game": game, "context": context, "amount": amount, "share": float(share)}
+                 for amount, share in enumerate(shares)]
+    return pd.DataFrame(rows, columns=[*SCENARIO_KEYS, "amount", "share"])
+
+
 def scenario_propensities(answers: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """Per scenario: n, n_parsed, n_unparsed, n_C, n_D, p (propensity), p_se, mean donation and its SE.
 

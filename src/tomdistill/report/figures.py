@@ -95,27 +95,26 @@ def transfer_by_figure(evaluation, by: str, path: Path) -> Path | None:
 
 
 def public_goods_figure(evaluation, path: Path) -> Path | None:
-    """Figure 5: donations in the public goods game — distribution and mean ± 95% CI per model."""
-    answers = evaluation.answers[(evaluation.answers["kind"] == "public_goods") & evaluation.answers["value"].notna()]
-    if answers.empty:
+    """Figure 5: donations in the public goods game — distribution and mean ± 95% CI per model. The distribution
+    is each model's share of parsed answers per amount, or in score mode its P(amount) (`Evaluation.donations`)."""
+    donations = evaluation.donations
+    if donations.empty:
         return None
     labels = _role_labels(evaluation.models)
-    answers = answers.assign(donation=answers["value"] * answers["endowment"])
     props = evaluation.propensities[evaluation.propensities["kind"] == "public_goods"]
-    scenario_names = list(dict.fromkeys(zip(answers["game"], answers["context"])))
+    scenario_names = list(dict.fromkeys(zip(donations["game"], donations["context"])))
     fig, axes = plt.subplots(len(scenario_names), 2, figsize=(12, 4.2 * len(scenario_names)), squeeze=False)
     for (game, context), (ax_dist, ax_mean) in zip(scenario_names, axes):
-        chosen = answers[(answers["game"] == game) & (answers["context"] == context)]
-        endowment = int(chosen["endowment"].iloc[0])
+        chosen = donations[(donations["game"] == game) & (donations["context"] == context)]
+        endowment = int(chosen["amount"].max())
         amounts = np.arange(endowment + 1)
         width = 0.8 / len(labels)
         for i, (role, label) in enumerate(labels.items()):
-            rows = chosen[chosen["role"] == role]
-            counts = rows.groupby(rows["donation"].round().astype(int))["count"].sum().reindex(amounts, fill_value=0)
-            ax_dist.bar(amounts + (i - 1) * width, counts / max(counts.sum(), 1), width, color=ROLE_COLORS[role], label=label)
+            shares = chosen[chosen["role"] == role].set_index("amount")["share"].reindex(amounts, fill_value=0)
+            ax_dist.bar(amounts + (i - 1) * width, shares, width, color=ROLE_COLORS[role], label=label)
         ax_dist.set_xticks(amounts)
         ax_dist.set_xlabel("donation ($)")
-        ax_dist.set_ylabel("share of parsed answers")
+        ax_dist.set_ylabel("share of parsed answers (score mode: P(amount))")
         ax_dist.set_title(f"{game} / {context}: donations")
         ax_dist.legend(title="model", fontsize=8)
         scenario = props[(props["game"] == game) & (props["context"] == context)].set_index("role")
