@@ -128,6 +128,7 @@ def test_paper_training_is_sft_as_cfg_job_prints_it():
     ("optim.scheduler=step", "optim.scheduler"),
     ("optim.decay_ratio=0", "optim.decay_ratio"),
     ("data.augment_per_step=-1", "data.augment_per_step"),
+    ("data.augment_from_step=2.5", "data.augment_from_step"),
     ("loss.temperature=0", "loss.temperature"),
     ("model.lora.top_layers=0", "model.lora.top_layers"),
     ("model.lora.target_modules=[]", "model.lora.target_modules"),

@@ -394,3 +394,25 @@ def test_augment_per_step_trains_every_in_sample_scenario_each_step_and_the_vari
         TeacherQADataModule(None, tokenizer, augmented, loss=SFTLoss(), augment_per_step=8)
     with pytest.raises(DataError, match="choose one way to batch scenarios"):
         TeacherQADataModule(None, tokenizer, augmented, loss=SoftLabelLoss(), augment_per_step=8, scenario_batch_size=4)
+    # data.augment_from_step: the in-sample scenarios alone until that optimiser step (counted in batches of the
+    # gradient accumulation), then the variants in turns as above
+    late = make(None, tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
+                oracle=oracle_config(), augment_per_step=8, augment_from_step=3)
+    late.trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=None, accumulate_grad_batches=2)
+    sampler = late.train_dataloader().batch_sampler
+    assert sampler.pool_from_batch == 6 and len(sampler) == 4
+    anchors = sampler.anchors
+    sizes = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        sizes += [len(b) for b in sampler.batches()]
+        assert all(b[:len(anchors)] == anchors for b in sampler.batches())
+    assert sizes == [len(anchors)] * 6 + [len(anchors) + 8] * 6
+    from tomdistill.data.batching import AnchoredBatchSampler
+
+    from_start = AnchoredBatchSampler(sampler.lengths, anchors, sampler.pool_groups, 8, seed=sampler.seed)
+    sampler.set_epoch(1), from_start.set_epoch(1)
+    assert sampler.batches()[2:] == from_start.batches()[2:]  # once they join, the same turns as from the start
+    for bad in ({"augment_from_step": 3}, {"augment_from_step": -1, "augment_per_step": 8}):
+        with pytest.raises(DataError, match=r"data.augment_from_step=-?\d+: expected 0, or a step ≥ 1 together with"):
+            TeacherQADataModule(None, tokenizer, augmented, loss=SoftLabelLoss(), **bad)

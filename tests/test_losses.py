@@ -58,6 +58,29 @@ def test_loss_values_are_checked_by_key():
         SFTPlusSoftLoss(soft_weight=-1)
 
 
+def test_sft_soft_can_leave_the_sampled_action_to_the_soft_part():
+    """`loss.sft_answer_token=false`: the action token at the answer position leaves the SFT part (its gradient
+    there is the soft part's alone); every other token trains as before."""
+    from tomdistill.losses.base import IGNORE_INDEX, LossInputs
+    from tomdistill.losses.soft import soft_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 20, requires_grad=True)  # kept positions: answer, motivation ×2, answer, motivation
+    targets = torch.tensor([3, 8, 9, 4, 11])
+    answer_mask = torch.tensor([True, False, False, True, False])
+    ids, probs = torch.tensor([[3, 4], [3, 4]]), torch.tensor([[0.3, 0.7], [0.9, 0.1]])
+    inputs = LossInputs(logits, targets, logits[answer_mask], ids, probs, None, answer_mask)
+    both, motivation_only = SFTPlusSoftLoss()(inputs), SFTPlusSoftLoss(sft_answer_token=False)(inputs)
+    torch.testing.assert_close(both["sft"], torch.nn.functional.cross_entropy(logits, targets))
+    torch.testing.assert_close(motivation_only["sft"], torch.nn.functional.cross_entropy(logits[~answer_mask], targets[~answer_mask]))
+    torch.testing.assert_close(motivation_only["soft"], soft_cross_entropy(logits[answer_mask], ids, probs, 1.0, None))
+    assert not torch.equal(both["sft"], motivation_only["sft"])
+    assert IGNORE_INDEX not in targets.tolist()  # the loss masked a copy, not the caller's targets
+    grad_answer, = torch.autograd.grad(motivation_only["loss"], logits, retain_graph=True)
+    soft_grad, = torch.autograd.grad(motivation_only["soft"], logits)
+    torch.testing.assert_close(grad_answer[answer_mask], soft_grad[answer_mask])
+
+
 @pytest.mark.slow
 def test_train_py_trains_the_added_loss_with_per_scenario_examples(tmp_path, teacher):
     result = run_train([*TINY, "loss=jensen_shannon", "trainer.max_steps=2", "trainer.val_check_interval=2",

@@ -221,6 +221,7 @@ _NUMBER_RULES = {
     "data.batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "data.scenario_batch_size": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
     "data.augment_per_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
+    "data.augment_from_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = from the start)"),
     "data.eval_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "data.max_length": (lambda v: v >= 8 and float(v).is_integer(), "a whole number ≥ 8"),
     "data.num_val_contexts": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0"),

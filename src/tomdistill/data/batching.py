@@ -4,7 +4,8 @@
   `split_batches` every batch is a global batch split over the ranks (`shard`) with loss weights that keep the
   ranks' averaged loss the global batch's mean (the soft loss's scenario batches).
 - `AnchoredBatchSampler`: every anchor example in each step plus a rotating share of a pool
-  (`data.augment_per_step`: the in-sample scenarios every step, the payoff variants in turns).
+  (`data.augment_per_step`: the in-sample scenarios every step, the payoff variants in turns; from a given
+  step on with `data.augment_from_step`).
 - `WeightedExamples` hands each example's loss weight to the collator.
 Pure Python over indices and lengths: no tokenizer, model or trainer.
 """
@@ -123,25 +124,28 @@ class AnchoredBatchSampler(LengthGroupedBatchSampler):
     Each epoch shuffles the pool and deals it one member of each group at a time (a group: the variants of
     one game in one context), so a batch holds at most one variant of a game and context until every group
     has given one, and an epoch shows every pool example exactly once. Split over ranks like
-    `LengthGroupedBatchSampler(split_batches=True)`.
+    `LengthGroupedBatchSampler(split_batches=True)`. Before global batch `pool_from_batch` (counted over epochs)
+    the batches hold the anchors alone: a curriculum, the pool's examples dealt to those batches are not shown.
     """
 
     def __init__(self, lengths: Sequence[int], anchors: Sequence[int], pool_groups: Sequence[Sequence[int]],
-                 per_batch: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+                 per_batch: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, pool_from_batch: int = 0):
         pool_size = sum(len(g) for g in pool_groups)
         if per_batch < 1 or pool_size == 0:
             raise ValueError(f"AnchoredBatchSampler needs per_batch ≥ 1 and a pool, got {per_batch} and {pool_size}")
         super().__init__(lengths, len(anchors) + per_batch, shuffle=True, group_by_length=False, seed=seed,
                          num_replicas=num_replicas, rank=rank, split_batches=True)
         self.anchors, self.pool_groups, self.per_batch = list(anchors), [list(g) for g in pool_groups], per_batch
-        self.pool_size = pool_size
+        self.pool_size, self.pool_from_batch = pool_size, pool_from_batch
 
     def batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         groups = [rng.sample(g, len(g)) for g in self.pool_groups]
         rng.shuffle(groups)
         dealt = [g[r] for r in range(max(map(len, groups))) for g in groups if r < len(g)]
-        return [self.anchors + dealt[s:s + self.per_batch] for s in range(0, len(dealt), self.per_batch)]
+        first = self.epoch * len(self)  # this epoch's first global batch
+        return [self.anchors + (dealt[s:s + self.per_batch] if first + b >= self.pool_from_batch else [])
+                for b, s in enumerate(range(0, len(dealt), self.per_batch))]
 
     def __len__(self) -> int:
         return math.ceil(self.pool_size / self.per_batch)

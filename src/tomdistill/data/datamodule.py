@@ -205,6 +205,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         batch_size: int = 8,
         scenario_batch_size: int = 0,
         augment_per_step: int = 0,
+        augment_from_step: int = 0,
         eval_batch_size: int = 16,
         max_length: int = 512,
         group_by_length: bool = True,
@@ -239,7 +240,10 @@ class TeacherQADataModule(pl.LightningDataModule):
         if augment_per_step and scenario_batch_size:
             raise DataError(f"data.augment_per_step={augment_per_step} and data.scenario_batch_size="
                             f"{scenario_batch_size}: choose one way to batch scenarios (set the other to 0)")
-        self.augment_per_step = augment_per_step
+        if augment_from_step and not augment_per_step or augment_from_step < 0:
+            raise DataError(f"data.augment_from_step={augment_from_step}: expected 0, or a step ≥ 1 together with "
+                            "data.augment_per_step > 0 (the variants join the in-sample scenarios from that step)")
+        self.augment_per_step, self.augment_from_step = augment_per_step, augment_from_step
         self.max_length, self.group_by_length = max_length, group_by_length
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -545,8 +549,10 @@ class TeacherQADataModule(pl.LightningDataModule):
             raise DataError(f"data.augment_per_step={self.augment_per_step}, but no scenario of the {AUGMENT_SPLIT!r} "
                             f"split is trained (data.splits={self.splits}): add {AUGMENT_SPLIT} to data.splits and "
                             "set scenarios.augment")
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1) if self.trainer else 1
         return AnchoredBatchSampler(self.train_set["length"], anchors, list(groups.values()), self.augment_per_step,
-                                    seed=self.seed, num_replicas=num_replicas, rank=rank)
+                                    seed=self.seed, num_replicas=num_replicas, rank=rank,
+                                    pool_from_batch=self.augment_from_step * accumulate)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -25,6 +25,7 @@ class LossInputs:
     `answer_logits`: (rows with an answer position, vocab); with `uses_distribution`.
     `soft_ids`, `soft_probs`: (those rows, K) each action's first token and the teacher's probability of it,
     padded with probability 0. `weights`: (those rows,) a rank's shard weights of a global batch, or None.
+    `answer_mask`: (kept positions,) True at the answer positions; with `uses_distribution`.
     """
 
     logits: torch.Tensor
@@ -33,6 +34,7 @@ class LossInputs:
     soft_ids: torch.Tensor | None = None
     soft_probs: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    answer_mask: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """`sft_soft`: `sft + soft_weight · soft`, from one forward pass over the SFT examples (the answer
-position lies inside each sampled answer)."""
+position lies inside each sampled answer).
+
+`sft_answer_token: false` leaves the sampled action token out of the SFT part: the answer position then learns
+the teacher's distribution from the soft part alone, and SFT trains the motivation (which reads the payoffs)
+without pulling each scenario toward the one action sampled for it (`data.samples_per_scenario=1`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,11 +21,15 @@ class SFTPlusSoftLoss(DistillationLoss):
     name: str = "sft_soft"
     soft_weight: float = 1.0
     temperature: float = 1.0
+    sft_answer_token: bool = True
     uses_tokens: ClassVar[bool] = True
     uses_distribution: ClassVar[bool] = True
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        sft = F.cross_entropy(inputs.logits.float(), inputs.token_targets, ignore_index=IGNORE_INDEX)
+        targets = inputs.token_targets
+        if not self.sft_answer_token:
+            targets = targets.masked_fill(inputs.answer_mask, IGNORE_INDEX)
+        sft = F.cross_entropy(inputs.logits.float(), targets, ignore_index=IGNORE_INDEX)
         soft = soft_cross_entropy(inputs.answer_logits, inputs.soft_ids, inputs.soft_probs, self.temperature,
                                   inputs.weights)
         return {"loss": sft + self.soft_weight * soft, "sft": sft, "soft": soft}

@@ -353,7 +353,7 @@ class LoRADistillModule(pl.LightningModule):
             kept_rows, kept_cols = keep.nonzero(as_tuple=True)
             at_answer = kept_cols == answer_pos[kept_rows]
             answer_rows = kept_rows[at_answer]
-            inputs.answer_logits = logits[at_answer]
+            inputs.answer_logits, inputs.answer_mask = logits[at_answer], at_answer
             inputs.soft_ids, inputs.soft_probs = batch["soft_ids"][answer_rows], batch["soft_probs"][answer_rows]
             inputs.weights = batch["weight"][answer_rows] if "weight" in batch else None
         out = loss(inputs)
