@@ -8,10 +8,11 @@ the least an adapter can do (change the read-out alone), so it separates "the fe
 game" from "the optimiser has to build them". It also reports how much of the feature variance at
 the last position is explained by the context and how much by the game.
 
-    python scripts/readout_probe.py [--variants K] [--output results/readout_probe.csv]
+    python scripts/readout_probe.py [--variants K] [--adapter RUN/adapter] [--output results/readout_probe.csv]
 
 `--variants K` adds a second fit on the trained scenarios plus the catalogue's `augment` split
-(K payoff variants per in-sample game, docs/scenarios.md) in the same contexts.
+(K payoff variants per in-sample game, docs/scenarios.md) in the same contexts. `--adapter` reads a trained
+student instead (a LoRA adapter directory, loaded with plain `peft`): where the game sits after training.
 """
 from __future__ import annotations
 
@@ -75,12 +76,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=8)
     parser.add_argument("--held-out", default="business", help="the in-sample context left out of the fit")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter directory: read the tuned student instead")
     parser.add_argument("--output", default=str(ROOT / "results/readout_probe.csv"))
     args = parser.parse_args()
 
     catalogue = load_catalogue(ROOT / "conf/scenarios/catalogue", augment={"variants": args.variants, "seed": 0})
     cfg = OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml")
     tokenizer, model = load_tokenizer(cfg), load_causal_lm(cfg).eval()
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
     scenarios = catalogue.scenarios([s for s in SPLITS if s in catalogue.splits])
     start = time.time()
     states, p_base = features(model, tokenizer, scenarios)
