@@ -96,17 +96,18 @@ def test_donation_shares_are_answer_frequencies_or_the_scored_distribution():
     """public_goods.png draws these: a score-mode model's P(amount) (renormalised over the amounts, averaged over
     its records), not one bar at its expected donation; sampled answers by frequency; two-action games left out."""
     sampled = [("oos_game", "public_goods", "party", a, "") for a in ["5", "5", "7", "8", "unparsed"]]
-    shares = donation_shares(_records(sampled), "base", {"public_goods": 10})
+    shares = donation_shares(_records(sampled), answer_table(_records(sampled), "base", {"public_goods": 10}))
     assert shares["amount"].tolist() == list(range(11))
     assert shares.set_index("amount")["share"][[5, 7, 8]].tolist() == pytest.approx([0.5, 0.25, 0.25])
     scored = [("oos_game", "public_goods", "party", "2", json.dumps({"0": 0.1, "2": 0.3, "10": 0.1, "C": 0.5})),
               ("oos_game", "public_goods", "party", "2", json.dumps({"2": 1.0})),
               ("in_sample", "stag_hunt", "team", "C", json.dumps({"C": 0.6, "D": 0.2}))]
-    shares = donation_shares(_records(scored), "tuned", {"public_goods": 10}).set_index("amount")["share"]
+    table = answer_table(_records(scored), "tuned", {"public_goods": 10})
+    shares = donation_shares(_records(scored), table).set_index("amount")["share"]
     assert len(shares) == 11 and shares.sum() == pytest.approx(1.0)
     assert shares[[0, 2, 10]].tolist() == pytest.approx([0.1, 0.8, 0.1])  # (0.2, 0.6, 0.2) and (0, 1, 0), averaged
     mean = sum(a * p for a, p in shares.items())
-    expected = scenario_propensities(answer_table(_records(scored), "tuned", {"public_goods": 10}), "tuned")
+    expected = scenario_propensities(table, "tuned")
     assert mean == pytest.approx(expected.set_index("game").loc["public_goods", "mean_donation"])
 
 

@@ -179,8 +179,7 @@ def compute_evaluation(
                 raise EvaluationError(f"{role} dataset: no scenarios in the chosen splits {splits}")
         answers[role] = table
         props[role] = scenario_propensities(table, role)
-        shares = donation_shares(records[role][~training_only], role, endowments)
-        donations[role] = shares if splits is None else shares[shares["split"].isin(splits)]
+        donations[role] = donation_shares(records[role][~training_only], table)
     check_comparable(props)
 
     models = {role: _model_name(records[role], role) for role in ROLES}

@@ -131,14 +131,14 @@ def answer_table(records: pd.DataFrame, dataset: str, endowments: Mapping[str, i
     return pd.DataFrame(rows, columns=[*SCENARIO_KEYS, "kind", "endowment", "mode", "value", "count"])
 
 
-def donation_shares(records: pd.DataFrame, dataset: str, endowments: Mapping[str, int] | None = None) -> pd.DataFrame:
-    """Public goods: each scenario's distribution over the whole-dollar amounts 0..endowment, one row per
-    (scenario, amount) with its `share` — the parsed answers' frequencies, or in score mode P(amount) renormalised
-    over the amounts (the distribution `choice_propensity` takes the mean of), averaged over the scenario's records.
+def donation_shares(records: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
+    """Public goods: each scenario of `answers` (`answer_table(records, …)`) as a distribution over the
+    whole-dollar amounts 0..endowment, one row per (scenario, amount) with its `share` — the parsed answers'
+    frequencies, or in score mode P(amount) renormalised over the amounts (the distribution `choice_propensity`
+    takes the mean of), averaged over the scenario's records.
     """
-    table = answer_table(records, dataset, endowments)
     rows = []
-    for (split, game, context), group in table[table["kind"] == "public_goods"].groupby(SCENARIO_KEYS, sort=False):
+    for (split, game, context), group in answers[answers["kind"] == "public_goods"].groupby(SCENARIO_KEYS, sort=False):
         endowment = int(group["endowment"].iloc[0])
         shares = np.zeros(endowment + 1)
         if (group["mode"] == "score").any():
