@@ -8,11 +8,14 @@ the least an adapter can do (change the read-out alone), so it separates "the fe
 game" from "the optimiser has to build them". It also reports how much of the feature variance at
 the last position is explained by the context and how much by the game.
 
-    python scripts/readout_probe.py [--variants K] [--adapter RUN/adapter] [--output results/readout_probe.csv]
+    python scripts/readout_probe.py [--variants K] [--adapter RUN/adapter [--checkpoint CKPT ...]]
+                                    [--output results/readout_probe.csv]
 
 `--variants K` adds a second fit on the trained scenarios plus the catalogue's `augment` split
 (K payoff variants per in-sample game, docs/scenarios.md) in the same contexts. `--adapter` reads a trained
 student instead (a LoRA adapter directory, loaded with plain `peft`): where the game sits after training.
+`--checkpoint` reads the adapter weights of Lightning checkpoints of that run (e.g. one every 5 steps) into it, one
+after another, and writes only the variance shares per checkpoint and layer: when the game reaches the answer position.
 """
 from __future__ import annotations
 
@@ -72,13 +75,42 @@ def variance_shares(x: np.ndarray, games: np.ndarray, contexts: np.ndarray, stan
     return float(share(contexts)), float(share(games))
 
 
+def checkpoint_shares(model, tokenizer, scenarios, checkpoints: list[str], output: str) -> None:
+    """The context and game shares of the answer position's variance (in-sample grid) at each checkpoint."""
+    from peft import set_peft_model_state_dict
+
+    grid = [s for s in scenarios if s.split == "in_sample"]
+    games, contexts = np.array([s.game.name for s in grid]), np.array([s.context.name for s in grid])
+    rows = []
+    for path in checkpoints:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # LoRADistillModule keeps `self.model` (the PeftModel), so its keys carry one leading "model."
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        result = set_peft_model_state_dict(model, {k.replace(".default", ""): v for k, v in state.items()})
+        if getattr(result, "unexpected_keys", None):
+            raise SystemExit(f"{path}: adapter keys that do not fit --adapter: {result.unexpected_keys[:3]}")
+        states, _ = features(model, tokenizer, grid)
+        for layer in range(1, states.shape[1]):
+            context_share, game_share = variance_shares(states[:, layer], games, contexts)
+            rows.append({"checkpoint": Path(path).name, "step": checkpoint["global_step"], "layer": layer,
+                         "variance_context": round(context_share, 4), "variance_game": round(game_share, 4)})
+        print(path, checkpoint["global_step"], " ".join(f"{r['variance_game']:.3f}" for r in rows[-30:]))
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(output, index=False)
+    print(f"wrote {output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=8)
     parser.add_argument("--held-out", default="business", help="the in-sample context left out of the fit")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory: read the tuned student instead")
+    parser.add_argument("--checkpoint", nargs="*", default=[],
+                        help="Lightning checkpoints of the --adapter run: variance shares at each")
     parser.add_argument("--output", default=str(ROOT / "results/readout_probe.csv"))
     args = parser.parse_args()
+    if args.checkpoint and not args.adapter:
+        parser.error("--checkpoint needs --adapter (the run's adapter directory: its peft configuration)")
 
     catalogue = load_catalogue(ROOT / "conf/scenarios/catalogue", augment={"variants": args.variants, "seed": 0})
     cfg = OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml")
@@ -88,6 +120,8 @@ def main() -> None:
 
         model = PeftModel.from_pretrained(model, args.adapter).eval()
     scenarios = catalogue.scenarios([s for s in SPLITS if s in catalogue.splits])
+    if args.checkpoint:
+        return checkpoint_shares(model, tokenizer, scenarios, args.checkpoint, args.output)
     start = time.time()
     states, p_base = features(model, tokenizer, scenarios)
     print(f"{len(scenarios)} scenarios read in {time.time() - start:.0f} s")
