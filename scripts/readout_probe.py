@@ -94,7 +94,7 @@ def checkpoint_shares(model, tokenizer, scenarios, checkpoints: list[str], outpu
             context_share, game_share = variance_shares(states[:, layer], games, contexts)
             rows.append({"checkpoint": Path(path).name, "step": checkpoint["global_step"], "layer": layer,
                          "variance_context": round(context_share, 4), "variance_game": round(game_share, 4)})
-        print(path, checkpoint["global_step"], " ".join(f"{r['variance_game']:.3f}" for r in rows[-30:]))
+        print(path, checkpoint["global_step"], " ".join(f"{r['variance_game']:.3f}" for r in rows[1 - states.shape[1]:]))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(output, index=False)
     print(f"wrote {output}")

@@ -52,11 +52,17 @@ def choice_propensity(probs: Mapping[str, float], kind: str | None = None, endow
         if c + d <= 0:
             raise PropensityError(f"{label}: action_probs {dict(probs)} puts no probability on C or D")
         return c / (c + d)
+    amounts = amount_distribution(probs, label)
+    return sum(a * p for a, p in amounts.items()) / (endowment or max(amounts))
+
+
+def amount_distribution(probs: Mapping[str, float], label: str = "choice distribution") -> dict[int, float]:
+    """A public-goods choice distribution renormalised over its whole-dollar amounts: {amount: probability}."""
     amounts = {int(a): float(p) for a, p in probs.items() if str(a).isdigit()}
     total = sum(amounts.values())
     if total <= 0:
         raise PropensityError(f"{label}: action_probs {dict(probs)} puts no probability on any donation")
-    return sum(a * p for a, p in amounts.items()) / total / (endowment or max(amounts))
+    return {a: p / total for a, p in amounts.items()}
 
 
 def _score_value(raw, kind: str, endowment: int, label: str) -> float:
@@ -145,10 +151,11 @@ def donation_shares(records: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFram
             chosen = records[(records["split"] == split) & (records["game"] == game) & (records["context"] == context)]
             for raw in chosen.loc[is_scored(chosen), "action_probs"]:
                 probs = json.loads(raw) if isinstance(raw, str) else dict(raw)
-                amounts = {int(a): float(p) for a, p in probs.items() if str(a).isdigit() and int(a) <= endowment}
-                total = sum(amounts.values())
-                for amount, p in amounts.items():
-                    shares[amount] += p / total  # total > 0: answer_table has already scored this record
+                for amount, p in amount_distribution(probs).items():  # the distribution choice_propensity averages
+                    if amount > endowment:
+                        raise PropensityError(f"scenario {game}/{context} ({split}): action_probs scores ${amount}, "
+                                              f"more than the endowment {endowment}")
+                    shares[amount] += p
         else:
             parsed = group[group["value"].notna()]
             for value, count in zip(parsed["value"], parsed["count"]):
