@@ -41,3 +41,9 @@ def tiny_model_cfg():
 @pytest.fixture(scope="session")
 def smollm2_cfg():
     return yaml.safe_load((ROOT / "conf/model/smollm2_135m.yaml").read_text())
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -n auto` (the README's test command): one worker per core, at most 4 — most tests are one
+    single-threaded subprocess, the multi-rank ones start up to 4 more, each holding a model."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))

@@ -186,6 +186,7 @@ def test_a_scenario_batch_smaller_than_the_ranks_is_cycled_and_weighted(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # DDP end to end on 3 ranks, equal to one process, runs by default (test_three_ranks_...)
 def test_ddp_two_processes(tmp_path, teacher):
     output = tmp_path / "ddp"
     check(run_train([*SHORT, f"data.teacher={teacher}", f"output={output}", "trainer=ddp", "trainer.devices=2"]))

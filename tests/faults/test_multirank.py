@@ -83,7 +83,8 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.slow  # the same flag-then-agree path as the pre-emption test below, which runs by default
+@pytest.mark.slow
+@pytest.mark.extended  # the same flag-then-agree path as the pre-emption test below, which runs by default
 @pytest.mark.timeout(300)
 def test_sigterm_stops_every_rank_at_one_step_boundary_with_a_checkpoint(tmp_path, teacher):
     """SIGTERM to rank 0 (Lightning forwards it to the ranks it launched): every rank stops after the same step,
