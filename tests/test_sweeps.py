@@ -32,30 +32,53 @@ def test_multirun_of_two_jobs_each_with_its_own_offline_wandb_run(tmp_path, teac
     assert lrs == [1e-3, 3e-3]
 
 
-def test_optuna_recipe_search_of_two_trials_maximises_the_held_out_transfer(tmp_path):
+def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resumes_it(tmp_path):
     """The recipe search: each trial's objective is its final student's mean alignment on the held-out splits
-    (callbacks.split_alignment), and the trial table has every split."""
+    (callbacks.split_alignment), and the trial table has every split. Stopped after one trial and with a
+    second killed mid-run (left RUNNING in the stored study), the same command runs only the missing trial,
+    numbered after both, and the study and the table hold the two finished trials."""
+    import optuna
+    from optuna.trial import TrialState
+
     sweep = tmp_path / "optuna"
-    check(run_train(["-m", "+experiment=demo", "hparams_search=soft_recipe_optuna", "model=tiny_llama", "logger=csv",
-                     "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32",
-                     "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]))
+    command = ["-m", "+experiment=demo", "hparams_search=soft_recipe_optuna", "model=tiny_llama", "logger=csv",
+               "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32",
+               "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+    check(run_train([*command[:-2], "hydra.sweeper.n_trials=1", command[-1]]))
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    study = optuna.load_study(study_name="soft_recipe", storage=storage)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+    study.ask()  # trial 1 started, its process killed: the study never hears of its end
+    rerun = run_train(command)
+    check(rerun)
+    assert "2 trials stored, 1 of n_trials=2 still to run, from trial 2" in rerun.stdout + rerun.stderr
+    states = [t.state for t in optuna.load_study(study_name="soft_recipe", storage=storage).get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert not (sweep / "1").exists()
+    jobs = ("0", "2")
+
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    values = [summary(sweep / job)["value"] for job in ("0", "1")]
+    values = [summary(sweep / job)["value"] for job in jobs]
     assert result["best_value"] == pytest.approx(max(values))
     assert {"optim.lr", "model.lora.r", "model.lora.target_modules"} <= set(result["best_params"])
     held_out = ("heldout_context", "oos_context", "oos_payoffs")
-    for job, value in zip(("0", "1"), values):
+    for job, value in zip(jobs, values):
         measured = yaml.safe_load((sweep / job / "split_alignment.json").read_text())
         assert value == pytest.approx(sum(measured["splits"][s]["alignment"] for s in held_out) / 3)
         assert summary(sweep / job)["objective"] == "transfer/alignment"
     import csv
 
-    trials = list(csv.DictReader((sweep / "trials.csv").open()))  # the trial table: one row per trial
-    assert [row["trial"] for row in trials] == ["0", "1"]
+    trials = list(csv.DictReader((sweep / "trials.csv").open()))  # the trial table: one row per finished trial
+    assert [row["trial"] for row in trials] == list(jobs)
     assert [float(row["value"]) for row in trials] == pytest.approx(values)
     for row in trials:
         assert "optim.lr=" in row["overrides"] and row["objective"] == "transfer/alignment"
         assert all(row[f"transfer/alignment/{s}"] for s in ("in_sample", *held_out, "oos_game"))
+
+    again = run_train(command)  # both trials finished: nothing to run
+    check(again)
+    assert "0 of n_trials=2 still to run" in again.stdout + again.stderr
+    assert len(list(csv.DictReader((sweep / "trials.csv").open()))) == 2
 
 
 def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(tmp_path):

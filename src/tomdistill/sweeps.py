@@ -21,3 +21,31 @@ def loss_knobs(config, trial) -> None:
     for override in parser.parse_overrides([f"{key}={value}" for key, value in knobs.items()]):
         # the sweeper suggests its flat `params` the same way (hydra_optuna_sweeper._impl)
         trial._suggest(override.get_key_element(), create_optuna_distribution_from_override(override))
+
+
+def resume_point(storage: str, study_name: str, n_trials: int) -> tuple[int, int]:
+    """Where a search stored in `storage` goes on: (trials still to run, the next trial's number).
+
+    A rerun of a search counts its finished trials against `n_trials`; a trial left RUNNING was killed with
+    its sweep (nothing told the study its end) and is marked FAIL, so the rerun neither waits for it nor
+    counts it. The next trial's number is also its job number, so trial N keeps the directory SWEEP_DIR/N.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if storage.startswith("sqlite:///"):  # SQLite creates the file, not its directory
+        from pathlib import Path
+
+        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    stored = optuna.storages.get_storage(storage)
+    try:
+        study_id = stored.get_study_id_from_name(study_name)
+    except KeyError:  # a new search
+        return n_trials, 0
+    trials = stored.get_all_trials(study_id, deepcopy=False)
+    for trial in trials:
+        if trial.state == TrialState.RUNNING:
+            stored.set_trial_state(stored.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                   TrialState.FAIL)
+    complete = sum(trial.state == TrialState.COMPLETE for trial in trials)
+    return max(n_trials - complete, 0), len(trials)

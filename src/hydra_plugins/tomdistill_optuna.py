@@ -1,0 +1,24 @@
+"""The Optuna sweeper of `hydra-optuna-sweeper`, resumable: with a storage (the `hparams_search` configs keep
+the study in SQLite in the sweep directory), rerunning the same command goes on where the last run stopped
+(`tomdistill.sweeps.resume_point`). Hydra finds sweepers only in the `hydra_plugins` package."""
+from __future__ import annotations
+
+import logging
+
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+log = logging.getLogger(__name__)
+
+
+class ResumableOptunaSweeper(OptunaSweeper):
+    def sweep(self, arguments):
+        impl = self.sweeper  # hydra_optuna_sweeper._impl.OptunaSweeperImpl
+        if impl.storage:
+            from tomdistill.sweeps import resume_point
+
+            remaining, next_trial = resume_point(impl.storage, impl.study_name, impl.n_trials)
+            if next_trial:
+                log.info("study %s: %d trials stored, %d of n_trials=%d still to run, from trial %d",
+                         impl.study_name, next_trial, remaining, impl.n_trials, next_trial)
+            impl.n_trials, impl.job_idx = remaining, next_trial
+        return super().sweep(arguments)
