@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,6 +80,22 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
     check(again)
     assert "0 of n_trials=2 still to run" in again.stdout + again.stderr
     assert len(list(csv.DictReader((sweep / "trials.csv").open()))) == 2
+
+
+@pytest.mark.parametrize("overrides", [[], ["+experiment=demo", "hparams_search=soft_recipe_optuna"],
+                                       ["hparams_search=lora_optuna"]], ids=["grid", "recipe_search", "lora_optuna"])
+def test_the_default_sweep_directory_resolves_before_any_job_runs(overrides):
+    """A sweeper resolves hydra.sweep.dir before a job has set HydraConfig: a default that needs ${hydra:...}
+    (paths.root_dir's fallback did, inside oc.env, which resolves its default eagerly) failed every
+    `train.py -m` that did not pass hydra.sweep.dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().cfg = None  # as when `train.py -m` builds and sets up its sweeper
+    assert str(cfg.hydra.sweep.dir).startswith(os.environ["PROJECT_ROOT"] + "/runs/")
 
 
 def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(tmp_path):

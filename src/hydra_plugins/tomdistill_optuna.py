@@ -1,18 +1,27 @@
 """The Optuna sweeper of `hydra-optuna-sweeper`, resumable: with a storage (the `hparams_search` configs keep
 the study in SQLite in the sweep directory), rerunning the same command goes on where the last run stopped
-(`tomdistill.sweeps.resume_point`). Hydra finds sweepers only in the `hydra_plugins` package."""
+(`tomdistill.sweeps.resume_point`). A relative SQLite path (`sqlite:///optuna.db`) is a file in the sweep
+directory. Hydra finds sweepers only in the `hydra_plugins` package."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
 log = logging.getLogger(__name__)
 
 
+SQLITE = "sqlite:///"
+
+
 class ResumableOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments):
         impl = self.sweeper  # hydra_optuna_sweeper._impl.OptunaSweeperImpl
+        if impl.storage and impl.storage.startswith(SQLITE) and not Path(impl.storage[len(SQLITE):]).is_absolute():
+            # a relative SQLite file lives in the sweep directory: Hydra builds the sweeper before the directory
+            # can be resolved (it may use ${hydra:runtime.cwd}); its setup() has resolved it by now
+            impl.storage = SQLITE + str(Path(str(impl.sweep_dir)).absolute() / impl.storage[len(SQLITE):])
         if impl.storage:
             from tomdistill.sweeps import resume_point
 
