@@ -5,26 +5,21 @@ directory. Hydra finds sweepers only in the `hydra_plugins` package."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
 log = logging.getLogger(__name__)
 
 
-SQLITE = "sqlite:///"
-
-
 class ResumableOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments):
         impl = self.sweeper  # hydra_optuna_sweeper._impl.OptunaSweeperImpl
-        if impl.storage and impl.storage.startswith(SQLITE) and not Path(impl.storage[len(SQLITE):]).is_absolute():
-            # a relative SQLite file lives in the sweep directory: Hydra builds the sweeper before the directory
-            # can be resolved (it may use ${hydra:runtime.cwd}); its setup() has resolved it by now
-            impl.storage = SQLITE + str(Path(str(impl.sweep_dir)).absolute() / impl.storage[len(SQLITE):])
         if impl.storage:
-            from tomdistill.sweeps import resume_point
+            from tomdistill.sweeps import resume_point, sqlite_in_sweep_dir
 
+            # the storage cannot name the sweep directory by interpolation: Hydra builds the sweeper before
+            # HydraConfig exists; the sweeper's setup() has resolved the directory by now
+            impl.storage = sqlite_in_sweep_dir(impl.storage, str(impl.sweep_dir))
             remaining, next_trial = resume_point(impl.storage, impl.study_name, impl.n_trials)
             if next_trial:
                 log.info("study %s: %d trials stored, %d of n_trials=%d still to run, from trial %d",

@@ -8,6 +8,8 @@ syntax (`interval(a, b)`, `choice(...)`, `tag(log, ...)`).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def loss_knobs(config, trial) -> None:
     """Suggest the knobs of the loss this trial chose (`trial.params["loss"]`, else the configured one)."""
@@ -23,6 +25,20 @@ def loss_knobs(config, trial) -> None:
         trial._suggest(override.get_key_element(), create_optuna_distribution_from_override(override))
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_in_sweep_dir(storage: str, sweep_dir: str) -> str:
+    """A relative SQLite storage (`sqlite:///optuna.db`) as the file in the sweep directory, which is created
+    (SQLite creates the file, not its directory); any other storage as it is."""
+    if not storage.startswith(SQLITE):
+        return storage
+    path = Path(storage[len(SQLITE):])
+    path = path if path.is_absolute() else Path(sweep_dir).absolute() / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SQLITE + str(path)
+
+
 def resume_point(storage: str, study_name: str, n_trials: int) -> tuple[int, int]:
     """Where a search stored in `storage` goes on: (trials still to run, the next trial's number).
 
@@ -33,10 +49,6 @@ def resume_point(storage: str, study_name: str, n_trials: int) -> tuple[int, int
     import optuna
     from optuna.trial import TrialState
 
-    if storage.startswith("sqlite:///"):  # SQLite creates the file, not its directory
-        from pathlib import Path
-
-        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     stored = optuna.storages.get_storage(storage)
     try:
         study_id = stored.get_study_id_from_name(study_name)
