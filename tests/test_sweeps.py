@@ -57,6 +57,8 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert not (sweep / "1").exists()
     jobs = ("0", "2")
+    params = [yaml.safe_load((sweep / job / "config.yaml").read_text())["optim"]["lr"] for job in jobs]
+    assert params[0] != params[1]  # the rerun's sampler is seeded past the stored trials: no repeated draw
 
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     values = [summary(sweep / job)["value"] for job in jobs]

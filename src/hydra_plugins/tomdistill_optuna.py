@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
 log = logging.getLogger(__name__)
@@ -24,5 +25,10 @@ class ResumableOptunaSweeper(OptunaSweeper):
             if next_trial:
                 log.info("study %s: %d trials stored, %d of n_trials=%d still to run, from trial %d",
                          impl.study_name, next_trial, remaining, impl.n_trials, next_trial)
+                # the sampler's seed moves on with the stored trials: seeded as at the start, its random draws
+                # (TPE's first n_startup_trials) would repeat the first run's trials
+                sampler = impl.config.hydra.sweeper.sampler
+                if sampler.get("seed") is not None:
+                    impl.sampler = instantiate(sampler, seed=int(sampler.seed) + next_trial)
             impl.n_trials, impl.job_idx = remaining, next_trial
         return super().sweep(arguments)
