@@ -44,8 +44,9 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
     sweep = tmp_path / "optuna"
     command = ["-m", "+experiment=demo", "hparams_search=soft_recipe_optuna", "model=tiny_llama", "logger=csv",
                "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32",
-               "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
-    check(run_train([*command[:-2], "hydra.sweeper.n_trials=1", command[-1]]))
+               f"hydra.sweep.dir={sweep}"]
+    check(run_train([*command, "hydra.sweeper.n_trials=1"]))  # a search stopped after one trial
+    command.append("hydra.sweeper.n_trials=2")
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     study = optuna.load_study(study_name="soft_recipe", storage=storage)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
