@@ -4,11 +4,15 @@
     python evaluate.py +experiment=paper_published
 """
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
+from tomdistill.paths import refuse_unsafe_output_override, register_resolvers  # noqa: E402
+
+register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
@@ -20,4 +24,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory at `output`
     main()

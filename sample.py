@@ -9,12 +9,16 @@ Writes parquet shards and manifest.json into `output` (default: the Hydra run di
 conf/sample.yaml and conf/sampler/hf.yaml for the settings.
 """
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from tomdistill.paths import refuse_unsafe_output_override, register_resolvers  # noqa: E402
+
+register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
@@ -26,4 +30,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory at `output`
     main()

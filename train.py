@@ -14,7 +14,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from tomdistill.training import refuse_unsafe_output_override, register_resolvers  # noqa: E402
+from tomdistill.paths import refuse_unsafe_output_override, register_resolvers  # noqa: E402
 
 register_resolvers()
 

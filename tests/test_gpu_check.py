@@ -117,7 +117,7 @@ def test_table_problems_are_named(tmp_path):
 def test_gpu_train_overrides_compose(strategy, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from tomdistill.training import register_resolvers
+    from tomdistill.paths import register_resolvers
 
     register_resolvers()
     extra = ("ckpt_path=last",) if strategy == "deepspeed_zero3" else ()

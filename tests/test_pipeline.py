@@ -58,6 +58,7 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path):
     table = json.loads((study / "study.json").read_text())
     assert {"sft", "soft"} <= set(table) and any(k.startswith("paper") for k in table)
     assert "alignment toward the teacher" in first.stdout
+    assert (study / "pipeline.log").exists() and (study / ".hydra" / "config.yaml").exists()  # the log goes with the study
 
     again = run_pipeline(study, MEASURED_IN_TRAINING)  # every stage complete: all skipped, same table
     assert again.returncode == 0
@@ -108,7 +109,7 @@ def _stage_config(stage, common):
     """The config a stage's command composes (`python <script> <common> <stage overrides> output=...`)."""
     from hydra import compose, initialize_config_dir
 
-    from tomdistill.training import register_resolvers
+    from tomdistill.paths import register_resolvers
 
     register_resolvers()
     config = {"sample.py": "sample", "train.py": "train", "evaluate.py": "evaluate"}[stage.script]

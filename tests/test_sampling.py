@@ -71,6 +71,24 @@ def test_sample_py_reports_a_bad_value_cleanly(tmp_path):
     assert "sampler.mode: must be one of generate|score" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_hydra_run_directory_is_the_output_and_a_climbing_output_is_refused(tmp_path):
+    """sample.py's Hydra log and .hydra/ go into `output=` (conf/base.yaml), not into an outputs/ of the cwd;
+    evaluate.py refuses `..` before Hydra would create a directory there."""
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "sampler=oracle", "sampler.mode=score",
+                             "scenarios.splits=[in_sample]", f"output={out}"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "manifest.json").exists() and (out / "sample.log").exists() and (out / ".hydra").is_dir()
+    assert list(cwd.iterdir()) == []
+    refused = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "output=new/../../escaped"],
+                             cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "contains '..'" in refused.stderr
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "escaped").exists()
+
+
 # --- oracle: score vs generate ---------------------------------------------------------------------
 
 def test_oracle_score_probabilities_sum_to_one(tmp_path):

@@ -36,3 +36,26 @@ def run_output_dir(output: str | Path | None, key: str = "output") -> Path:
         if output is None:
             raise UnsafePathError(f"{key}: not set, and there is no Hydra run directory to default to; pass {key}=DIR")
     return safe_output_dir(output, key)
+
+
+def register_resolvers() -> None:
+    """`${if_null:a,b}`: a unless it is null (conf/base.yaml: the Hydra run directory is `output=` when given)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("if_null"):
+        OmegaConf.register_new_resolver("if_null", lambda value, default: default if value in (None, "") else value)
+
+
+def refuse_unsafe_output_override(argv: list[str]) -> None:
+    """`output=...` on the command line with `..` is refused before Hydra creates its run directory there
+    (conf/base.yaml points hydra.run.dir at `output`); `run_output_dir()` checks the composed config again."""
+    import sys
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "output" and value not in ("", "null"):
+            try:
+                safe_output_dir(value)
+            except UnsafePathError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                sys.exit(2)

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import PROJECT_ROOT
 from .errors import UserError
+from .paths import refuse_unsafe_output_override, register_resolvers
 from .study import Stage, plan, print_study, run_name, seeds, stage_command, study_table, variants, write_study  # noqa: F401
 
 
@@ -134,4 +135,6 @@ def run_study(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    register_resolvers()
+    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory (the study) at `output`
     main()

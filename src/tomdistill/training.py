@@ -37,27 +37,6 @@ class TrainingConfigError(ValueError, UserError):
     """A training configuration that cannot run; the message says which key to change."""
 
 
-def register_resolvers() -> None:
-    """`${if_null:a,b}`: a unless it is null (train.yaml: the run directory is `output=` when given)."""
-    if not OmegaConf.has_resolver("if_null"):
-        OmegaConf.register_new_resolver("if_null", lambda value, default: default if value in (None, "") else value)
-
-
-def refuse_unsafe_output_override(argv: list[str]) -> None:
-    """`output=...` on the command line with `..` is refused before Hydra creates its run directory there
-    (train.yaml points hydra.run.dir at `output`); `output_dir()` checks the composed config again."""
-    import sys
-
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") == "output" and value not in ("", "null"):
-            try:
-                safe_output_dir(value)
-            except UnsafePathError as err:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-                sys.exit(2)
-
-
 # a user's error (a bad key, unusable data, a non-finite loss, a rank that failed) derives from errors.UserError:
 # train.py reports it as one line and exits 2 (errors.run_app)
 
