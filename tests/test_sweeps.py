@@ -85,12 +85,16 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
     assert len(list(csv.DictReader((sweep / "trials.csv").open()))) == 2
 
 
-@pytest.mark.parametrize("overrides", [[], ["+experiment=demo", "hparams_search=soft_recipe_optuna"],
-                                       ["hparams_search=lora_optuna"]], ids=["grid", "recipe_search", "lora_optuna"])
-def test_the_default_sweep_directory_resolves_before_any_job_runs(overrides):
+@pytest.mark.parametrize("overrides, directory", [
+    ([], "runs/train_multirun/"),
+    (["+experiment=demo", "hparams_search=soft_recipe_optuna"], "runs/recipe_search/soft_recipe"),
+    (["hparams_search=lora_optuna"], "runs/lora_search/lora_distill"),
+], ids=["grid", "recipe_search", "lora_optuna"])
+def test_the_default_sweep_directory_resolves_before_any_job_runs(overrides, directory):
     """A sweeper resolves hydra.sweep.dir before a job has set HydraConfig: a default that needs ${hydra:...}
     (paths.root_dir's fallback did, inside oc.env, which resolves its default eagerly) failed every
-    `train.py -m` that did not pass hydra.sweep.dir."""
+    `train.py -m` that did not pass hydra.sweep.dir. A search's directory is named after its study (no time), so
+    the same command again finds its optuna.db and resumes."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
@@ -98,7 +102,9 @@ def test_the_default_sweep_directory_resolves_before_any_job_runs(overrides):
     with initialize_config_dir(str(root / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().cfg = None  # as when `train.py -m` builds and sets up its sweeper
-    assert str(cfg.hydra.sweep.dir).startswith(os.environ["PROJECT_ROOT"] + "/runs/")
+    assert str(cfg.hydra.sweep.dir).startswith(os.environ["PROJECT_ROOT"] + "/" + directory)
+    if "hparams_search" in " ".join(overrides):
+        assert str(cfg.hydra.sweep.dir) == os.environ["PROJECT_ROOT"] + "/" + directory
 
 
 def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(tmp_path):
