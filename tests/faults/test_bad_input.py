@@ -23,6 +23,13 @@ def assert_clean_failure(result, *fragments: str, code: int = 2) -> None:
         assert fragment in result.stderr, f"{fragment!r} not in the error\n{describe(result)}"
 
 
+def assert_no_samples(output: Path) -> None:
+    """Catalogue errors surface before any sampling: nothing in `output` but Hydra's record of the run (its
+    `.hydra/` and the log holding the error; conf/base.yaml puts the run directory at `output`)."""
+    written = files_under(output) if output.exists() else set()
+    assert all(f.startswith(".hydra/") or f == "sample.log" for f in written), written
+
+
 def assert_no_training_output(output: Path) -> None:
     """Data errors surface before any model loads: no checkpoint, no adapter."""
     written = files_under(output) if output.exists() else set()
@@ -44,7 +51,7 @@ def test_malformed_scenario_yaml_names_the_file_and_line(tmp_path):
     output = tmp_path / "out"
     result = entry("sample.py", [*ORACLE, f"scenarios.extra_dirs=[{extra}]", f"output={output}"])
     assert_clean_failure(result, str(broken), "not valid YAML", "line ")
-    assert not output.exists()
+    assert_no_samples(output)
 
 
 def test_payoff_matrix_of_the_wrong_shape_names_the_file_and_key(tmp_path):
@@ -56,7 +63,7 @@ def test_payoff_matrix_of_the_wrong_shape_names_the_file_and_key(tmp_path):
     output = tmp_path / "out"
     result = entry("sample.py", [*ORACLE, f"scenarios.extra_dirs=[{extra}]", f"output={output}"])
     assert_clean_failure(result, str(wrong), "key 'payoffs'", "2×2")
-    assert not output.exists()
+    assert_no_samples(output)
 
     missing_cell = extra / "games" / "three_by_two.yaml"
     missing_cell.write_text("name: short\ntitle: Short\nkind: matrix\npayoffs:\n  C: {C: 1, D: 2}\n  D: {C: 3}\n")
