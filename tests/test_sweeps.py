@@ -46,6 +46,18 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
                "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.precision=32",
                f"hydra.sweep.dir={sweep}"]
     check(run_train([*command, "hydra.sweeper.n_trials=1"]))  # a search stopped after one trial
+    import csv
+
+    table = sweep / "trials.csv"
+    (first,) = list(csv.DictReader(table.open()))
+    masses = {s: float(first[f"transfer/action_mass/{s}"]) for s in ("in_sample", "oos_payoffs", "oos_game")}
+    assert all(0.0 <= m <= 1.0 + 1e-6 for m in masses.values()), masses
+    # a table begun by an older version, without the mass columns: a resumed search keeps its header
+    old_columns = [c for c in first if not c.startswith("transfer/action_mass/")]
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerow(first)
     command.append("hydra.sweeper.n_trials=2")
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     study = optuna.load_study(study_name="soft_recipe", storage=storage)
@@ -54,6 +66,8 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
     rerun = run_train(command)
     check(rerun)
     assert "2 trials stored, 1 of n_trials=2 still to run, from trial 2" in rerun.stdout + rerun.stderr
+    assert "was begun with other columns" in rerun.stdout + rerun.stderr
+    assert table.read_text().splitlines()[0] == ",".join(old_columns)
     states = [t.state for t in optuna.load_study(study_name="soft_recipe", storage=storage).get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert not (sweep / "1").exists()
@@ -70,8 +84,6 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
         measured = yaml.safe_load((sweep / job / "split_alignment.json").read_text())
         assert value == pytest.approx(sum(measured["splits"][s]["alignment"] for s in held_out) / 3)
         assert summary(sweep / job)["objective"] == "transfer/alignment"
-    import csv
-
     trials = list(csv.DictReader((sweep / "trials.csv").open()))  # the trial table: one row per finished trial
     assert [row["trial"] for row in trials] == list(jobs)
     assert [float(row["value"]) for row in trials] == pytest.approx(values)

@@ -118,8 +118,11 @@ def train(cfg: DictConfig) -> float:
     return float(objective)
 
 
+# the mass on the actions beside each split's alignment: a recipe can score on a split it no longer answers in the
+# format of (README "Transfer", the recipe search: temperature 2 and public goods)
 TRIAL_COLUMNS = ("trial", "objective", "value", "best_step", "global_step", "fit_seconds", "val_action_mass",
-                 *(f"transfer/alignment/{split}" for split in REPORT_SPLITS), "overrides", "output")
+                 *(f"transfer/alignment/{split}" for split in REPORT_SPLITS),
+                 *(f"transfer/action_mass/{split}" for split in REPORT_SPLITS), "overrides", "output")
 
 
 def record_trial(summary: dict, output: Path) -> Path | None:
@@ -145,13 +148,20 @@ def record_trial(summary: dict, output: Path) -> Path | None:
         **{key: summary["final_metrics"].get(key) for key in TRIAL_COLUMNS if key.startswith("transfer/")},
         "overrides": " ".join(hydra_cfg.overrides.task), "output": str(output),
     }
-    line = io.StringIO()
-    csv.DictWriter(line, TRIAL_COLUMNS).writerow(row)
     with open(table, "a+", newline="") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         handle.seek(0)
-        if not handle.read(1):
-            csv.DictWriter(handle, TRIAL_COLUMNS).writeheader()
+        header = next(csv.reader(handle), None)
+        if header is None:
+            header = list(TRIAL_COLUMNS)
+            csv.DictWriter(handle, header).writeheader()
+        missing = [column for column in TRIAL_COLUMNS if column not in header]
+        if missing:  # a table begun by an older version (a resumed search) keeps its columns
+            log.warning("%s was begun with other columns: this trial's %s are not in it (they are in the trial's "
+                        "own train_summary.json and split_alignment.json)", table, ", ".join(missing))
+        line = io.StringIO()
+        csv.DictWriter(line, header, extrasaction="ignore").writerow(row)
+        handle.seek(0, os.SEEK_END)
         handle.write(line.getvalue())
         handle.flush()
         os.fsync(handle.fileno())
