@@ -170,6 +170,9 @@ def test_split_alignment_refuses_an_unknown_split_or_objective_when_built():
         SplitAlignment(["in_sample"], objective=["oos_game"])
     assert compose_train(["output=/tmp/x"]).callbacks.split_alignment.splits == []  # off unless a search asks
     search = compose_train(["+experiment=demo", "hparams_search=soft_recipe_optuna", "output=/tmp/x"])
-    assert search.optimized_metric == "transfer/alignment"
+    assert search.optimized_metric == "transfer/objective"
+    assert search.callbacks.split_alignment.min_action_mass == 0.95
+    with pytest.raises(TransferSplitsError, match=r"min_action_mass=1\.5: expected a probability"):
+        SplitAlignment(["in_sample"], min_action_mass=1.5)
     assert list(search.callbacks.split_alignment.objective) == ["heldout_context", "oos_context", "oos_payoffs"]
     assert search.callbacks.adapter_export.monitor == "val/alignment"  # checkpoints stay chosen by validation

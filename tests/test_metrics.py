@@ -188,3 +188,14 @@ def test_training_val_alignment_and_evaluation_agree_on_the_same_score_records()
     value = transfer.alignment(training["base"], training["tuned"], training["teacher"])
     assert transfer.alignment(evaluation["base"], evaluation["tuned"], evaluation["teacher"]) == pytest.approx(value, abs=1e-12)
     assert math.isfinite(value)
+
+
+def test_mass_shortfall_sums_how_far_each_split_falls_below_the_floor():
+    from tomdistill.metrics.transfer import mass_shortfall
+
+    masses = {"in_sample": 1.0, "oos_payoffs": 0.9, "oos_game": 1.4e-6}
+    assert mass_shortfall(masses, 0.95) == pytest.approx(0.05 + 0.95 - 1.4e-6)
+    assert mass_shortfall(masses, None) == 0.0
+    assert mass_shortfall({"in_sample": 0.97}, 0.95) == 0.0
+    with pytest.raises(ValueError, match="min_action_mass=0"):
+        mass_shortfall(masses, 0)

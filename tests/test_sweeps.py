@@ -35,9 +35,11 @@ def test_multirun_of_two_jobs_each_with_its_own_offline_wandb_run(tmp_path, teac
 
 def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resumes_it(tmp_path):
     """The recipe search: each trial's objective is its final student's mean alignment on the held-out splits
-    (callbacks.split_alignment), and the trial table has every split. Stopped after one trial and with a
-    second killed mid-run (left RUNNING in the stored study), the same command runs only the missing trial,
-    numbered after both, and the study and the table hold the two finished trials."""
+    (callbacks.split_alignment) less every split's shortfall of mass on the actions below 0.95 (the tiny Llama
+    barely answers in the format, so the penalty is exercised), and the trial table has every split. Stopped
+    after one trial and with a second killed mid-run (left RUNNING in the stored study), the same command runs
+    only the missing trial, numbered after both, and the study and the table hold the two finished trials. The
+    study records its objective: a rerun with another is refused."""
     import optuna
     from optuna.trial import TrialState
 
@@ -81,20 +83,26 @@ def test_optuna_recipe_search_maximises_the_held_out_transfer_and_a_rerun_resume
     assert {"optim.lr", "model.lora.r", "model.lora.target_modules"} <= set(result["best_params"])
     held_out = ("heldout_context", "oos_context", "oos_payoffs")
     for job, value in zip(jobs, values):
-        measured = yaml.safe_load((sweep / job / "split_alignment.json").read_text())
-        assert value == pytest.approx(sum(measured["splits"][s]["alignment"] for s in held_out) / 3)
-        assert summary(sweep / job)["objective"] == "transfer/alignment"
+        measured = yaml.safe_load((sweep / job / "split_alignment.json").read_text())["splits"]
+        shortfall = sum(max(0.0, 0.95 - measured[s]["action_mass"]) for s in measured)
+        assert shortfall > 0  # the tiny Llama's mass on the actions is far below 0.95
+        assert value == pytest.approx(sum(measured[s]["alignment"] for s in held_out) / 3 - shortfall)
+        assert summary(sweep / job)["objective"] == "transfer/objective"
     trials = list(csv.DictReader((sweep / "trials.csv").open()))  # the trial table: one row per finished trial
     assert [row["trial"] for row in trials] == list(jobs)
     assert [float(row["value"]) for row in trials] == pytest.approx(values)
     for row in trials:
-        assert "optim.lr=" in row["overrides"] and row["objective"] == "transfer/alignment"
+        assert "optim.lr=" in row["overrides"] and row["objective"] == "transfer/objective"
         assert all(row[f"transfer/alignment/{s}"] for s in ("in_sample", *held_out, "oos_game"))
 
     again = run_train(command)  # both trials finished: nothing to run
     check(again)
     assert "0 of n_trials=2 still to run" in again.stdout + again.stderr
     assert len(list(csv.DictReader((sweep / "trials.csv").open()))) == 2
+    other = run_train([*command, "hydra.sweeper.n_trials=3", "optimized_metric=transfer/alignment"])
+    assert other.returncode != 0
+    assert "was scored by optimized_metric=transfer/objective" in other.stdout + other.stderr
+    assert len(optuna.load_study(study_name="soft_recipe", storage=storage).get_trials()) == 3
 
 
 @pytest.mark.parametrize("overrides, directory", [
@@ -140,3 +148,32 @@ def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(t
     assert "srun" in script and "submitit" in script
     # one task dying without a Python exception (OOM kill) takes the others along, not the NCCL timeout later
     assert script.index("export SLURM_KILL_BAD_EXIT=1") < script.index("srun")
+
+
+def test_a_stored_search_records_its_objective_and_refuses_another(tmp_path):
+    """A search records the metric its trials are scored by; a run with another is refused, and so is a study
+    with trials but no record (stored before it was recorded) until the user records it with the line the
+    message gives."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from tomdistill.sweeps import StudyObjectiveError, check_study_objective
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    check_study_objective(storage, "new", "val/alignment", ["maximize"])  # a new study: recorded
+    assert optuna.load_study(study_name="new", storage=storage).user_attrs == {"optimized_metric": "val/alignment"}
+    check_study_objective(storage, "new", "val/alignment", ["maximize"])  # the same: goes on
+    with pytest.raises(StudyObjectiveError, match="new .* was scored by optimized_metric=val/alignment, this "
+                                                  "run's is transfer/objective"):
+        check_study_objective(storage, "new", "transfer/objective", ["maximize"])
+
+    old = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    old.add_trial(optuna.trial.create_trial(value=0.5))
+    with pytest.raises(StudyObjectiveError, match="has 1 trials but does not record") as refused:
+        check_study_objective(storage, "old", "transfer/objective", ["maximize"])
+    record = str(refused.value).split("python -c ", 1)[1].split("; else")[0].strip('"')
+    subprocess.run([sys.executable, "-c", record], check=True, timeout=120)  # the line the message gives
+    check_study_objective(storage, "old", "transfer/objective", ["maximize"])
+    assert optuna.load_study(study_name="old", storage=storage).user_attrs["optimized_metric"] == "transfer/objective"

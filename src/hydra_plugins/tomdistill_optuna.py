@@ -16,11 +16,14 @@ class ResumableOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments):
         impl = self.sweeper  # hydra_optuna_sweeper._impl.OptunaSweeperImpl
         if impl.storage:
-            from tomdistill.sweeps import resume_point, sqlite_in_sweep_dir
+            from tomdistill.errors import run_app
+            from tomdistill.sweeps import check_study_objective, resume_point, sqlite_in_sweep_dir
 
             # the storage cannot name the sweep directory by interpolation: Hydra builds the sweeper before
             # HydraConfig exists; the sweeper's setup() has resolved the directory by now
             impl.storage = sqlite_in_sweep_dir(impl.storage, str(impl.sweep_dir))
+            run_app("train.py", check_study_objective, impl.storage, impl.study_name,
+                    str(impl.config.get("optimized_metric")), impl._get_directions())
             remaining, next_trial = resume_point(impl.storage, impl.study_name, impl.n_trials)
             if next_trial:
                 log.info("study %s: %d trials stored, %d of n_trials=%d still to run, from trial %d",

@@ -73,15 +73,21 @@ class SplitAlignment(pl.Callback):
     """After training, the final student's `alignment` (metrics/transfer.py) toward the teacher on each of `splits`,
     as evaluate.py measures it after `sample.py sampler.mode=score adapter=...`: the same scenarios
     (`datamodule.evaluation_targets`), exact action probabilities by the same rule, against the base student (the
-    adapter disabled). Sets `transfer/alignment/<split>` and `transfer/action_mass/<split>` in the trainer's metrics,
-    and `transfer/alignment`, the mean over `objective` (a recipe search's `optimized_metric`), and writes them to
+    adapter disabled). Sets `transfer/alignment/<split>` and `transfer/action_mass/<split>` in the trainer's metrics;
+    `transfer/alignment`, the mean over `objective`; `transfer/mass_shortfall`, how far the splits' mass on the
+    actions falls below `min_action_mass` (metrics/transfer.py `mass_shortfall`; 0 without one); and
+    `transfer/objective`, the alignment less that shortfall (a recipe search's `optimized_metric`). Writes them to
     `path` (JSON). Every rank scores every scenario (ZeRO-3 gathers weights collectively), as in validation."""
 
-    def __init__(self, splits, objective=None, path: str | Path | None = None):
+    def __init__(self, splits, objective=None, path: str | Path | None = None, min_action_mass: float | None = None):
         from .scenarios.schema import REPORT_SPLITS
 
         self.splits = list(splits or [])
         self.objective = list(objective) if objective else list(self.splits)
+        if min_action_mass is not None and not 0.0 < float(min_action_mass) <= 1.0:
+            raise TransferSplitsError(f"callbacks.split_alignment.min_action_mass={min_action_mass}: expected a "
+                                      "probability in (0, 1], or null for none")
+        self.min_action_mass = None if min_action_mass is None else float(min_action_mass)
         unknown = [s for s in self.splits if s not in REPORT_SPLITS]
         if unknown:
             raise TransferSplitsError(f"callbacks.split_alignment.splits: unknown {unknown}; expected some of "
@@ -102,7 +108,7 @@ class SplitAlignment(pl.Callback):
         import torch
 
         from .metrics.propensity import choice_propensity
-        from .metrics.transfer import alignment
+        from .metrics.transfer import alignment, mass_shortfall
 
         datamodule = trainer.datamodule
         was_training = module.training
@@ -122,19 +128,24 @@ class SplitAlignment(pl.Callback):
         metrics = {f"transfer/{name}/{split}": value[name] for split, value in self.results.items()
                    for name in ("alignment", "action_mass")}
         metrics["transfer/alignment"] = float(np.mean([self.results[s]["alignment"] for s in self.objective]))
+        metrics["transfer/mass_shortfall"] = mass_shortfall(
+            {split: value["action_mass"] for split, value in self.results.items()}, self.min_action_mass)
+        metrics["transfer/objective"] = metrics["transfer/alignment"] - metrics["transfer/mass_shortfall"]
         for name, value in metrics.items():
             trainer.callback_metrics[name] = torch.tensor(value)
         log.info("transfer after training: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if self.path is not None and trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_name(self.path.name + ".partial")
-            partial.write_text(json.dumps({"objective": self.objective, "splits": self.results,
+            partial.write_text(json.dumps({"objective": self.objective, "min_action_mass": self.min_action_mass,
+                                           "splits": self.results,
                                            "metrics": metrics, "global_step": trainer.global_step}, indent=2))
             partial.replace(self.path)
 
 
 class TransferSplitsError(ValueError, UserError):
-    """`callbacks.split_alignment` names an unknown split, or an objective split it does not score."""
+    """`callbacks.split_alignment` names an unknown split, an objective split it does not score, or a
+    `min_action_mass` that is not a probability."""
 
 
 class CheckpointOnSigterm(pl.Callback):

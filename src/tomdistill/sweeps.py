@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
+
 
 def loss_knobs(config, trial) -> None:
     """Suggest the knobs of the loss this trial chose (`trial.params["loss"]`, else the configured one)."""
@@ -61,3 +63,30 @@ def resume_point(storage: str, study_name: str, n_trials: int) -> tuple[int, int
                                    TrialState.FAIL)
     complete = sum(trial.state == TrialState.COMPLETE for trial in trials)
     return max(n_trials - complete, 0), len(trials)
+
+
+class StudyObjectiveError(ValueError, UserError):
+    """A stored search is resumed with another objective than the one its trials were scored by."""
+
+
+def check_study_objective(storage: str, study_name: str, optimized_metric: str, directions: list[str]) -> None:
+    """Record the metric a stored search optimises (the study's user attribute `optimized_metric`) and refuse to go
+    on with another, or with a study that has trials but no record of it (stored before it was recorded): new
+    trials' values would be ranked against old ones of perhaps another quantity."""
+    import optuna
+
+    study = optuna.create_study(study_name=study_name, storage=storage, directions=directions, load_if_exists=True)
+    stored = study.user_attrs.get("optimized_metric")
+    where = f"study {study_name} in {storage}"
+    if stored is None and study.trials:
+        raise StudyObjectiveError(
+            f"{where} has {len(study.trials)} trials but does not record the metric they were scored by (stored "
+            f"before it was recorded): if it is optimized_metric={optimized_metric}, record it with python -c "
+            f"\"import optuna; optuna.load_study(study_name='{study_name}', storage='{storage}')"
+            f".set_user_attr('optimized_metric', '{optimized_metric}')\"; else begin a new search "
+            "(hydra.sweeper.study_name=...)")
+    if stored is not None and stored != optimized_metric:
+        raise StudyObjectiveError(
+            f"{where} was scored by optimized_metric={stored}, this run's is {optimized_metric}: resume it with "
+            f"optimized_metric={stored}, or begin a new search (hydra.sweeper.study_name=...)")
+    study.set_user_attr("optimized_metric", optimized_metric)

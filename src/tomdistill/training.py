@@ -120,7 +120,8 @@ def train(cfg: DictConfig) -> float:
 
 # the mass on the actions beside each split's alignment: a recipe can score on a split it no longer answers in the
 # format of (README "Transfer", the recipe search: temperature 2 and public goods)
-TRIAL_COLUMNS = ("trial", "objective", "value", "best_step", "global_step", "fit_seconds", "val_action_mass",
+TRIAL_COLUMNS = ("trial", "objective", "value", "transfer/alignment", "transfer/mass_shortfall", "best_step",
+                 "global_step", "fit_seconds", "val_action_mass",
                  *(f"transfer/alignment/{split}" for split in REPORT_SPLITS),
                  *(f"transfer/action_mass/{split}" for split in REPORT_SPLITS), "overrides", "output")
 
