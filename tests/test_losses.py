@@ -114,3 +114,34 @@ def test_sweeps_suggest_a_losss_own_knobs_only_when_it_is_chosen(search):
     for loss, keys in suggested.items():  # every suggested key is one the chosen loss's YAML has
         fields = OmegaConf.load(CONF_DIR / "loss" / f"{loss}.yaml")
         assert all(key.removeprefix("loss.") in fields for key in keys), (loss, keys)
+
+
+def test_the_loss_temperature_schedule_moves_from_its_start_to_the_loss_own_and_stays():
+    from types import SimpleNamespace
+
+    from tomdistill.callbacks import LossTemperatureSchedule, TemperatureScheduleError
+    from tomdistill.losses.soft import SoftLabelLoss
+
+    module = SimpleNamespace(loss=SoftLabelLoss(temperature=1.0))
+    schedule = LossTemperatureSchedule(start=2.0, steps=4)
+    schedule.on_fit_start(None, module)
+    seen = []
+    for step in range(7):
+        schedule.on_train_batch_start(SimpleNamespace(global_step=step), module, None, step)
+        seen.append(module.loss.temperature)
+    assert seen == pytest.approx([2.0, 1.75, 1.5, 1.25, 1.0, 1.0, 1.0])
+    resumed = LossTemperatureSchedule(start=2.0, steps=4)  # a run resumed at step 2 rebuilds the loss at its own T
+    module = SimpleNamespace(loss=SoftLabelLoss(temperature=1.0))
+    resumed.on_fit_start(None, module)
+    resumed.on_train_batch_start(SimpleNamespace(global_step=2), module, None, 0)
+    assert module.loss.temperature == pytest.approx(1.5)
+
+    off = SimpleNamespace(loss=SoftLabelLoss(temperature=2.0))
+    LossTemperatureSchedule().on_fit_start(None, off)
+    LossTemperatureSchedule().on_train_batch_start(SimpleNamespace(global_step=3), off, None, 0)
+    assert off.loss.temperature == 2.0  # start null: the loss's own
+    with pytest.raises(TemperatureScheduleError, match=r"callbacks\.loss_temperature: start=2\.0, steps=0"):
+        LossTemperatureSchedule(start=2.0, steps=0)
+    with pytest.raises(TemperatureScheduleError, match="loss 'sft' has no temperature"):
+        from tomdistill.losses.sft import SFTLoss
+        LossTemperatureSchedule(start=2.0, steps=3).on_fit_start(None, SimpleNamespace(loss=SFTLoss()))

@@ -148,6 +148,42 @@ class TransferSplitsError(ValueError, UserError):
     `min_action_mass` that is not a probability."""
 
 
+class LossTemperatureSchedule(pl.Callback):
+    """The loss's temperature moves linearly from `start` to the configured `loss.temperature` over the first
+    `steps` optimizer steps, then stays there. Why (README "Transfer", the variants search): the same recipe and seed
+    left the teacher's average at temperature 2 and not at 1, but temperature 2 to the end broke the public-goods
+    answer format; starting hot and ending at 1 tries to keep the first and drop the second. Off while `start` is
+    null. A resumed run picks the schedule up at its global step."""
+
+    def __init__(self, start: float | None = None, steps: int = 0):
+        if start is not None and not (float(start) > 0 and int(steps) >= 1):
+            raise TemperatureScheduleError(f"callbacks.loss_temperature: start={start!r}, steps={steps!r}: expected "
+                                           "a temperature > 0 and steps ≥ 1 (or start null: off)")
+        self.start = None if start is None else float(start)
+        self.steps = int(steps)
+        self.end: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, module) -> None:
+        if self.start is None:
+            return
+        end = getattr(module.loss, "temperature", None)
+        if end is None:
+            raise TemperatureScheduleError(f"callbacks.loss_temperature.start={self.start}: loss "
+                                           f"{module.loss.name!r} has no temperature")
+        self.end = float(end)
+
+    def temperature(self, step: int) -> float:
+        return self.start + (self.end - self.start) * min(step / self.steps, 1.0)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:
+        if self.start is not None:
+            module.loss.temperature = self.temperature(trainer.global_step)
+
+
+class TemperatureScheduleError(ValueError, UserError):
+    """`callbacks.loss_temperature` with a start that is not a temperature, no steps, or a loss without one."""
+
+
 class CheckpointOnSigterm(pl.Callback):
     """On SIGTERM (SLURM pre-emption, `scancel`), save `last.ckpt` before the process exits.
 
