@@ -54,7 +54,6 @@ def alignment(p_base, p_tuned, p_teacher) -> float:
         return np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan).item() if np.ndim(before) == 0 else np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
 
 
-
 def mass_shortfall(action_mass: dict[str, float], floor: float | None) -> float:
     """How far each split's mean mass on the actions falls below `floor`, summed over the splits (0 without a
     floor). A recipe search subtracts it from its objective: a student that stopped answering a split in the
@@ -65,6 +64,7 @@ def mass_shortfall(action_mass: dict[str, float], floor: float | None) -> float:
     if not 0.0 < floor <= 1.0:
         raise ValueError(f"min_action_mass={floor}: expected a probability in (0, 1]")
     return float(sum(max(0.0, floor - float(mass)) for mass in action_mass.values()))
+
 
 # --- per scenario and per group --------------------------------------------------------------
 # Scenario propensities are on the [0, 1] scale (public goods: mean donation / endowment). Both
