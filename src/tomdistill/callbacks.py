@@ -80,14 +80,16 @@ class SplitAlignment(pl.Callback):
     `path` (JSON). Every rank scores every scenario (ZeRO-3 gathers weights collectively), as in validation."""
 
     def __init__(self, splits, objective=None, path: str | Path | None = None, min_action_mass: float | None = None):
+        from .metrics.transfer import mass_shortfall
         from .scenarios.schema import REPORT_SPLITS
 
         self.splits = list(splits or [])
         self.objective = list(objective) if objective else list(self.splits)
-        if min_action_mass is not None and not 0.0 < float(min_action_mass) <= 1.0:
-            raise TransferSplitsError(f"callbacks.split_alignment.min_action_mass={min_action_mass}: expected a "
-                                      "probability in (0, 1], or null for none")
         self.min_action_mass = None if min_action_mass is None else float(min_action_mass)
+        try:  # the floor's rule lives with the shortfall (metrics/transfer.py); refused when built, by key
+            mass_shortfall({}, self.min_action_mass)
+        except ValueError as err:
+            raise TransferSplitsError(f"callbacks.split_alignment.{err}") from None
         unknown = [s for s in self.splits if s not in REPORT_SPLITS]
         if unknown:
             raise TransferSplitsError(f"callbacks.split_alignment.splits: unknown {unknown}; expected some of "
