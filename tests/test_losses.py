@@ -145,3 +145,43 @@ def test_the_loss_temperature_schedule_moves_from_its_start_to_the_loss_own_and_
     with pytest.raises(TemperatureScheduleError, match="loss 'sft' has no temperature"):
         from tomdistill.losses.sft import SFTLoss
         LossTemperatureSchedule(start=2.0, steps=3).on_fit_start(None, SimpleNamespace(loss=SFTLoss()))
+
+
+def test_the_soft_loss_is_its_choice_part_plus_its_mass_part_and_each_has_its_temperature():
+    from tomdistill.losses.soft import choice_cross_entropy, soft_cross_entropy
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40) * 2
+    # row 1: the teacher gives its second action probability 0 (a real action, still part of the mass);
+    # the third column is padding (a repeated id, probability 0)
+    ids = torch.tensor([[3, 7, 3], [10, 11, 10], [0, 39, 0]])
+    probs = torch.tensor([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+
+    def by_hand(t, tm):
+        p_t, p_m = torch.softmax(logits.double() / t, -1), torch.softmax(logits.double() / tm, -1)
+        q = probs.double() ** (1 / t) * (probs > 0)
+        q = q / q.sum(-1, keepdim=True)
+        first = ids[:, :2]  # the two real actions
+        mass_t, mass_m = p_t.gather(-1, first).sum(-1), p_m.gather(-1, first).sum(-1)
+        choice = -(q[:, :2] * (p_t.gather(-1, first) / mass_t.unsqueeze(-1)).log()).sum(-1)
+        return (t**2 * choice - tm**2 * mass_m.log()).mean()
+
+    for t in (1.0, 2.0):
+        # the same temperature for both parts is the plain whole-vocabulary loss
+        assert float(soft_cross_entropy(logits, ids, probs, t)) == pytest.approx(float(by_hand(t, t)), abs=1e-5)
+        assert float(soft_cross_entropy(logits, ids, probs, t, mass_temperature=t)) == pytest.approx(
+            float(by_hand(t, t)), abs=1e-5)
+    assert float(soft_cross_entropy(logits, ids, probs, 2.0, mass_temperature=1.0)) == pytest.approx(
+        float(by_hand(2.0, 1.0)), abs=1e-5)
+    # a student that puts all its mass on the actions pays only the choice part, whatever the mass temperature
+    on_actions = torch.full((1, 40), -1e4)
+    on_actions[0, 3], on_actions[0, 7] = math.log(0.3), math.log(0.7)
+    assert float(soft_cross_entropy(on_actions, ids[:1], probs[:1], 2.0, mass_temperature=1.0)) == pytest.approx(
+        4 * float(choice_cross_entropy(on_actions, ids[:1], probs[:1], 2.0)), abs=1e-5)
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    rows = torch.stack([soft_cross_entropy(logits[i:i + 1], ids[i:i + 1], probs[i:i + 1], 2.0, None, 1.0)
+                        for i in range(3)])
+    torch.testing.assert_close(soft_cross_entropy(logits, ids, probs, 2.0, weights, 1.0), (rows * weights).sum())
+    loss = SoftLabelLoss(temperature=2.0, mass_temperature=1.0)
+    assert loss.hparams()["mass_temperature"] == 1.0
+    with pytest.raises(LossError, match=r"loss.mass_temperature=0: expected a number > 0"):
+        SoftLabelLoss(mass_temperature=0)

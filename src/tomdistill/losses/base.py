@@ -48,7 +48,7 @@ class DistillationLoss:
     uses_distribution: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        for key in ("temperature",):
+        for key in ("temperature", "mass_temperature"):
             value = getattr(self, key, None)
             if value is not None and not value > 0:
                 raise LossError(f"loss.{key}={value!r}: expected a number > 0")
