@@ -1,4 +1,4 @@
-"""The soft-label training step, six ways, side by side: what made the demo's training affordable.
+"""The soft-label training step, seven ways, side by side: what made the demo's training affordable.
 
     python -m bench.soft_step [--model smollm2_135m] [--steps 3] [--threads 0] [--top-layers 15] [--augment K]
 
@@ -15,6 +15,7 @@ the 16 in-sample scenarios of four contexts (the oracle teacher's exact choice p
 | bf16, top k, cached | bf16 autocast | all linear, top k layers | on: the frozen layers ran once | off |
 | bf16, attention, every layer | bf16 autocast | q, k, v, o of all layers | — | off (one pass per length) |
 | bf16, attention, shared prefixes (the demo's recipe) | bf16 autocast | q, k, v, o of all layers | — | on: run once per group |
+| fp32, attention, shared prefixes | fp32 | q, k, v, o of all layers | — | on: run once per group |
 
 Each setting builds its module from the same seed and runs `--steps` steps on the same batch; the
 first (warm-up, and the cache fill) is left out of the median. Settings alternate in one process.
@@ -79,7 +80,7 @@ def step_seconds(model_name: str, batch: dict, precision: str, top_layers: int |
 
 
 def measure(model_name: str, steps: int = 3, top_layers: int = 15, augment: int = 0) -> dict:
-    """{setting: median seconds per step} over the six settings, plus the batch's shape."""
+    """{setting: median seconds per step} over the seven settings, plus the batch's shape."""
     batch = demo_batch(model_name, augment)
     k = top_layers
     settings = [  # name, precision, top layers, frozen-layer cache, adapted modules, shared prefixes
@@ -89,6 +90,7 @@ def measure(model_name: str, steps: int = 3, top_layers: int = 15, augment: int 
         (f"bf16, top {k}, frozen layers cached", "bf16", k, True, "all-linear", False),
         ("bf16, attention, every layer, one pass per length", "bf16", None, False, ATTENTION, False),
         ("bf16, attention, shared prefixes (the demo's recipe)", "bf16", None, False, ATTENTION, True),
+        ("fp32, attention, shared prefixes", "fp32", None, False, ATTENTION, True),
     ]
     steps = max(steps, 2)
     seconds = {name: median(step_seconds(model_name, batch, precision, top, cache, steps, targets, shared)[1:])

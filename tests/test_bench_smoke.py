@@ -55,6 +55,6 @@ def test_soft_step_core():
     from bench import soft_step
 
     result = soft_step.measure("tiny_llama", steps=2, top_layers=1, augment=1)
-    assert len(result["seconds"]) == 6 and all(_positive(s) for s in result["seconds"].values())
+    assert len(result["seconds"]) == 7 and all(_positive(s) for s in result["seconds"].values())
     assert result["scenarios"] == 32 and result["tokens"] > 32 * 100 and result["timed_steps"] == 1
-    assert soft_step.render(result).row_count == 6
+    assert soft_step.render(result).row_count == 7

@@ -44,3 +44,17 @@ def test_train_py_refuses_to_run_on_the_cpu_when_a_gpu_was_allocated(tmp_path, t
     assert "CUDA_VISIBLE_DEVICES=0" in result.stderr and "torch " in result.stderr
     assert "does not fall back to the CPU silently" in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_bf16_if_native_trains_in_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    """The demo's precision: emulated bf16 autocast on a CPU without AVX512-BF16/AMX was ~10x slower than fp32
+    (bench/README.md, soft_step), so it falls back to fp32 there; `auto` keeps fp32 on every CPU."""
+    from tomdistill import training
+
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(training, "cpu_has_native_bf16", lambda native=native: native)
+        assert training.resolve_precision("bf16-if-native", "cpu") == expected
+        assert training.resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(training.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training.resolve_precision("bf16-if-native", "gpu") == "bf16-mixed"
+    assert training.resolve_precision("32-true", "cpu") == "32-true"

@@ -216,6 +216,7 @@ _NUMBER_RULES = {
     "data.max_length": (lambda v: v >= 8 and float(v).is_integer(), "a whole number ≥ 8"),
     "data.num_val_contexts": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0"),
     "loss.temperature": (lambda v: v > 0, "a number > 0"),
+    "loss.mass_temperature": (lambda v: v > 0, "a number > 0 (null: loss.temperature)"),
     "loss.soft_weight": (lambda v: v >= 0, "a number ≥ 0"),
 }
 _CHOICES = {
@@ -468,11 +469,20 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+NATIVE_BF16 = "bf16-if-native"  # bf16-mixed where the hardware computes bf16 itself, else 32-true
+
+
 def resolve_precision(precision, accelerator: str):
+    """`auto`: bf16-mixed on a GPU that has it, else 32-true. `bf16-if-native`: also bf16-mixed on a CPU with
+    AVX512-BF16/AMX, since elsewhere bf16 autocast is emulated and several times slower than fp32 (bench/README.md,
+    soft_step)."""
     if precision == "auto":
         if accelerator == "gpu" and torch.cuda.is_bf16_supported():
             return "bf16-mixed"
         return "32-true"
+    if precision == NATIVE_BF16:
+        native = torch.cuda.is_bf16_supported() if accelerator == "gpu" else cpu_has_native_bf16()
+        return "bf16-mixed" if native else "32-true"
     if accelerator == "cpu" and str(precision).startswith("bf16") and not cpu_has_native_bf16():
         log.warning("trainer.precision=%s on a CPU without AVX512-BF16/AMX: bf16 is emulated and may be slower "
                     "than trainer.precision=32-true", precision)
