@@ -198,3 +198,37 @@ def test_the_in_sample_games_list_the_same_numbers_in_a_context_only_their_lines
     assert len({tuple(sorted(c.items())) for c in numbers.values()}) == 1  # one multiset of numbers
     lines = {game: tuple(re.findall(r"you get (\d+) points", text)) for game, text in prompts.items()}
     assert len(set(lines.values())) == 4  # which line carries which number does differ
+
+
+def test_the_public_goods_analogy_scores_a_student_that_donates_as_the_teacher_plays_each_game(tmp_path):
+    """scripts/public_goods_analogy.py: the oracle's P(C) of each in-sample game in public goods' own context, scored
+    against the evaluation's base and teacher propensities (README "Transfer", what limits public goods)."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from tomdistill.metrics.transfer import alignment
+    from tomdistill.scenarios.oracle import action_probabilities
+    from tomdistill.scenarios.schema import Scenario
+
+    root = Path(__file__).resolve().parents[1]
+    script = [sys.executable, str(root / "scripts" / "public_goods_analogy.py")]
+    missing = subprocess.run([*script, "--evaluation", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "transfer_scenarios.csv: not found" in missing.stderr
+    pd.DataFrame([{"split": "oos_game", "game": "public_goods", "context": "party", "p_teacher": 0.77,
+                   "p_base": 0.35, "p_tuned": 0.19},
+                  {"split": "in_sample", "game": "prisoners_dilemma", "context": "friends", "p_teacher": 0.41,
+                   "p_base": 0.85, "p_tuned": 0.4}]).to_csv(tmp_path / "transfer_scenarios.csv", index=False)
+    done = subprocess.run([*script, "--evaluation", str(tmp_path), "--output", str(tmp_path / "analogy.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(tmp_path / "analogy.csv").set_index("played_as")
+    catalogue = load_catalogue(CATALOGUE_DIR)
+    dilemma = action_probabilities(Scenario(catalogue.games["prisoners_dilemma"], catalogue.contexts["party"], "x"))
+    assert table.loc["prisoners_dilemma", "propensity"] == pytest.approx(dilemma["C"])
+    assert table.loc["prisoners_dilemma", "alignment"] == pytest.approx(1 - abs(dilemma["C"] - 0.77) / 0.42)
+    assert table.loc["the tuned student (measured)", "alignment"] == pytest.approx(alignment([0.35], [0.19], [0.77]))
+    four = [g for g in table.index if g in catalogue.games]
+    assert len(four) == 4 and table.loc["mean of the games", "propensity"] == pytest.approx(
+        table.loc[four, "propensity"].mean())
