@@ -109,8 +109,9 @@ SOFT = [*TINY, "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.e
 # sum over 16 scenarios, taken in another order on 3 ranks (each a weighted shard, then averaged by DDP). Measured:
 # 1.7e-6 at most after 3 steps (lr 2e-3); shards of 6/5/5 averaged unweighted instead differ by 7.7e-3. AdamW's
 # first steps are ~lr × sign(gradient), so float noise on a gradient component near zero can move a weight by a
-# few % of lr: the tolerance is 5% of one step
-RANKS_ATOL = 1e-4
+# few % of lr: on an AVX2-only AMD EPYC (other float kernels) one weight of 2048 moved 1.0025e-4 (5.01% of lr, 2-scenario
+# batches on 3 ranks), so the tolerance is 12.5% of one step, still 30× below the unweighted shards' error
+RANKS_ATOL = 2.5e-4
 
 
 @pytest.fixture(scope="module")
