@@ -47,7 +47,7 @@ def test_train_py_refuses_to_run_on_the_cpu_when_a_gpu_was_allocated(tmp_path, t
 
 
 def test_bf16_if_native_trains_in_bf16_only_where_the_hardware_computes_it(monkeypatch):
-    """The demo's precision: emulated bf16 autocast on a CPU without AVX512-BF16/AMX was ~10x slower than fp32
+    """The demo's precision: emulated bf16 autocast on a CPU without AVX512-BF16/AMX was 24x slower than fp32
     (bench/README.md, soft_step), so it falls back to fp32 there; `auto` keeps fp32 on every CPU."""
     from tomdistill import training
 
