@@ -185,3 +185,22 @@ def test_the_soft_loss_is_its_choice_part_plus_its_mass_part_and_each_has_its_te
     assert loss.hparams()["mass_temperature"] == 1.0
     with pytest.raises(LossError, match=r"loss.mass_temperature=0: expected a number > 0"):
         SoftLabelLoss(mass_temperature=0)
+
+
+def test_the_parts_script_reports_both_parts_and_their_gradients_at_each_temperature():
+    """scripts/soft_loss_parts.py on the tiny Llama (README "Transfer": the first step at temperature 2); that the parts
+    add up to the plain loss is test_the_soft_loss_is_its_choice_part_plus_its_mass_part_...'s."""
+    import re
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "soft_loss_parts.py"), "--model", "tiny_llama",
+                           "--temperatures", "1", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    values = {(t, part): (float(v), float(g)) for t, part, v, g in
+              re.findall(r"T (\d): (choice|mass) part ([\d.]+), gradient norm ([\d.]+)", done.stdout)}
+    assert set(values) == {("1", "choice"), ("1", "mass"), ("2", "choice"), ("2", "mass")}
+    assert all(g > 0 for _, g in values.values())
+    assert len(re.findall(r"cosine between the two gradients -?[\d.]+", done.stdout)) == 2

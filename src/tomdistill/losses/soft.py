@@ -32,7 +32,7 @@ def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: tor
     """
     if mass_temperature is not None and mass_temperature != temperature:
         return (choice_cross_entropy(logits, token_ids, probs, temperature, weights) * temperature**2
-                + _reduce(-_log_action_mass(logits, token_ids, mass_temperature), weights) * mass_temperature**2)
+                + action_mass_loss(logits, token_ids, mass_temperature, weights) * mass_temperature**2)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     chosen = logp.gather(-1, token_ids)
     rows = -(_soften(probs, temperature) * chosen).sum(-1)
@@ -45,6 +45,12 @@ def choice_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: t
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     chosen = logp.gather(-1, token_ids) - _log_action_mass(logits, token_ids, temperature).unsqueeze(-1)
     return _reduce(-(_soften(probs, temperature) * chosen).sum(-1), weights)
+
+
+def action_mass_loss(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+    """−log P_A at temperature T (not scaled by T²): the mass part; choice part + mass part = the plain loss."""
+    return _reduce(-_log_action_mass(logits, token_ids, temperature), weights)
 
 
 def _log_action_mass(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
