@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from tomdistill import CATALOGUE_DIR
 from tomdistill.metrics.transfer import alignment
 from tomdistill.scenarios.catalogue import load_catalogue
 from tomdistill.scenarios.oracle import action_probabilities
 from tomdistill.scenarios.schema import Scenario
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def analogy_table(scenarios: pd.DataFrame, catalogue) -> pd.DataFrame:
@@ -47,7 +46,7 @@ def analogy_table(scenarios: pd.DataFrame, catalogue) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evaluation", required=True, type=Path, help="an evaluate.py output directory")
-    parser.add_argument("--catalogue", type=Path, default=ROOT / "conf" / "scenarios" / "catalogue")
+    parser.add_argument("--catalogue", type=Path, default=CATALOGUE_DIR)
     parser.add_argument("--output", type=Path, default=None, help="also write the table as CSV")
     args = parser.parse_args()
     path = args.evaluation / "transfer_scenarios.csv"

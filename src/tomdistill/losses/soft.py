@@ -42,20 +42,21 @@ def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: tor
 def choice_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor,
                          temperature: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """−Σ_k q_k log(p_k / P_A) at temperature T (not scaled by T²): the student renormalised over the actions."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    chosen = logp.gather(-1, token_ids) - _log_action_mass(logits, token_ids, temperature).unsqueeze(-1)
+    chosen = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, token_ids)
+    chosen = chosen - _log_action_mass(chosen, token_ids).unsqueeze(-1)
     return _reduce(-(_soften(probs, temperature) * chosen).sum(-1), weights)
 
 
 def action_mass_loss(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
                      weights: torch.Tensor | None = None) -> torch.Tensor:
     """−log P_A at temperature T (not scaled by T²): the mass part; choice part + mass part = the plain loss."""
-    return _reduce(-_log_action_mass(logits, token_ids, temperature), weights)
+    chosen = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, token_ids)
+    return _reduce(-_log_action_mass(chosen, token_ids), weights)
 
 
-def _log_action_mass(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log P_A per row at temperature T; each action token counted once (padded columns repeat a real id)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, token_ids)
+def _log_action_mass(logp: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log P_A per row from the actions' log-probabilities `logp` (rows, K); each action token counted once (padded
+    columns repeat a real id)."""
     repeats = (token_ids.unsqueeze(-1) == token_ids.unsqueeze(-2)).tril(-1).any(-1)  # an id seen in an earlier column
     return torch.logsumexp(logp.masked_fill(repeats, float("-inf")), dim=-1)
 
