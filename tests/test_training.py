@@ -86,18 +86,6 @@ def test_resume_from_last_continues_at_the_right_step(cpu_run, teacher, tmp_path
     assert steps == [2, 3]  # the resumed run logs steps 2-3: it did not start again from 0
 
 
-def test_zero3_resumes_from_last_with_weights_only_loading(teacher, tmp_path):
-    # DeepSpeed writes its own sharded checkpoint directory; the resume must load it (weights_only) and go on
-    output = tmp_path / "zero3"
-    args = [*SHORT, f"data.teacher={teacher}", f"output={output}", "trainer=deepspeed_zero3", "trainer.devices=1"]
-    check(run_train(args))
-    check(run_train([*args, "ckpt_path=last", "trainer.max_steps=4"]))
-    assert summary(output)["global_step"] == 4
-    with open(output / "logs/metrics.csv") as f:
-        steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
-    assert steps[-2:] == [2, 3] and 0 not in steps[steps.index(2):]
-
-
 def test_missing_checkpoint_for_resume_is_a_clear_error(tmp_path, teacher):
     result = run_train([*SHORT, f"data.teacher={teacher}", f"output={tmp_path}/fresh", "ckpt_path=last"], timeout=120)
     assert result.returncode == 2 and "ckpt_path=last: no checkpoint" in result.stderr
@@ -196,7 +184,8 @@ def test_ddp_two_processes(tmp_path, teacher):
 
 
 @pytest.mark.slow
-def test_zero3_adapter_equals_zero2_adapter_after_identical_steps(tmp_path, teacher, tiny_model_cfg):
+def test_zero3_adapter_equals_zero2_adapter_after_identical_steps_and_resumes_from_its_shards(
+        tmp_path, teacher, tiny_model_cfg):
     states = {}
     for stage in ("zero2", "zero3"):
         output = tmp_path / stage
@@ -211,6 +200,16 @@ def test_zero3_adapter_equals_zero2_adapter_after_identical_steps(tmp_path, teac
         assert zero3[key].shape == zero2[key].shape
         torch.testing.assert_close(zero3[key], zero2[key], atol=1e-5, rtol=1e-4)
     assert any(float(v.abs().sum()) > 0 for k, v in zero3.items() if "lora_B" in k)
+
+    # DeepSpeed wrote its own sharded checkpoint directory, one shard per rank: the resume loads it (weights_only)
+    # and goes on from step 2
+    output = tmp_path / "zero3"
+    check(run_train([*SHORT, f"data.teacher={teacher}", f"output={output}", "trainer=deepspeed_zero3",
+                     "trainer.devices=2", "ckpt_path=last", "trainer.max_steps=4"]))
+    assert summary(output)["global_step"] == 4
+    with open(output / "logs/metrics.csv") as f:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
+    assert steps[-2:] == [2, 3] and 0 not in steps[steps.index(2):]
 
 
 # ------------------------------------------------------------------ the losses, in process

@@ -6,6 +6,9 @@ one line, `<app>: error: <message>`, and exits with code 2, so a typo never ends
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import logging
 import sys
 from typing import Callable, TypeVar
@@ -21,6 +24,7 @@ def run_app(name: str, function: Callable[..., T], *args) -> T:
     """`function(*args)`; a `UserError` or a missing mandatory config value becomes one line on stderr and exit 2."""
     from omegaconf.errors import MissingMandatoryValue
 
+    skip_the_final_collection_at_exit()
     try:
         return function(*args)
     except UserError as err:
@@ -30,3 +34,12 @@ def run_app(name: str, function: Callable[..., T], *args) -> T:
     logging.getLogger(name).error("%s", message)  # the run's log file too
     print(f"{name}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+@functools.cache
+def skip_the_final_collection_at_exit() -> None:
+    """At exit the interpreter's last cyclic collection walks every object torch, Lightning and transformers made:
+    2-3 s per process (each rank, each sweep trial, each test's subprocess; 0.3 s frozen). `gc.freeze` as the first
+    atexit handler registered by the app runs after the later-registered ones (W&B, checkpoint writers); it changes
+    nothing before exit, so a multirun's in-process jobs are still collected between jobs."""
+    atexit.register(gc.freeze)
