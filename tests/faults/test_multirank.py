@@ -115,6 +115,7 @@ def test_sigterm_stops_every_rank_at_one_step_boundary_with_a_checkpoint(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
+@pytest.mark.extended  # the 2-rank test below checks each of these on the same path, and the adapter too
 @pytest.mark.timeout(420)
 def test_a_preemption_warning_saves_at_a_step_boundary_requeues_and_the_requeued_run_resumes(tmp_path, teacher):
     """SLURM's pre-emption warning (SIGUSR1, `sbatch --signal`) on 3 ranks: the handler only sets a flag; every
@@ -166,14 +167,16 @@ def test_a_preemption_warning_saves_at_a_step_boundary_requeues_and_the_requeued
 
 @pytest.mark.timeout(420)
 def test_a_requeued_two_rank_run_ends_with_the_uninterrupted_runs_adapter(tmp_path, teacher):
-    """The sbatch path end to end on 2 ranks: the pre-emption signal, the requeue, the same command again (as
-    SLURM reruns it), and the adapter equals an uninterrupted run's. A constant learning rate keeps the schedule
-    independent of `max_steps`, so the interrupted run may be started long and given its end on the rerun."""
+    """The sbatch path end to end on 2 ranks: SLURM's pre-emption warning (SIGUSR1, `sbatch --signal`) only sets a
+    flag; every rank stops after the same step with `last.ckpt` saved there; rank 0 requeues the job (`scontrol
+    requeue`, once); the same command again (as SLURM reruns it, without `ckpt_path`) resumes from that checkpoint,
+    and the adapter equals an uninterrupted run's. A constant learning rate keeps the schedule independent of
+    `max_steps`, so the interrupted run may be started long and given its end on the rerun."""
     from .test_kill_training import adapter
 
-    bin_dir = tmp_path / "bin"
+    bin_dir, requeued = tmp_path / "bin", tmp_path / "requeued.txt"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nexit 0\n")  # a stand-in: no cluster here
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{requeued}"\n')  # a stand-in: records the call
     (bin_dir / "scontrol").chmod(0o755)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
     common = [*TINY_TRAIN, "trainer=ddp", "trainer.devices=2", "trainer.val_check_interval=2",
@@ -188,13 +191,22 @@ def test_a_requeued_two_rank_run_ends_with_the_uninterrupted_runs_adapter(tmp_pa
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert code == 128 + signal.SIGTERM, tail(process)
+    out = tail(process, 30000)
+    assert code == 128 + signal.SIGTERM, out
+    stops = [line.rsplit("global step", 1)[1].split()[0] for line in out.splitlines()
+             if "stopping at the end of global step" in line and "(pre-emption)" in line]
+    assert len(stops) == 2 and len(set(stops)) == 1, out  # every rank, at the same step boundary
     saved = checkpoint_step(interrupted / "checkpoints/last.ckpt")
+    assert saved == int(stops[0]) + 1, (saved, out)
+    assert "SIGTERM: checkpoint saved" in out and "requeued SLURM job 77" in out, out
+    assert requeued.read_text() == "requeue 77\n"  # by rank 0 only
+    assert not (interrupted / "adapter").exists()
     end = saved + 2
     rerun = entry("train.py", [*common, f"trainer.max_steps={end}", f"output={interrupted}"], timeout=180,
-                  env={**env, "SLURM_RESTART_COUNT": "1"})
+                  env={**env, "SLURM_RESTART_COUNT": "1"})  # what SLURM sets in a requeued job
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from" in rerun.stdout + rerun.stderr
+    assert f"SLURM_RESTART_COUNT=1: the scheduler restarted this run; resuming from {interrupted}" in \
+        rerun.stdout + rerun.stderr
     from .test_kill_training import losses_by_step
 
     assert len(losses_by_step(interrupted)) == 2 and min(losses_by_step(interrupted)) >= saved  # not from step 0
