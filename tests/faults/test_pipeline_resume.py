@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,9 +36,12 @@ def assert_resumed_at(stdout: str, stage: int) -> None:
     assert "Study complete" in stdout
 
 
-def test_killed_in_training_the_study_resumes_at_training(tmp_path):
-    study = tmp_path / "study"
-    log = tmp_path / "first.log"
+@pytest.fixture(scope="module")
+def complete_study(tmp_path_factory):
+    """The tiny study killed, with the train.py it runs, inside the training stage, then resumed by a rerun: the kill
+    test's subject and, complete, the study each interrupted-stage case copies (one study for both: ~80 s)."""
+    root = tmp_path_factory.mktemp("complete")
+    study, log = root / "study", root / "first.log"
     process = start("-m tomdistill.pipeline", [*TINY_STUDY, f"output={study}"], log, new_session=True)
     try:
         wait_for(lambda: "[4/6] train [default]: running" in log.read_text(), process, timeout=400,
@@ -48,20 +52,17 @@ def test_killed_in_training_the_study_resumes_at_training(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # the pipeline and the train.py it runs
         finish(process)
-    assert not (study / "train_default" / "adapter").exists() and not (study / "study.json").exists()
+    left_by_the_kill = {"adapter": (study / "train_default" / "adapter").exists(),
+                        "study.json": (study / "study.json").exists()}
+    return SimpleNamespace(path=study, left_by_the_kill=left_by_the_kill, resumed=pipeline(study))
 
-    resumed = ok(pipeline(study))
-    assert_resumed_at(resumed.stdout, 3)
-    again = ok(pipeline(study))
+
+def test_killed_in_training_the_study_resumes_at_training(complete_study):
+    assert complete_study.left_by_the_kill == {"adapter": False, "study.json": False}
+    assert_resumed_at(ok(complete_study.resumed).stdout, 3)
+    again = ok(pipeline(complete_study.path))
     assert all(f"{name}: complete, skipped" in again.stdout for name in STAGES), again.stdout
-    assert (study / "study.json").exists()
-
-
-@pytest.fixture(scope="module")
-def complete_study(tmp_path_factory):
-    study = tmp_path_factory.mktemp("complete") / "study"
-    ok(pipeline(study))
-    return study
+    assert (complete_study.path / "study.json").exists()
 
 
 def interrupt_inside(study: Path, stage: int) -> None:
@@ -91,11 +92,12 @@ REPEATS = ("teacher", "teacher_scores", "base")
 @pytest.mark.parametrize("stage", [pytest.param(i, id=d, marks=[pytest.mark.extended] if d in REPEATS else [])
                                    for i, d in enumerate(DIRS)])
 def test_a_study_interrupted_inside_each_stage_resumes_at_that_stage(tmp_path, complete_study, stage):
-    study = Path(shutil.copytree(complete_study, tmp_path / "study"))
+    ok(complete_study.resumed)
+    study = Path(shutil.copytree(complete_study.path, tmp_path / "study"))
     # plan.json pins the adapter by absolute path: point the copy's at the copy's own adapter, as it would be
     # for a study resumed where it was interrupted (a moved study is refused there: see README)
     for plan in study.glob("*/plan.json"):
-        plan.write_text(plan.read_text().replace(str(complete_study), str(study)))
+        plan.write_text(plan.read_text().replace(str(complete_study.path), str(study)))
     interrupt_inside(study, stage)
     result = pipeline(study)
     assert result.returncode == 0, describe(result)
