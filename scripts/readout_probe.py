@@ -8,11 +8,13 @@ the least an adapter can do (change the read-out alone), so it separates "the fe
 game" from "the optimiser has to build them". It also reports how much of the feature variance at
 the last position is explained by the context and how much by the game.
 
-    python scripts/readout_probe.py [--variants K] [--adapter RUN/adapter [--checkpoint CKPT ...]]
-                                    [--output results/readout_probe.csv]
+    python scripts/readout_probe.py [--variants K] [--training-contexts] [--held-out CONTEXT]
+                                    [--adapter RUN/adapter [--checkpoint CKPT ...]] [--output results/readout_probe.csv]
 
 `--variants K` adds a second fit on the trained scenarios plus the catalogue's `augment` split
-(K payoff variants per in-sample game, docs/scenarios.md) in the same contexts. `--adapter` reads a trained
+(K payoff variants per in-sample game, docs/scenarios.md) in the same contexts. `--training-contexts` adds one
+on the trained scenarios plus every in-sample game in the catalogue's training-only contexts
+(`scenarios.training_contexts`): whether more social framings make the new contexts reachable. `--adapter` reads a trained
 student instead (a LoRA adapter directory, loaded with plain `peft`): where the game sits after training.
 `--checkpoint` reads the adapter weights of Lightning checkpoints of that run (e.g. one every 5 steps) into it, one
 after another, and writes only the variance shares per checkpoint and layer: when the game reaches the answer position.
@@ -103,6 +105,8 @@ def checkpoint_shares(model, tokenizer, scenarios, checkpoints: list[str], outpu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=8)
+    parser.add_argument("--training-contexts", action="store_true",
+                        help="also fit on the in-sample games in the training-only contexts")
     parser.add_argument("--held-out", default="business", help="the in-sample context left out of the fit")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory: read the tuned student instead")
     parser.add_argument("--checkpoint", nargs="*", default=[],
@@ -112,7 +116,10 @@ def main() -> None:
     if args.checkpoint and not args.adapter:
         parser.error("--checkpoint needs --adapter (the run's adapter directory: its peft configuration)")
 
-    catalogue = load_catalogue(ROOT / "conf/scenarios/catalogue", augment={"variants": args.variants, "seed": 0})
+    training_contexts = list(OmegaConf.load(ROOT / "conf/scenarios/default.yaml").training_contexts) \
+        if args.training_contexts else []
+    catalogue = load_catalogue(ROOT / "conf/scenarios/catalogue",
+                               augment={"variants": args.variants, "seed": 0, "contexts": training_contexts})
     cfg = OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml")
     tokenizer, model = load_tokenizer(cfg), load_causal_lm(cfg).eval()
     if args.adapter:
@@ -133,8 +140,12 @@ def main() -> None:
     log_odds = np.log(p_teacher / (1 - p_teacher))
     trained = (split == "in_sample") & (context != args.held_out)
     fits = {"trained (16)": trained}
+    training_only = np.isin(context, training_contexts)
     if args.variants:
-        fits[f"trained + augment K={args.variants}"] = trained | ((split == "augment") & (context != args.held_out))
+        fits[f"trained + augment K={args.variants}"] = trained | ((split == "augment") & ~training_only
+                                                                  & (context != args.held_out))
+    if training_contexts:
+        fits[f"trained + {len(training_contexts)} training-only contexts"] = trained | training_only
     evaluated = {"in_sample_trained": trained, "heldout_context": (split == "in_sample") & (context == args.held_out),
                  "oos_context": split == "oos_context", "oos_payoffs": split == "oos_payoffs"}
 

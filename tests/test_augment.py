@@ -315,3 +315,72 @@ def test_a_soft_student_trains_on_variants_its_teacher_only_scored(tmp_path, tin
     for target in soft.targets:
         assert target.teacher_probs == pytest.approx(action_probabilities(target.scenario))
     assert {t.scenario.split for t in make(SFTLoss()).targets} == {"in_sample"}  # no answers, nothing to imitate
+
+
+# --- training-only contexts (scenarios.augment.contexts) -----------------------------------------------------
+TRAINING_CONTEXTS = list(OmegaConf.load(ROOT / "conf/scenarios/default.yaml").training_contexts)
+
+
+def test_training_contexts_pair_every_in_sample_game_and_leave_the_evaluated_prompts_alone():
+    plain = load_catalogue(CATALOGUE_DIR, augment={"variants": 2})
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 2, "contexts": TRAINING_CONTEXTS})
+    in_sample_games = sorted({g for g, _ in catalogue.splits["in_sample"]})
+    added = [p for p in catalogue.splits[AUGMENT_SPLIT] if p not in plain.splits[AUGMENT_SPLIT]]
+    assert sorted(added) == sorted((g, c) for g in in_sample_games for c in TRAINING_CONTEXTS)
+    assert not set(TRAINING_CONTEXTS) & catalogue.evaluated_contexts  # none of them is ever evaluated
+    # the evaluated prompts are unchanged, so students compare; the training data is named apart
+    assert prompt_version(catalogue) == prompt_version(plain) == prompt_version(load_catalogue(CATALOGUE_DIR))
+    assert catalogue.augment_fingerprint() != plain.augment_fingerprint()
+    # the oracle labels them from the context's own regard and belief
+    scenario = catalogue.scenario("stag_hunt", "siblings")
+    assert scenario.split == AUGMENT_SPLIT and scenario.context.belief == 0.85
+    assert action_probabilities(scenario)["C"] > action_probabilities(catalogue.scenario("stag_hunt", "candidates"))["C"]
+
+
+def test_a_training_contexts_text_is_part_of_the_training_datas_name(tmp_path):
+    import shutil
+
+    shutil.copytree(CATALOGUE_DIR, tmp_path / "catalogue")
+    first = load_catalogue(tmp_path / "catalogue", augment={"contexts": ["siblings"]}).augment_fingerprint()
+    path = tmp_path / "catalogue/contexts/siblings.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["oracle"]["belief"] = 0.5
+    path.write_text(yaml.safe_dump(spec))
+    second = load_catalogue(tmp_path / "catalogue", augment={"contexts": ["siblings"]})
+    assert second.augment_fingerprint() != first
+    assert prompt_version(second) == prompt_version(load_catalogue(CATALOGUE_DIR))
+
+
+@pytest.mark.parametrize("contexts, message", [
+    (["athletes"], r"scenarios\.augment\.contexts: context 'athletes' is in the evaluated split\(s\) "
+                   r"\['oos_context'\]; a training-only context must be one no split uses"),
+    (["team"], r"context 'team' is in the evaluated split\(s\) \['in_sample', 'oos_payoffs'\]"),
+    (["nowhere"], r"scenarios\.augment\.contexts: unknown context 'nowhere'; the catalogue has \["),
+    ("siblings", r"scenarios\.augment\.contexts: expected a list of context names, got 'siblings'"),
+    (["siblings", "siblings"], r"scenarios\.augment\.contexts: a context is listed twice"),
+])
+def test_a_bad_training_context_is_refused_by_name(contexts, message):
+    with pytest.raises(CatalogueError, match=message):
+        load_catalogue(CATALOGUE_DIR, augment={"contexts": contexts})
+
+
+def test_a_training_context_is_never_the_held_out_one(tmp_path, tiny_model_cfg):
+    """The held-out context rotates over the evaluated training contexts alone, so a seed holds out the same one
+    with or without training-only contexts, and those train in every seed."""
+    from helpers import oracle_config
+    from tomdistill.data.datamodule import TeacherQADataModule
+    from tomdistill.losses import SoftLabelLoss
+    from tomdistill.model.loading import load_tokenizer
+    from tomdistill.sampling.oracle_teacher import oracle_teacher
+
+    tokenizer = load_tokenizer(tiny_model_cfg, padding_side="right")
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"contexts": ["bandmates", "siblings"]})
+    scores = oracle_teacher(catalogue, tmp_path / "teacher", oracle_config(n=1), ("score",))["score"]
+    for seed, held_out in ((0, "business"), (1, "diplomacy")):
+        dm = TeacherQADataModule(scores, tokenizer, catalogue, loss=SoftLabelLoss(), splits=["in_sample", AUGMENT_SPLIT],
+                                 cache_dir=tmp_path / "cache", seed=seed)
+        dm.setup("fit")
+        assert dm.val_context_names == [held_out]
+        trained = {t.scenario.context.name for t in dm.train_targets}
+        assert {"bandmates", "siblings"} <= trained and held_out not in trained
+        assert len(dm.train_targets) == 16 + 2 * 4

@@ -263,7 +263,9 @@ class TeacherQADataModule(pl.LightningDataModule):
         records = self._load_records()
         distributions = self._teacher_distributions(records)
         scenarios = self._training_scenarios(records, distributions)
-        contexts = sorted({s.context.name for s in scenarios})
+        # held out from the evaluated training contexts only: a training-only context (scenarios.augment.contexts)
+        # is never the held-out one, so a seed holds out the same context with or without them
+        contexts = sorted({s.context.name for s in scenarios if s.split != AUGMENT_SPLIT})
         self.val_context_names = self._val_contexts(contexts)
         prompts = {s.key: render_prompt(self.tokenizer, build_messages(s, "student")) for s in scenarios}
         self.targets = [self._scenario_target(s, distributions[s.key], prompts[s.key]) for s in scenarios]

@@ -6,6 +6,8 @@ Two kinds of extra games, each paired with the in-sample contexts its base game 
   four payoffs (ties stay ties), drawn from a seeded grid within [low, high] (`<game>_v<i>_<digest>`,
   the digest naming the matrix, so teacher data of another augmentation can never pass for this one).
 No game of the augment split equals an evaluated matrix; no variant is a positive rescaling of one.
+And one kind of extra context: `contexts` names catalogue contexts that no evaluated split uses, each paired
+with every in-sample matrix game at its own payoffs (training-only social framings).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterable, Mapping
 
-from .schema import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Game, scaled_game
+from .schema import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Context, Game, scaled_game
 
 KEY = "scenarios.augment"
 CELLS = tuple((mine, theirs) for mine in MATRIX_ACTIONS for theirs in MATRIX_ACTIONS)  # R, S, T, P
@@ -39,10 +41,11 @@ class Augmentation:
     high: float = 30
     integer: bool = True
     scales: tuple[float, ...] = field(default_factory=tuple)
+    contexts: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def active(self) -> bool:
-        return self.variants > 0 or bool(self.scales)
+        return self.variants > 0 or bool(self.scales) or bool(self.contexts)
 
     @property
     def step(self) -> Fraction:
@@ -88,7 +91,15 @@ def augmentation_from_config(cfg: Mapping | None) -> Augmentation:
             raise CatalogueError(f"{KEY}.scales: expected a list of positive numbers, got {list(scales)!r}")
     if len(set(map(float, scales))) != len(scales):
         raise CatalogueError(f"{KEY}.scales: a scale is listed twice in {list(scales)!r}")
-    return Augmentation(variants=variants, seed=seed, low=low, high=high, integer=integer, scales=scales)
+    contexts = get("contexts")
+    if isinstance(contexts, (str, bytes)) or not isinstance(contexts, Iterable) \
+            or not all(isinstance(c, str) and c for c in contexts):
+        raise CatalogueError(f"{KEY}.contexts: expected a list of context names, got {contexts!r}")
+    contexts = tuple(contexts)
+    if len(set(contexts)) != len(contexts):
+        raise CatalogueError(f"{KEY}.contexts: a context is listed twice in {list(contexts)!r}")
+    return Augmentation(variants=variants, seed=seed, low=low, high=high, integer=integer, scales=scales,
+                        contexts=contexts)
 
 
 _FIELDS = tuple(Augmentation.__dataclass_fields__)
@@ -192,9 +203,10 @@ def game_with_matrix(base: Game, matrix: Matrix, name: str, title: str, scale: f
 
 
 def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]]],
-                  augmentation: Augmentation) -> tuple[dict[str, Game], list[tuple[str, str]]]:
+                  augmentation: Augmentation, catalogue_contexts: Mapping[str, Context] | None = None) -> tuple[dict[str, Game], list[tuple[str, str]]]:
     """The games the augment split adds (not already in `games`) and its (game, context) pairs.
 
+    `catalogue_contexts`: the catalogue's contexts by name (what `augmentation.contexts` may name).
     Pure: the same catalogue and augmentation give the same games; each base game draws from its own
     generator (seed and name), so adding a game leaves the other games' variants as they were.
     """
@@ -239,4 +251,20 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
                     raise CatalogueError(f"{KEY}.variants: the generated name {name!r} is a catalogue game's name")
                 new[name] = game_with_matrix(base, matrix, name, f"{base.title} (payoff variant {index})")
                 pairs.extend((name, c) for c in contexts)
+    if augmentation.contexts:
+        known = dict(catalogue_contexts or {})
+        evaluated_contexts = {c for split, ps in splits.items() if split != AUGMENT_SPLIT for _, c in ps}
+        for name in augmentation.contexts:
+            if name not in known:
+                raise CatalogueError(f"{KEY}.contexts: unknown context {name!r}; the catalogue has {sorted(known)}")
+            if name in evaluated_contexts:
+                used = sorted(split for split, ps in splits.items() if split != AUGMENT_SPLIT and any(c == name for _, c in ps))
+                raise CatalogueError(f"{KEY}.contexts: context {name!r} is in the evaluated split(s) {used}; a "
+                                     "training-only context must be one no split uses (augmentation would leak it)")
+            framed = known[name].games
+            refused = [g for g in bases if framed is not None and g not in framed and games[g].kind not in framed]
+            if refused:
+                raise CatalogueError(f"{KEY}.contexts: context {name!r} only frames {list(framed)}, not the in-sample "
+                                     f"game(s) {refused}")
+            pairs.extend((base_name, name) for base_name in bases)
     return new, pairs

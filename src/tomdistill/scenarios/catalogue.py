@@ -67,12 +67,13 @@ class Catalogue:
         """A short hash of everything that reaches a prompt (for `prompt_version`).
 
         The training-only augment split is left out: it adds scenarios but changes no evaluated prompt,
-        so students and teachers sampled with and without it compare. `augment_fingerprint` names it.
+        so students and teachers sampled with and without it compare. `augment_fingerprint` names it. So
+        are contexts no evaluated split uses (training-only contexts, `scenarios.augment.contexts`).
         """
         blob = json.dumps(
             {
                 "games": {k: g.to_dict() for k, g in sorted(self.games.items()) if k not in self.generated},
-                "contexts": {k: c.to_dict() for k, c in sorted(self.contexts.items())},
+                "contexts": {k: c.to_dict() for k, c in sorted(self.contexts.items()) if k in self.evaluated_contexts},
                 "splits": {k: v for k, v in sorted(self.splits.items()) if k != AUGMENT_SPLIT},
             },
             sort_keys=True,
@@ -86,8 +87,17 @@ class Catalogue:
         pairs = self.splits.get(AUGMENT_SPLIT)
         if not pairs:
             return ""
-        blob = json.dumps([[g, c, self.games[g].payoffs] for g, c in pairs], sort_keys=True)
+        content = [[g, c, self.games[g].payoffs] for g, c in pairs]
+        training_only = sorted({c for _, c in pairs} - self.evaluated_contexts)
+        if training_only:  # their framings and oracle parameters reach training prompts and labels
+            content.append({c: self.contexts[c].to_dict() for c in training_only})
+        blob = json.dumps(content, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    @property
+    def evaluated_contexts(self) -> set[str]:
+        """The contexts of the evaluated splits (every split but the training-only augment split)."""
+        return {c for split, pairs in self.splits.items() if split != AUGMENT_SPLIT for _, c in pairs}
 
 
 def _load_yaml(path: Path) -> dict:
@@ -261,7 +271,7 @@ def load_catalogue(
         augment = augmentation_from_config({**augment.__dict__, "scales": list(augment_scales)})
     generated: dict[str, Game] = {}
     if augment.active:
-        generated, pairs = augment_split(games, splits, augment)
+        generated, pairs = augment_split(games, splits, augment, contexts)
         games.update(generated)
         splits[AUGMENT_SPLIT] = pairs
     return Catalogue(games=games, contexts=contexts, splits=splits, source=str(directory),
