@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterable, Mapping
 
-from .schema import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Context, Game, scaled_game
+from .schema import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Context, Game, evaluated_contexts, scaled_game
 
 KEY = "scenarios.augment"
 CELLS = tuple((mine, theirs) for mine in MATRIX_ACTIONS for theirs in MATRIX_ACTIONS)  # R, S, T, P
@@ -202,8 +202,9 @@ def game_with_matrix(base: Game, matrix: Matrix, name: str, title: str, scale: f
     return Game(name=name, title=title, kind=base.kind, payoffs=payoffs, scale=scale, base=base.name)
 
 
-def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]]],
-                  augmentation: Augmentation, catalogue_contexts: Mapping[str, Context] | None = None) -> tuple[dict[str, Game], list[tuple[str, str]]]:
+def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]]], augmentation: Augmentation,
+                  catalogue_contexts: Mapping[str, Context] | None = None
+                  ) -> tuple[dict[str, Game], list[tuple[str, str]]]:
     """The games the augment split adds (not already in `games`) and its (game, context) pairs.
 
     `catalogue_contexts`: the catalogue's contexts by name (what `augmentation.contexts` may name).
@@ -253,12 +254,13 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
                 pairs.extend((name, c) for c in contexts)
     if augmentation.contexts:
         known = dict(catalogue_contexts or {})
-        evaluated_contexts = {c for split, ps in splits.items() if split != AUGMENT_SPLIT for _, c in ps}
+        evaluated = evaluated_contexts(splits)
         for name in augmentation.contexts:
             if name not in known:
                 raise CatalogueError(f"{KEY}.contexts: unknown context {name!r}; the catalogue has {sorted(known)}")
-            if name in evaluated_contexts:
-                used = sorted(split for split, ps in splits.items() if split != AUGMENT_SPLIT and any(c == name for _, c in ps))
+            if name in evaluated:
+                used = sorted(split for split, ps in splits.items()
+                              if split != AUGMENT_SPLIT and any(c == name for _, c in ps))
                 raise CatalogueError(f"{KEY}.contexts: context {name!r} is in the evaluated split(s) {used}; a "
                                      "training-only context must be one no split uses (augmentation would leak it)")
             framed = known[name].games

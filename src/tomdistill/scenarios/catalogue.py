@@ -18,7 +18,7 @@ import yaml
 # the building blocks (splits, games, contexts, scenarios) live in schema.py, below augment.py and this file
 from .schema import (  # noqa: F401
     AUGMENT_SPLIT, HELDOUT_CONTEXT, MATRIX_ACTIONS, REPORT_SPLITS, SPLITS, CatalogueError, Context, Game, Scenario,
-    scaled_game,
+    evaluated_contexts, scaled_game,
 )
 
 
@@ -96,8 +96,7 @@ class Catalogue:
 
     @property
     def evaluated_contexts(self) -> set[str]:
-        """The contexts of the evaluated splits (every split but the training-only augment split)."""
-        return {c for split, pairs in self.splits.items() if split != AUGMENT_SPLIT for _, c in pairs}
+        return evaluated_contexts(self.splits)
 
 
 def _load_yaml(path: Path) -> dict:

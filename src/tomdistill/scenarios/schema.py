@@ -91,3 +91,8 @@ def scaled_game(base: Game, scale: float) -> Game:
         scale=float(scale),
         base=base.name,
     )
+
+
+def evaluated_contexts(splits: dict[str, list[tuple[str, str]]]) -> set[str]:
+    """The contexts of the evaluated splits: every split's but the training-only augment split's."""
+    return {context for split, pairs in splits.items() if split != AUGMENT_SPLIT for _, context in pairs}
