@@ -364,6 +364,34 @@ def test_a_bad_training_context_is_refused_by_name(contexts, message):
         load_catalogue(CATALOGUE_DIR, augment={"contexts": contexts})
 
 
+def test_training_contexts_can_frame_the_payoff_variants_instead_of_the_base_games():
+    based = load_catalogue(CATALOGUE_DIR, augment={"variants": 2, "contexts": TRAINING_CONTEXTS})
+    varied = load_catalogue(CATALOGUE_DIR, augment={"variants": 2, "contexts": TRAINING_CONTEXTS,
+                                                    "context_payoffs": "variants"})
+    in_sample_games = sorted({g for g, _ in varied.splits["in_sample"]})
+    framed = [(g, c) for g, c in varied.splits[AUGMENT_SPLIT] if c in TRAINING_CONTEXTS]
+    assert len(framed) == len(in_sample_games) * len(TRAINING_CONTEXTS)  # the pool keeps its size
+    for position, context in enumerate(TRAINING_CONTEXTS):  # context i frames every game's variant i mod 2 + 1
+        games = sorted(g for g, c in framed if c == context)
+        assert [varied.games[g].base for g in games] == in_sample_games
+        assert all(g.startswith(f"{varied.games[g].base}_v{position % 2 + 1}_") for g in games)
+    assert not {g for g, _ in varied.splits[AUGMENT_SPLIT]} & set(in_sample_games)  # no base payoffs to train on
+    assert varied.generated == based.generated  # the same variants, only framed differently
+    assert varied.augment_fingerprint() != based.augment_fingerprint()
+    assert prompt_version(varied) == prompt_version(based)
+
+
+@pytest.mark.parametrize("augment, message", [
+    ({"variants": 2, "contexts": ["siblings"], "context_payoffs": "scaled"},
+     r"scenarios\.augment\.context_payoffs: expected one of \['base', 'variants'\], got 'scaled'"),
+    ({"contexts": ["siblings"], "context_payoffs": "variants"},
+     r"scenarios\.augment\.context_payoffs: 'variants' .* needs scenarios\.augment\.variants ≥ 1 \(got 0\)"),
+])
+def test_bad_context_payoffs_are_refused_by_name(augment, message):
+    with pytest.raises(CatalogueError, match=message):
+        load_catalogue(CATALOGUE_DIR, augment=augment)
+
+
 def test_a_training_context_is_never_the_held_out_one(tmp_path, tiny_model_cfg):
     """The held-out context rotates over the evaluated training contexts alone, so a seed holds out the same one
     with or without training-only contexts, and those train in every seed."""

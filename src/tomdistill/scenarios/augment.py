@@ -7,7 +7,8 @@ Two kinds of extra games, each paired with the in-sample contexts its base game 
   the digest naming the matrix, so teacher data of another augmentation can never pass for this one).
 No game of the augment split equals an evaluated matrix; no variant is a positive rescaling of one.
 And one kind of extra context: `contexts` names catalogue contexts that no evaluated split uses, each paired
-with every in-sample matrix game at its own payoffs (training-only social framings).
+with every in-sample matrix game (training-only social framings), at the game's own payoffs or, with
+`context_payoffs: variants`, at one of its payoff variants (the i-th context takes variant i mod K + 1).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Augmentation:
     integer: bool = True
     scales: tuple[float, ...] = field(default_factory=tuple)
     contexts: tuple[str, ...] = field(default_factory=tuple)
+    context_payoffs: str = "base"  # base | variants: the payoffs the training-only contexts frame
 
     @property
     def active(self) -> bool:
@@ -98,11 +100,18 @@ def augmentation_from_config(cfg: Mapping | None) -> Augmentation:
     contexts = tuple(contexts)
     if len(set(contexts)) != len(contexts):
         raise CatalogueError(f"{KEY}.contexts: a context is listed twice in {list(contexts)!r}")
+    context_payoffs = get("context_payoffs")
+    if context_payoffs not in CONTEXT_PAYOFFS:
+        raise CatalogueError(f"{KEY}.context_payoffs: expected one of {list(CONTEXT_PAYOFFS)}, got {context_payoffs!r}")
+    if context_payoffs == "variants" and not variants:
+        raise CatalogueError(f"{KEY}.context_payoffs: 'variants' frames the payoff variants in the training-only "
+                             f"contexts, so it needs {KEY}.variants ≥ 1 (got {variants})")
     return Augmentation(variants=variants, seed=seed, low=low, high=high, integer=integer, scales=scales,
-                        contexts=contexts)
+                        contexts=contexts, context_payoffs=context_payoffs)
 
 
 _FIELDS = tuple(Augmentation.__dataclass_fields__)
+CONTEXT_PAYOFFS = ("base", "variants")
 
 
 # ------------------------------------------------------------------------------ the science (pure)
@@ -222,6 +231,7 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
         raise CatalogueError(f"{KEY}: the in_sample split has no matrix game to augment")
     new: dict[str, Game] = {}
     pairs: list[tuple[str, str]] = []
+    variant_names: dict[str, list[str]] = {}  # base game -> its variants' names, in draw order
     for scale in augmentation.scales:
         for base_name, contexts in bases.items():
             base = games[base_name]
@@ -251,11 +261,12 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
                 if name in games:
                     raise CatalogueError(f"{KEY}.variants: the generated name {name!r} is a catalogue game's name")
                 new[name] = game_with_matrix(base, matrix, name, f"{base.title} (payoff variant {index})")
+                variant_names.setdefault(base_name, []).append(name)
                 pairs.extend((name, c) for c in contexts)
     if augmentation.contexts:
         known = dict(catalogue_contexts or {})
         evaluated = evaluated_contexts(splits)
-        for name in augmentation.contexts:
+        for position, name in enumerate(augmentation.contexts):
             if name not in known:
                 raise CatalogueError(f"{KEY}.contexts: unknown context {name!r}; the catalogue has {sorted(known)}")
             if name in evaluated:
@@ -268,5 +279,8 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
             if refused:
                 raise CatalogueError(f"{KEY}.contexts: context {name!r} only frames {list(framed)}, not the in-sample "
                                      f"game(s) {refused}")
-            pairs.extend((base_name, name) for base_name in bases)
+            if augmentation.context_payoffs == "variants":  # the same pool size, no base payoffs in it
+                pairs.extend((drawn[position % len(drawn)], name) for drawn in variant_names.values())
+            else:
+                pairs.extend((base_name, name) for base_name in bases)
     return new, pairs
