@@ -8,11 +8,13 @@ the least an adapter can do (change the read-out alone), so it separates "the fe
 game" from "the optimiser has to build them". It also reports how much of the feature variance at
 the last position is explained by the context and how much by the game.
 
-    python scripts/readout_probe.py [--variants K] [--training-contexts] [--held-out CONTEXT]
+    python scripts/readout_probe.py [--variants K] [--scales S ...] [--training-contexts] [--held-out CONTEXT]
                                     [--adapter RUN/adapter [--checkpoint CKPT ...]] [--output results/readout_probe.csv]
 
 `--variants K` adds a second fit on the trained scenarios plus the catalogue's `augment` split
-(K payoff variants per in-sample game, docs/scenarios.md) in the same contexts. `--training-contexts` adds one
+(K payoff variants per in-sample game, docs/scenarios.md) in the same contexts; `--scales S …` one on the trained
+scenarios plus the in-sample games with every payoff × S (`scenarios.augment.scales`), and one on all three when
+both are given: whether rescaled games teach the doubled payoffs. `--training-contexts` adds one
 on the trained scenarios plus every in-sample game in the catalogue's training-only contexts
 (`scenarios.training_contexts`): whether more social framings make the new contexts reachable. `--adapter` reads a trained
 student instead (a LoRA adapter directory, loaded with plain `peft`): where the game sits after training.
@@ -105,6 +107,8 @@ def checkpoint_shares(model, tokenizer, scenarios, checkpoints: list[str], outpu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=8)
+    parser.add_argument("--scales", type=float, nargs="*", default=[],
+                        help="also fit on the in-sample games with every payoff x each scale")
     parser.add_argument("--training-contexts", action="store_true",
                         help="also fit on the in-sample games in the training-only contexts")
     parser.add_argument("--held-out", default="business", help="the in-sample context left out of the fit")
@@ -119,7 +123,8 @@ def main() -> None:
     training_contexts = list(OmegaConf.load(ROOT / "conf/scenarios/default.yaml").training_contexts) \
         if args.training_contexts else []
     catalogue = load_catalogue(ROOT / "conf/scenarios/catalogue",
-                               augment={"variants": args.variants, "seed": 0, "contexts": training_contexts})
+                               augment={"variants": args.variants, "seed": 0, "scales": args.scales,
+                                        "contexts": training_contexts})
     cfg = OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml")
     tokenizer, model = load_tokenizer(cfg), load_causal_lm(cfg).eval()
     if args.adapter:
@@ -136,14 +141,20 @@ def main() -> None:
     split = np.array([s.split for s in scenarios])
     context = np.array([s.context.name for s in scenarios])
     game = np.array([s.game.name for s in scenarios])
+    rescaled = np.array([s.split == "augment" and s.game.scale != 1.0 for s in scenarios])
     p_teacher = np.array([action_probabilities(s)["C"] for s in scenarios])
     log_odds = np.log(p_teacher / (1 - p_teacher))
     trained = (split == "in_sample") & (context != args.held_out)
     fits = {"trained (16)": trained}
     training_only = np.isin(context, training_contexts)
+    variants = (split == "augment") & ~training_only & ~rescaled & (context != args.held_out)
+    scaled = rescaled & (context != args.held_out)
     if args.variants:
-        fits[f"trained + augment K={args.variants}"] = trained | ((split == "augment") & ~training_only
-                                                                  & (context != args.held_out))
+        fits[f"trained + augment K={args.variants}"] = trained | variants
+    if args.scales:
+        fits[f"trained + scales {args.scales}"] = trained | scaled
+    if args.variants and args.scales:
+        fits[f"trained + augment K={args.variants} + scales"] = trained | variants | scaled
     if training_contexts:
         fits[f"trained + {len(training_contexts)} training-only contexts"] = trained | training_only
     evaluated = {"in_sample_trained": trained, "heldout_context": (split == "in_sample") & (context == args.held_out),
