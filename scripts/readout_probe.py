@@ -36,10 +36,11 @@ from tomdistill.metrics.transfer import alignment
 from tomdistill.model.loading import load_causal_lm, load_tokenizer
 from tomdistill.scenarios.catalogue import load_catalogue
 from tomdistill.scenarios.oracle import action_probabilities
+from tomdistill.scenarios.schema import AUGMENT_SPLIT
 from tomdistill.scoring import score_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = ["in_sample", "oos_context", "oos_payoffs", "augment"]  # C/D games only: public goods has no log-odds
+SPLITS = ["in_sample", "oos_context", "oos_payoffs", AUGMENT_SPLIT]  # C/D games only: public goods has no log-odds
 
 
 def features(model, tokenizer, scenarios) -> tuple[np.ndarray, np.ndarray]:
@@ -141,13 +142,13 @@ def main() -> None:
     split = np.array([s.split for s in scenarios])
     context = np.array([s.context.name for s in scenarios])
     game = np.array([s.game.name for s in scenarios])
-    rescaled = np.array([s.split == "augment" and s.game.scale != 1.0 for s in scenarios])
+    rescaled = np.array([s.split == AUGMENT_SPLIT and s.game.scale != 1.0 for s in scenarios])
     p_teacher = np.array([action_probabilities(s)["C"] for s in scenarios])
     log_odds = np.log(p_teacher / (1 - p_teacher))
     trained = (split == "in_sample") & (context != args.held_out)
     fits = {"trained (16)": trained}
     training_only = np.isin(context, training_contexts)
-    variants = (split == "augment") & ~training_only & ~rescaled & (context != args.held_out)
+    variants = (split == AUGMENT_SPLIT) & ~training_only & ~rescaled & (context != args.held_out)
     scaled = rescaled & (context != args.held_out)
     if args.variants:
         fits[f"trained + augment K={args.variants}"] = trained | variants
