@@ -58,11 +58,14 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path):
     table = json.loads((study / "study.json").read_text())
     assert {"sft", "soft"} <= set(table) and any(k.startswith("paper") for k in table)
     assert "alignment toward the teacher" in first.stdout
-    assert (study / "pipeline.log").exists() and (study / ".hydra" / "config.yaml").exists()  # the log goes with the study
+    assert (study / ".hydra" / "config.yaml").exists()
+    log = (study / "pipeline.log").read_text()  # the progress goes with the study, not only to the console
+    assert log.count(": done in ") == 9 and "Study complete in" in log, log
 
     again = run_pipeline(study, MEASURED_IN_TRAINING)  # every stage complete: all skipped, same table
     assert again.returncode == 0
     assert again.stdout.count("complete, skipped") == 9
+    assert (study / "pipeline.log").read_text().count("complete, skipped") == 9  # a rerun appends to the study's log
     assert json.loads((study / "study.json").read_text()) == table
 
 

@@ -21,6 +21,7 @@ requeued job runs the same pickled `StageJob`, which resumes the stage (`ckpt_pa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -32,6 +33,10 @@ from pathlib import Path
 
 from .errors import UserError
 from . import PROJECT_ROOT
+
+# the driver's progress goes to the console and the study's pipeline.log (pipeline.py); a job's own lines stay prints,
+# in its submitit log
+log = logging.getLogger(__name__)
 
 KINDS = ("teacher", "student", "train", "evaluate")
 RESOURCE_KEYS = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
@@ -259,12 +264,12 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
     total = len(stages)
     for index, stage in enumerate(stages, 1):
         if stage.complete():
-            print(f"[{index}/{total}] {stage.name}: complete, skipped ({stage.output})", flush=True)
+            log.info(f"[{index}/{total}] {stage.name}: complete, skipped ({stage.output})")
             continue
         old = previous.get(stage.name)
         if old and active_job(old):
             jobs[stage.name] = record[stage.name] = old
-            print(f"[{index}/{total}] {stage.name}: job {old} is still queued or running, not resubmitted", flush=True)
+            log.info(f"[{index}/{total}] {stage.name}: job {old} is still queued or running, not resubmitted")
             continue
         needs = [jobs[name] for name in stage.needs if name in jobs]
         if launcher == "submitit_local":  # no scheduler to hold the job: wait for what it reads
@@ -285,7 +290,7 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
         if launcher == "slurm":  # at once: a failure further down must not lead a rerun to submit this twice
             _write_json_atomic(record_path, record)
         after = f" after {', '.join(needs)}" if needs and launcher == "slurm" else ""
-        print(f"[{index}/{total}] {stage.name}: submitted job {job.job_id}{after} → {stage.output}", flush=True)
+        log.info(f"[{index}/{total}] {stage.name}: submitted job {job.job_id}{after} → {stage.output}")
     from .study import seeds, variants, write_study
 
     if launcher == "submitit_local":
@@ -300,7 +305,7 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
     if not handles and old and active_job(old):  # nothing new: the queued table job still waits for the same jobs
         record["study table"] = old
         _write_json_atomic(record_path, record)
-        print(f"study table: job {old} is still queued, not resubmitted", flush=True)
+        log.info(f"study table: job {old} is still queued, not resubmitted")
         return 0
     res = layouts[next(s.name for s in stages if s.kind == "evaluate")]
     executor = make_executor(launcher, folder, cluster, Resources(1, 1, 0, 1, res.mem_gb, 30),
@@ -309,9 +314,9 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
     job = executor.submit(StudyJob(study_dir, list(variants(cfg)), seeds(cfg)))
     record["study table"] = str(job.job_id)
     _write_json_atomic(record_path, record)
-    print(f"study table: submitted job {job.job_id} → {study_dir / 'study.json'}\n"
+    log.info(f"study table: submitted job {job.job_id} → {study_dir / 'study.json'}\n"
           f"Jobs and logs: {folder}. Follow them with `squeue --me`; after a failure, fix it and rerun the same "
-          "command: finished stages are skipped, queued ones are not resubmitted.", flush=True)
+          "command: finished stages are skipped, queued ones are not resubmitted.")
     return 0
 
 
@@ -320,7 +325,7 @@ def _wait(job, name: str, _reported: set = set()) -> None:  # noqa: B006 - each 
         result = job.result()
         if job.job_id not in _reported:
             _reported.add(job.job_id)
-            print(result, flush=True)
+            log.info("%s", result)
     except Exception as err:  # noqa: BLE001 - submitit re-raises the job's error with its traceback
         message = str(err).strip().splitlines()
         raise StageFailed(f"{name}: job {job.job_id} failed: {message[-1] if message else err} "

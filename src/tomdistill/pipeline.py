@@ -13,6 +13,7 @@ commands and the table are `study.py`; `pipeline.launcher=slurm` runs the same s
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -29,10 +30,14 @@ from .errors import UserError
 from .paths import refuse_unsafe_output_override, register_resolvers
 from .study import Stage, plan, print_study, run_name, seeds, stage_command, study_table, variants, write_study  # noqa: F401
 
+# the study's progress goes through logging, so it is on the console and in the study's own pipeline.log (Hydra's file
+# handler), which a print leaves empty
+log = logging.getLogger(__name__)
+
 
 def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
     command = stage_command(stage, common)
-    print(f"[{index}/{total}] {stage.name}: running → {stage.output}", flush=True)
+    log.info(f"[{index}/{total}] {stage.name}: running → {stage.output}")
     started = time.perf_counter()
     env = {**os.environ, "PROJECT_ROOT": str(PROJECT_ROOT)}
     child = subprocess.Popen(command, env=env)
@@ -46,10 +51,10 @@ def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
             signal.signal(sig, handler)
     result = subprocess.CompletedProcess(command, returncode)
     if result.returncode != 0:
-        print(f"[{index}/{total}] {stage.name}: FAILED (exit {result.returncode}); command:\n  {' '.join(command)}", flush=True)
+        log.error(f"[{index}/{total}] {stage.name}: FAILED (exit {result.returncode}); command:\n  {' '.join(command)}")
         raise SystemExit(result.returncode)
     if not stage.complete():
-        print(f"[{index}/{total}] {stage.name}: finished but its outputs are incomplete in {stage.output}", flush=True)
+        log.error(f"[{index}/{total}] {stage.name}: finished but its outputs are incomplete in {stage.output}")
         raise SystemExit(1)
     return time.perf_counter() - started
 
@@ -121,16 +126,16 @@ def run_study(cfg: DictConfig) -> None:
         except StageFailed as err:
             raise SystemExit(f"pipeline: error: {err}") from None
         if launcher == "submitit_local":
-            print(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
+            log.info(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
         raise SystemExit(code)
     for index, stage in enumerate(stages, 1):
         if stage.complete():
-            print(f"[{index}/{len(stages)}] {stage.name}: complete, skipped ({stage.output})", flush=True)
+            log.info(f"[{index}/{len(stages)}] {stage.name}: complete, skipped ({stage.output})")
             continue
         seconds = run_stage(stage, common, index, len(stages))
-        print(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s", flush=True)
+        log.info(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s")
     write_study(study_dir, list(variants(cfg)), seeds(cfg), show=True)
-    print(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
+    log.info(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
 
 
 if __name__ == "__main__":
