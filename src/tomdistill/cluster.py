@@ -315,8 +315,8 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
     record["study table"] = str(job.job_id)
     _write_json_atomic(record_path, record)
     log.info(f"study table: submitted job {job.job_id} → {study_dir / 'study.json'}\n"
-          f"Jobs and logs: {folder}. Follow them with `squeue --me`; after a failure, fix it and rerun the same "
-          "command: finished stages are skipped, queued ones are not resubmitted.")
+             f"Jobs and logs: {folder}. Follow them with `squeue --me`; after a failure, fix it and rerun the same "
+             "command: finished stages are skipped, queued ones are not resubmitted.")
     return 0
 
 
