@@ -32,6 +32,28 @@ def test_every_experiment_composes_for_train_and_sample(experiment):
         compose("sample", overrides=[f"+experiment={experiment}"])
 
 
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def test_demo_long_is_the_demos_study_with_8_payoff_variants_for_120_steps_and_nothing_else():
+    """README "The longer study" compares it with the demo on that difference alone."""
+    def resolved(experiment):
+        cfg = compose_train([f"+experiment={experiment}", "output=/tmp/x", f"paths.root_dir={ROOT}"])
+        return _leaves(OmegaConf.to_container(cfg, resolve=False))
+
+    demo, long = resolved("demo"), resolved("demo_long")
+    changed = {k: (demo.get(k), long.get(k)) for k in demo.keys() | long.keys() if demo.get(k) != long.get(k)}
+    assert changed == {"scenarios.augment.variants": (2, 8), "trainer.max_steps": (75, 120),
+                       "pipeline.name": ("demo", "demo_long")}
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        pipeline = compose("pipeline", overrides=["+experiment=demo_long"]).pipeline
+        demo_pipeline = compose("pipeline", overrides=["+experiment=demo"]).pipeline
+    assert pipeline.name == "demo_long" and pipeline.variants == demo_pipeline.variants
+
+
 def test_paper_experiment_has_the_papers_settings():
     cfg = compose_train(["+experiment=paper"])
     assert cfg.model.name == "llama2_7b"
