@@ -39,15 +39,11 @@ def run_output_dir(output: str | Path | None, key: str = "output") -> Path:
 
 
 def register_resolvers() -> None:
-    """`${if_null:a,b}`: a unless it is null (conf/base.yaml: the Hydra run directory is `output=` when given).
-    `${concat:a,b}`: the lists a and b, one after the other (conf/scenarios/default.yaml: all training contexts)."""
-    from omegaconf import ListConfig, OmegaConf
+    """`${if_null:a,b}`: a unless it is null (conf/base.yaml: the Hydra run directory is `output=` when given)."""
+    from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("if_null"):
         OmegaConf.register_new_resolver("if_null", lambda value, default: default if value in (None, "") else value)
-    if not OmegaConf.has_resolver("concat"):
-        # a ListConfig, not a list: OmegaConf.resolve (`--cfg job --resolve`) refuses a plain list in place
-        OmegaConf.register_new_resolver("concat", lambda *lists: ListConfig([item for items in lists for item in items]))
 
 
 def refuse_unsafe_output_override(argv: list[str]) -> None:
