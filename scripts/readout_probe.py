@@ -8,7 +8,7 @@ the least an adapter can do (change the read-out alone), so it separates "the fe
 game" from "the optimiser has to build them". It also reports how much of the feature variance at
 the last position is explained by the context and how much by the game.
 
-    python scripts/readout_probe.py [--variants K] [--scales S ...] [--training-contexts] [--held-out CONTEXT]
+    python scripts/readout_probe.py [--variants K] [--scales S ...] [--training-contexts [LIST[+LIST] ...]] [--held-out CONTEXT]
                                     [--adapter RUN/adapter [--checkpoint CKPT ...]] [--output results/readout_probe.csv]
 
 `--variants K` adds a second fit on the trained scenarios plus the catalogue's `augment` split
@@ -16,7 +16,10 @@ the last position is explained by the context and how much by the game.
 scenarios plus the in-sample games with every payoff × S (`scenarios.augment.scales`), and one on all three when
 both are given: whether rescaled games teach the doubled payoffs. `--training-contexts` adds one
 on the trained scenarios plus every in-sample game in the catalogue's training-only contexts
-(`scenarios.training_contexts`): whether more social framings make the new contexts reachable. `--adapter` reads a trained
+(`scenarios.training_contexts`): whether more social framings make the new contexts reachable. Name lists of
+`conf/scenarios/default.yaml` to compare sets, one fit each, `+` joining lists into one set:
+`--training-contexts training_contexts training_contexts+paired_training_contexts`. `heldout_coordination` is the
+held-out context's stag hunt and prisoner's delight alone, where a tuned student's held-out error lies. `--adapter` reads a trained
 student instead (a LoRA adapter directory, loaded with plain `peft`): where the game sits after training.
 `--checkpoint` reads the adapter weights of Lightning checkpoints of that run (e.g. one every 5 steps) into it, one
 after another, and writes only the variance shares per checkpoint and layer: when the game reaches the answer position.
@@ -105,13 +108,32 @@ def checkpoint_shares(model, tokenizer, scenarios, checkpoints: list[str], outpu
     print(f"wrote {output}")
 
 
+def training_context_sets(arguments: list[str] | None, lists_file: Path) -> dict[str, list[str]]:
+    """`--training-contexts` arguments → {label: contexts}; each argument names lists of `lists_file` joined by +."""
+    if arguments is None:
+        return {}
+    lists = OmegaConf.load(lists_file)
+    sets = {}
+    for argument in arguments or ["training_contexts"]:
+        names = []
+        for key in argument.split("+"):
+            if not isinstance(lists.get(key), (list, tuple)) and not OmegaConf.is_list(lists.get(key)):
+                raise SystemExit(f"--training-contexts {argument}: {lists_file} has no list `{key}` "
+                                 "(e.g. training_contexts, more_training_contexts, paired_training_contexts)")
+            names += [n for n in lists[key] if n not in names]
+        sets[argument] = names
+    return sets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=8)
     parser.add_argument("--scales", type=float, nargs="*", default=[],
                         help="also fit on the in-sample games with every payoff x each scale")
-    parser.add_argument("--training-contexts", action="store_true",
-                        help="also fit on the in-sample games in the training-only contexts")
+    parser.add_argument("--training-contexts", nargs="*", default=None, metavar="LIST[+LIST]",
+                        help="also fit on the in-sample games in training-only contexts: one fit per argument, each "
+                             "a list name of conf/scenarios/default.yaml or several joined by + "
+                             "(no argument: training_contexts)")
     parser.add_argument("--held-out", default="business", help="the in-sample context left out of the fit")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory: read the tuned student instead")
     parser.add_argument("--checkpoint", nargs="*", default=[],
@@ -121,8 +143,8 @@ def main() -> None:
     if args.checkpoint and not args.adapter:
         parser.error("--checkpoint needs --adapter (the run's adapter directory: its peft configuration)")
 
-    training_contexts = list(OmegaConf.load(ROOT / "conf/scenarios/default.yaml").training_contexts) \
-        if args.training_contexts else []
+    context_sets = training_context_sets(args.training_contexts, ROOT / "conf/scenarios/default.yaml")
+    training_contexts = list(dict.fromkeys(c for names in context_sets.values() for c in names))
     catalogue = load_catalogue(ROOT / "conf/scenarios/catalogue",
                                augment={"variants": args.variants, "seed": 0, "scales": args.scales,
                                         "contexts": training_contexts})
@@ -147,8 +169,7 @@ def main() -> None:
     log_odds = np.log(p_teacher / (1 - p_teacher))
     trained = (split == "in_sample") & (context != args.held_out)
     fits = {"trained (16)": trained}
-    training_only = np.isin(context, training_contexts)
-    variants = (split == AUGMENT_SPLIT) & ~training_only & ~rescaled & (context != args.held_out)
+    variants = (split == AUGMENT_SPLIT) & ~np.isin(context, training_contexts) & ~rescaled & (context != args.held_out)
     scaled = rescaled & (context != args.held_out)
     if args.variants:
         fits[f"trained + augment K={args.variants}"] = trained | variants
@@ -156,9 +177,11 @@ def main() -> None:
         fits[f"trained + scales {args.scales}"] = trained | scaled
     if args.variants and args.scales:
         fits[f"trained + augment K={args.variants} + scales"] = trained | variants | scaled
-    if training_contexts:
-        fits[f"trained + {len(training_contexts)} training-only contexts"] = trained | training_only
-    evaluated = {"in_sample_trained": trained, "heldout_context": (split == "in_sample") & (context == args.held_out),
+    for label, names in context_sets.items():
+        fits[f"trained + {len(names)} training-only contexts ({label})"] = trained | np.isin(context, names)
+    heldout = (split == "in_sample") & (context == args.held_out)
+    evaluated = {"in_sample_trained": trained, "heldout_context": heldout,
+                 "heldout_coordination": heldout & np.isin(game, ["stag_hunt", "prisoners_delight"]),
                  "oos_context": split == "oos_context", "oos_payoffs": split == "oos_payoffs"}
 
     grid = split == "in_sample"

@@ -349,6 +349,38 @@ def test_the_eight_more_training_contexts_are_catalogue_contexts_no_split_evalua
         assert abs(context.belief - (0.2 + 1.3 * context.regard)) <= 0.06, name
 
 
+def test_the_paired_training_contexts_are_minimal_pairs_a_rival_below_its_partner():
+    """docs/scenarios.md: four pairs share a domain and the choice sentence; only the relationship (w, b) moves."""
+    paired = list(OmegaConf.load(ROOT / "conf/scenarios/default.yaml").paired_training_contexts)
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"contexts": TRAINING_CONTEXTS + paired})
+    assert len(set(TRAINING_CONTEXTS + paired)) == 16 and not set(paired) & catalogue.evaluated_contexts
+    for rival_name, partner_name in zip(paired[::2], paired[1::2]):
+        rival, partner = (catalogue.scenario("stag_hunt", name) for name in (rival_name, partner_name))
+        opening = lambda s: s.context.framing.split(",")[0]  # noqa: E731 - "You direct a hospital"
+        choice = lambda s: s.context.framing.split(". ", 1)[1]  # noqa: E731 - "Each of you decides ..."
+        assert opening(rival) == opening(partner) and choice(rival) == choice(partner), (rival_name, partner_name)
+        assert rival.context.regard < partner.context.regard and rival.context.belief < partner.context.belief
+        assert action_probabilities(rival)["C"] < action_probabilities(partner)["C"]
+
+
+def test_the_readout_probe_compares_named_lists_of_training_contexts_joined_by_plus():
+    """scripts/readout_probe.py --training-contexts: one fit per argument; an unknown list is refused by name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readout_probe", ROOT / "scripts" / "readout_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    lists = ROOT / "conf/scenarios/default.yaml"
+    paired = list(OmegaConf.load(lists).paired_training_contexts)
+    assert probe.training_context_sets(None, lists) == {}
+    assert probe.training_context_sets([], lists) == {"training_contexts": TRAINING_CONTEXTS}
+    sets = probe.training_context_sets(["training_contexts+paired_training_contexts", "paired_training_contexts"], lists)
+    assert sets == {"training_contexts+paired_training_contexts": TRAINING_CONTEXTS + paired,
+                    "paired_training_contexts": paired}
+    with pytest.raises(SystemExit, match="no list `paired`"):
+        probe.training_context_sets(["training_contexts+paired"], lists)
+
+
 def test_a_training_contexts_text_is_part_of_the_training_datas_name(tmp_path):
     import shutil
 

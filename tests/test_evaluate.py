@@ -16,7 +16,8 @@ from tomdistill.records import FEATURES
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_KEYS = ("in_sample", "heldout_context", "oos_context", "oos_payoffs", "oos_game", "overall")
 FIGURES = ("cooperation.png", "improvement_by_game.png", "improvement_by_context.png", "public_goods.png", "heatmap.png")
-TABLES = ("headline", "propensities", "transfer_scenarios", "transfer_groups", "cooperation", "significance_payoffs")
+TABLES = ("headline", "propensities", "transfer_scenarios", "transfer_groups", "cooperation", "significance_payoffs",
+          "distance_shares")
 
 # (split, game, context) -> answers per role: {action: count}
 SCENARIOS = {

@@ -47,6 +47,26 @@ def test_group_aggregates_hand_computed():
     assert out["alignment"][by_name[("scenario", "a/y")]] == pytest.approx(-0.5)
 
 
+def test_distance_shares_say_which_game_holds_a_splits_remaining_distance():
+    # the held-out context: the prisoner's dilemma closed (0.1 of 0.5 left), the stag hunt kept 0.3 of its 0.4
+    scenarios = pd.DataFrame({
+        "split": ["heldout_context", "heldout_context", "oos_context"],
+        "game": ["prisoners_dilemma", "stag_hunt", "stag_hunt"],
+        "p_teacher": [0.3, 0.5, 0.4], "p_base": [0.8, 0.9, 0.4], "p_tuned": [0.4, 0.8, 0.4]})
+    table = transfer.distance_shares(scenarios).set_index(["split", "game"])
+    held_out = table.loc["heldout_context"]
+    assert held_out["remaining"].tolist() == pytest.approx([0.1, 0.3])
+    assert held_out["share_of_split"].tolist() == pytest.approx([0.25, 0.75])
+    assert held_out["alignment"].tolist() == pytest.approx([1 - 0.1 / 0.5, 1 - 0.3 / 0.4])
+    # the group alignments weigh up to the split's: 1 - 0.4 / 0.9
+    assert 1 - held_out["remaining"].sum() / held_out["base_distance"].sum() == pytest.approx(
+        transfer.alignment([0.8, 0.9], [0.4, 0.8], [0.3, 0.5]))
+    nothing_left = table.loc[("oos_context", "stag_hunt")]  # no gap before or after: no share, no alignment
+    assert math.isnan(nothing_left["share_of_split"]) and math.isnan(nothing_left["alignment"])
+    with pytest.raises(ValueError, match="p_tuned"):
+        transfer.distance_shares(scenarios.drop(columns="p_tuned"))
+
+
 def test_group_with_no_defined_scenario_is_nan():
     scenarios = pd.DataFrame({"split": ["in_sample"], "game": ["a"], "context": ["x"]})
     _, masks = transfer.group_masks(scenarios)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from tomdistill.scenarios.catalogue import REPORT_SPLITS
 
@@ -146,3 +147,27 @@ def group_transfer_weighted(p_teacher, p_base, p_tuned, weights, defined) -> dic
     # resample has no improvement value (NaN), rather than ±inf dominating the interval.
     improvement_mean = np.where(np.isfinite(improvement_mean), improvement_mean, np.nan)
     return {"improvement": improvement_mean, "alignment": alignment_ratio}
+
+
+def distance_shares(scenarios: pd.DataFrame, by: str = "game") -> pd.DataFrame:
+    """Where each split's remaining distance to the teacher lies: per split and `by` group, Σ|p_tuned − p_teacher|,
+    its share of the split's sum, Σ|p_base − p_teacher| and the group's alignment. `alignment` weighs every
+    scenario's base gap, so a split can read low because one game kept its gap (README "Transfer": the held-out
+    context's error is the coordination games); this says which.
+
+    `scenarios`: one row per scenario with split, `by`, p_teacher, p_base, p_tuned (Evaluation.scenarios)."""
+    missing = {"split", by, "p_teacher", "p_base", "p_tuned"} - set(scenarios.columns)
+    if missing:
+        raise ValueError(f"distance_shares: the scenario table lacks {sorted(missing)}")
+    frame = scenarios.assign(remaining=(scenarios["p_tuned"] - scenarios["p_teacher"]).abs(),
+                             base_distance=(scenarios["p_base"] - scenarios["p_teacher"]).abs())
+    table = frame.groupby(["split", by], sort=False)[["remaining", "base_distance"]].sum().reset_index()
+    table.insert(2, "n_scenarios", frame.groupby(["split", by], sort=False).size().to_numpy())
+    split_total = table.groupby("split", sort=False)["remaining"].transform("sum")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["share_of_split"] = np.where(split_total > 0, table["remaining"] / split_total, np.nan)
+        table["alignment"] = np.where(table["base_distance"] > 0, 1.0 - table["remaining"] / table["base_distance"],
+                                      np.nan)
+    order = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    return table.sort_values("split", key=lambda c: c.map(lambda s: order.get(s, len(order))), kind="stable",
+                             ignore_index=True)

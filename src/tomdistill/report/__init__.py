@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from tomdistill.metrics.transfer import distance_shares
+
 from . import figures, tables
 
 PROPENSITY_BASIS = {
@@ -123,6 +125,7 @@ def write_report(evaluation, output: str | Path, reference=None, sources=None) -
         "transfer_scenarios": (evaluation.scenarios, tables.scenario_markdown(evaluation.scenarios)),
         "transfer_groups": (evaluation.groups, tables.groups_markdown(evaluation.groups)),
         "cooperation": (evaluation.cooperation, tables.cooperation_markdown(evaluation.cooperation)),
+        "distance_shares": (distance_shares(evaluation.scenarios), None),
         "significance_payoffs": (evaluation.significance, None),
         "significance_models": (evaluation.pairwise, None),
         "warnings": (pd.DataFrame({"warning": evaluation.warnings}), None),
@@ -168,6 +171,8 @@ def report_markdown(evaluation, summary: dict, headline_md: pd.DataFrame, made: 
     parts.append("## Warnings")
     parts.append("\n".join(f"- {w}" for w in evaluation.warnings) if evaluation.warnings else "None.")
     parts += ["## Transfer per split, game and context", tables.markdown_table(tables.groups_markdown(evaluation.groups))]
+    parts += ["## Where the distance to the teacher lies (per split and game: Σ|p_tuned − p_teacher|, its share of "
+              "the split's, Σ|p_base − p_teacher|)", tables.markdown_table(distance_shares(evaluation.scenarios))]
     parts += ["## Transfer per scenario", tables.markdown_table(tables.scenario_markdown(evaluation.scenarios))]
     parts += ["## Cooperation per group (mean propensity)", tables.markdown_table(tables.cooperation_markdown(evaluation.cooperation))]
     if not evaluation.significance.empty:
