@@ -117,7 +117,7 @@ def training_context_sets(arguments: list[str] | None, lists_file: Path) -> dict
     for argument in arguments or ["training_contexts"]:
         names = []
         for key in argument.split("+"):
-            if not isinstance(lists.get(key), (list, tuple)) and not OmegaConf.is_list(lists.get(key)):
+            if not OmegaConf.is_list(lists.get(key)):
                 raise SystemExit(f"--training-contexts {argument}: {lists_file} has no list `{key}` "
                                  "(e.g. training_contexts, more_training_contexts, paired_training_contexts)")
             names += [n for n in lists[key] if n not in names]

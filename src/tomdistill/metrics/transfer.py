@@ -161,8 +161,9 @@ def distance_shares(scenarios: pd.DataFrame, by: str = "game") -> pd.DataFrame:
         raise ValueError(f"distance_shares: the scenario table lacks {sorted(missing)}")
     frame = scenarios.assign(remaining=(scenarios["p_tuned"] - scenarios["p_teacher"]).abs(),
                              base_distance=(scenarios["p_base"] - scenarios["p_teacher"]).abs())
-    table = frame.groupby(["split", by], sort=False)[["remaining", "base_distance"]].sum().reset_index()
-    table.insert(2, "n_scenarios", frame.groupby(["split", by], sort=False).size().to_numpy())
+    table = frame.groupby(["split", by], sort=False).agg(
+        n_scenarios=("remaining", "size"), remaining=("remaining", "sum"), base_distance=("base_distance", "sum")
+    ).reset_index()
     split_total = table.groupby("split", sort=False)["remaining"].transform("sum")
     with np.errstate(divide="ignore", invalid="ignore"):
         table["share_of_split"] = np.where(split_total > 0, table["remaining"] / split_total, np.nan)
