@@ -400,12 +400,25 @@ def test_a_training_contexts_text_is_part_of_the_training_datas_name(tmp_path):
                    r"\['oos_context'\]; a training-only context must be one no split uses"),
     (["team"], r"context 'team' is in the evaluated split\(s\) \['in_sample', 'oos_payoffs'\]"),
     (["nowhere"], r"scenarios\.augment\.contexts: unknown context 'nowhere'; the catalogue has \["),
-    ("siblings", r"scenarios\.augment\.contexts: expected a list of context names, got 'siblings'"),
+    ("siblings", r"scenarios\.augment\.contexts: expected a list of context names \(or of lists of them\), "
+                 r"got 'siblings'"),
     (["siblings", "siblings"], r"scenarios\.augment\.contexts: a context is listed twice"),
+    ([["siblings"], ["volunteers", "siblings"]], r"scenarios\.augment\.contexts: a context is listed twice"),
+    ([["siblings", ["volunteers"]]], r"scenarios\.augment\.contexts: expected a list of context names"),
 ])
 def test_a_bad_training_context_is_refused_by_name(contexts, message):
     with pytest.raises(CatalogueError, match=message):
         load_catalogue(CATALOGUE_DIR, augment={"contexts": contexts})
+
+
+def test_named_lists_of_training_contexts_join_in_order_as_if_listed_one_by_one():
+    """`contexts: [${scenarios.training_contexts}, ${scenarios.paired_training_contexts}]` (conf/experiment/)."""
+    cfg = OmegaConf.load(ROOT / "conf/scenarios/default.yaml")
+    lists = [list(cfg.training_contexts), list(cfg.paired_training_contexts)]
+    joined = load_catalogue(CATALOGUE_DIR, augment={"contexts": OmegaConf.create(lists)})
+    listed = load_catalogue(CATALOGUE_DIR, augment={"contexts": lists[0] + lists[1]})
+    assert joined.splits[AUGMENT_SPLIT] == listed.splits[AUGMENT_SPLIT]
+    assert [c for _, c in joined.splits[AUGMENT_SPLIT]][::4] == lists[0] + lists[1]
 
 
 def test_training_contexts_can_frame_the_payoff_variants_instead_of_the_base_games():

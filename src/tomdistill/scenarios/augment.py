@@ -54,6 +54,23 @@ class Augmentation:
         return Fraction(1) if self.integer else DECIMAL_STEP
 
 
+def _context_names(contexts) -> tuple[str, ...]:
+    """`contexts` as one tuple of names: a list of names, or of named lists joined in order
+    (`[${scenarios.training_contexts}, ${scenarios.paired_training_contexts}]`)."""
+    expected = f"{KEY}.contexts: expected a list of context names (or of lists of them), got {contexts!r}"
+    if isinstance(contexts, (str, bytes)) or not isinstance(contexts, Iterable):
+        raise CatalogueError(expected)
+    names = []
+    for entry in contexts:
+        if not isinstance(entry, (str, bytes)) and isinstance(entry, Iterable):
+            names.extend(entry)
+        else:
+            names.append(entry)
+    if not all(isinstance(c, str) and c for c in names):
+        raise CatalogueError(expected)
+    return tuple(names)
+
+
 def _number(value, key: str, what: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise CatalogueError(f"{KEY}.{key}: expected {what}, got {value!r}")
@@ -93,11 +110,7 @@ def augmentation_from_config(cfg: Mapping | None) -> Augmentation:
             raise CatalogueError(f"{KEY}.scales: expected a list of positive numbers, got {list(scales)!r}")
     if len(set(map(float, scales))) != len(scales):
         raise CatalogueError(f"{KEY}.scales: a scale is listed twice in {list(scales)!r}")
-    contexts = get("contexts")
-    if isinstance(contexts, (str, bytes)) or not isinstance(contexts, Iterable) \
-            or not all(isinstance(c, str) and c for c in contexts):
-        raise CatalogueError(f"{KEY}.contexts: expected a list of context names, got {contexts!r}")
-    contexts = tuple(contexts)
+    contexts = _context_names(get("contexts"))
     if len(set(contexts)) != len(contexts):
         raise CatalogueError(f"{KEY}.contexts: a context is listed twice in {list(contexts)!r}")
     context_payoffs = get("context_payoffs")
