@@ -38,7 +38,7 @@ def _leaves(node, prefix=""):
     return {prefix[:-1]: node}
 
 
-def test_demo_long_is_the_demos_study_with_8_payoff_variants_and_the_training_contexts_for_160_steps_and_nothing_else():
+def test_demo_long_is_the_demos_study_with_8_payoff_variants_and_16_training_contexts_for_160_steps_and_nothing_else():
     """README "The longer study" compares it with the demo on that difference alone."""
     def resolved(experiment):
         cfg = compose_train([f"+experiment={experiment}", "output=/tmp/x", f"paths.root_dir={ROOT}"])
@@ -47,7 +47,8 @@ def test_demo_long_is_the_demos_study_with_8_payoff_variants_and_the_training_co
     demo, long = resolved("demo"), resolved("demo_long")
     changed = {k: (demo.get(k), long.get(k)) for k in demo.keys() | long.keys() if demo.get(k) != long.get(k)}
     assert changed == {"scenarios.augment.variants": (2, 8), "trainer.max_steps": (75, 160),
-                       "scenarios.augment.contexts": ([], "${scenarios.training_contexts}"),
+                       "scenarios.augment.contexts": ([], ["${scenarios.training_contexts}",
+                                                           "${scenarios.paired_training_contexts}"]),
                        "pipeline.name": ("demo", "demo_long")}
     with initialize_config_dir(str(CONF), version_base="1.3"):
         pipeline = compose("pipeline", overrides=["+experiment=demo_long"]).pipeline
