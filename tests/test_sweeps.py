@@ -148,6 +148,20 @@ def test_slurm_launcher_renders_an_sbatch_script_with_the_configured_resources(t
     assert "srun" in script and "submitit" in script
     # one task dying without a Python exception (OOM kill) takes the others along, not the NCCL timeout later
     assert script.index("export SLURM_KILL_BAD_EXIT=1") < script.index("srun")
+    # srun of Slurm 22.05 (up to 23.02) does not take --cpus-per-task from sbatch, and this launcher has no srun
+    # arguments: the rendered script exports SRUN_CPUS_PER_TASK for it. Run it with an srun that records that.
+    assert "#SBATCH --cpus-per-task=8" in script
+    assert "#SBATCH --requeue" in script  # submitit requeues with scontrol on its pre-emption signal
+    recording, seen = tmp_path / "recording", tmp_path / "srun.env"
+    recording.mkdir()
+    (recording / "srun").write_text(f'#!/bin/sh\necho "SRUN_CPUS_PER_TASK=${{SRUN_CPUS_PER_TASK:-unset}}" > "{seen}"\n')
+    (recording / "srun").chmod(0o755)
+    import subprocess
+
+    for cpus, expected in (("8", "8"), (None, "unset")):  # a job without --cpus-per-task: srun's default
+        env = {"PATH": f"{recording}{os.pathsep}/usr/bin{os.pathsep}/bin", **({"SLURM_CPUS_PER_TASK": cpus} if cpus else {})}
+        subprocess.run(["bash", str(captured)], env=env, check=True, timeout=60, capture_output=True)
+        assert seen.read_text().strip() == f"SRUN_CPUS_PER_TASK={expected}"
 
 
 def test_a_stored_search_records_its_objective_and_refuses_another(tmp_path):

@@ -226,12 +226,15 @@ def make_executor(launcher: str, folder: Path, cluster, res: Resources, name: st
     additional = {"requeue": True, "kill-on-invalid-dep": "yes", **dict(cluster.get("additional") or {})}
     if dependency:
         additional["dependency"] = dependency
+    # srun of Slurm 22.05 (up to 23.02) does not inherit sbatch's --cpus-per-task: each task would get one CPU.
+    # submitit's srun line holds only --output/--error and slurm_srun_args, so it is passed here (docs/cluster.md)
+    srun_args = [*srun_args, f"--cpus-per-task={res.cpus_per_task}"]
     parameters = dict(
         name=name, timeout_min=res.timeout_min, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
         cpus_per_task=res.cpus_per_task, gpus_per_node=res.gpus_per_node or None, mem_gb=res.mem_gb,
         slurm_partition=cluster.get("partition"), slurm_account=cluster.get("account"), slurm_qos=cluster.get("qos"),
         slurm_signal_delay_s=int(cluster.get("signal_delay_s", 120)), slurm_setup=list(cluster.get("setup") or []),
-        slurm_srun_args=srun_args or None, slurm_additional_parameters=additional,
+        slurm_srun_args=srun_args, slurm_additional_parameters=additional,
     )
     if launcher != "slurm":  # the local executor takes only the generic keys (and no node count above 1)
         parameters = {k: v for k, v in parameters.items() if not k.startswith("slurm_") and k != "mem_gb"}

@@ -506,9 +506,9 @@ class TeacherQADataModule(pl.LightningDataModule):
             cache_file = str(self.cache_dir / "tokenized" / f"{key}.arrow")
             # ranks started together (srun, torchrun) on a cold cache: the first tokenizes and writes, the others
             # wait for it and read its file (no process group exists yet for a barrier: the data comes first)
-            from filelock import FileLock
+            from ..locks import file_lock
 
-            lock = FileLock(cache_file + ".lock")
+            lock = file_lock(cache_file + ".lock", "paths.cache_dir (data.cache_dir)")
         with lock:
             if cache_file is not None:
                 self.stats["tokenization_cached"] = Path(cache_file).exists()
