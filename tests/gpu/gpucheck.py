@@ -1,15 +1,22 @@
-"""The GPU check's plumbing (stdlib only: it runs on the device image before anything is installed).
+"""The GPU check's plumbing (stdlib and packaging only: it runs on the device image before anything is installed).
 
     python tests/gpu/gpucheck.py sizes [--bundle .gpu_bundle] [--record]   # table vs. built bundle, budget
     python tests/gpu/gpucheck.py verify [--bundle .gpu_bundle]             # every pinned file is in the bundle
     python tests/gpu/gpucheck.py audit                                      # carried packages' needs vs. the image
+    python tests/gpu/gpucheck.py image --pip-list PIP_LIST.json             # the image vs. its list; every need met
     python tests/gpu/gpucheck.py record --name N --status S --seconds T [--note ...] RESULTS
     python tests/gpu/gpucheck.py summary RESULTS                            # the table; exit 1 if any check failed
 
 The bundle (.gpu_bundle/, git-ignored, carried by the device `run` tool) is listed in scripts/gpu_wheels.txt:
 `requirement kind bytes file` per line. kind: `wheel` (pip download, cp312 manylinux x86_64 or pure Python),
 `sdist` (built here with `pip wheel`), `fallback` (installed on the device only when the image's copy is too
-old for a carried package), `snapshot` (a directory copied into the bundle; bytes = its total).
+old for a carried package), `overlay` (installed on the device into a folder of its own, first on PYTHONPATH for
+one fit only), `snapshot` (a directory copied into the bundle; bytes = its total).
+
+scripts/gpu_image_packages.txt lists what the check takes from the device image (`name version`, `*` where the
+version was not read); scripts/gpu_wheels_requires.txt records each carried wheel's requirements on the device
+(`sizes --record` writes it from the built wheels), so CI checks, without the bundle, that each one is carried
+or in the image (`coverage`); on the device `image` checks the same against `pip list`.
 """
 from __future__ import annotations
 
@@ -23,11 +30,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = ROOT / "scripts" / "gpu_wheels.txt"
+IMAGE = ROOT / "scripts" / "gpu_image_packages.txt"
+REQUIRES = ROOT / "scripts" / "gpu_wheels_requires.txt"
 BUNDLE = ROOT / ".gpu_bundle"
 MIB = 2**20
 CARRY_LIMIT = 64 * MIB          # the device `run` tool: working tree + carried paths, together
 WORKTREE_RESERVE = 2 * MIB      # the least room kept for the working tree (tracked + untracked-not-ignored)
-KINDS = ("wheel", "sdist", "fallback", "snapshot")
+KINDS = ("wheel", "sdist", "fallback", "overlay", "snapshot")
+SUBDIR = {"fallback": "wheels/fallback", "overlay": "wheels/overlay"}  # in the bundle; other wheels: wheels/
+# the device's interpreter, for requirement markers (Python 3.12 on linux x86_64; no extras)
+DEVICE_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "platform_machine": "x86_64",
+                  "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+                  "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
 
 
 def normalize(name: str) -> str:
@@ -56,7 +70,7 @@ def read_table(path: Path = TABLE) -> list[dict]:
 
 
 def wheel_path(bundle: Path, row: dict) -> Path:
-    return bundle / ("wheels/fallback" if row["kind"] == "fallback" else "wheels") / row["file"]
+    return bundle / SUBDIR.get(row["kind"], "wheels") / row["file"]
 
 
 def entry_path(bundle: Path, row: dict) -> Path:
@@ -136,6 +150,14 @@ def cmd_sizes(args) -> int:
     if args.record and not missing:
         write_sizes(args.table, rows)
     problems = check_table(rows) + problems
+    if not missing:  # each wheel's requirements, as recorded for CI (coverage) and as built
+        built_requires = bundle_requires(bundle, rows)
+        if args.record:
+            write_requires(args.requires, built_requires)
+        elif read_requires(args.requires) != built_requires:
+            problems.append(f"{args.requires.name} differs from the built wheels' requirements "
+                            "(scripts/gpu_wheels.sh --record updates it)")
+        problems += coverage(rows, built_requires, read_image(args.image))
     total = sum(r["bytes"] for r in rows)
     tree = worktree_bytes()
     room = budget(tree)
@@ -155,7 +177,7 @@ def cmd_sizes(args) -> int:
 
 def unlisted(bundle: Path, rows: list[dict]) -> list[str]:
     listed = {entry_path(bundle, r).resolve() for r in rows if r["kind"] != "snapshot"}
-    found = list((bundle / "wheels").glob("*.whl")) + list((bundle / "wheels/fallback").glob("*.whl"))
+    found = [p for folder in ("wheels", *SUBDIR.values()) for p in (bundle / folder).glob("*.whl")]
     return sorted(str(p) for p in found if p.resolve() not in listed)
 
 
@@ -229,6 +251,155 @@ def cmd_audit(args) -> int:
     return 1 if unmet else 0
 
 
+# ------------------------------------------------------------------------ requirements vs. the image
+def read_image(path: Path = IMAGE) -> dict[str, str | None]:
+    """scripts/gpu_image_packages.txt: normalized name -> version (None for `*`: present, version not read)."""
+    image = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{number}: expected `name version` (version `*` if unknown), got {line!r}")
+        image[normalize(fields[0])] = None if fields[1] == "*" else fields[1]
+    return image
+
+
+def device_requires(requires_dist: list[str]) -> list[str]:
+    """The `Requires-Dist` lines that apply on the device (its Python, no extras), markers dropped, sorted."""
+    from packaging.requirements import Requirement
+
+    kept = set()
+    for text in requires_dist:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate(DEVICE_MARKERS):
+            continue
+        requirement.marker = None
+        requirement.name = normalize(requirement.name)
+        kept.add(str(requirement))
+    return sorted(kept)
+
+
+def wheel_requires(path: Path) -> list[str]:
+    """A wheel's requirements on the device, from its METADATA."""
+    import zipfile
+    from email.parser import Parser
+
+    with zipfile.ZipFile(path) as wheel:
+        name = next(n for n in wheel.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+        metadata = Parser().parsestr(wheel.read(name).decode())
+    return device_requires(metadata.get_all("Requires-Dist") or [])
+
+
+def bundle_requires(bundle: Path, rows: list[dict]) -> dict[str, list[str]]:
+    return {r["requirement"]: wheel_requires(wheel_path(bundle, r)) for r in rows if r["kind"] != "snapshot"}
+
+
+def read_requires(path: Path = REQUIRES) -> dict[str, list[str]]:
+    """scripts/gpu_wheels_requires.txt: `name==version requirement` lines (`-`: it requires nothing)."""
+    recorded: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            package, _, requirement = line.partition(" ")
+            entries = recorded.setdefault(package, [])
+            if requirement.strip() != "-":
+                entries.append(requirement.strip())
+    return {package: sorted(entries) for package, entries in recorded.items()}
+
+
+def write_requires(path: Path, requires: dict[str, list[str]]) -> None:
+    lines = ["# Each carried wheel's requirements on the device (Python 3.12, linux x86_64, no extras), read from",
+             "# the built wheels by scripts/gpu_wheels.sh --record; tests/test_gpu_check.py checks each is carried",
+             "# or listed in scripts/gpu_image_packages.txt. `-`: the wheel requires nothing."]
+    for package in sorted(requires):
+        lines += [f"{package:34} {r}" for r in requires[package]] or [f"{package:34} -"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def coverage(rows: list[dict], requires: dict[str, list[str]], image: dict[str, str | None]) -> list[str]:
+    """Problems: requirements of carried wheels that nothing meets. A requirement is met by the carried copy
+    (`wheel`/`sdist`: installed first on PYTHONPATH, so it must fit), else by the image's (a version of None
+    is unknown here and checked on the device; "" is listed but not installed) or a `fallback` (installed where
+    the image's does not fit). An
+    `overlay` package sees the overlay first; a base package that the overlay replaces must accept it too."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    carried = {r["name"]: r["version"] for r in rows if r["kind"] in ("wheel", "sdist")}
+    fallback = {r["name"]: r["version"] for r in rows if r["kind"] == "fallback"}
+    overlay = {r["name"]: r["version"] for r in rows if r["kind"] == "overlay"}
+    problems = []
+    for row in rows:
+        if row["kind"] == "snapshot":
+            continue
+        if row["requirement"] not in requires:
+            problems.append(f"{row['requirement']}: its requirements are not recorded (scripts/gpu_wheels.sh --record)")
+            continue
+        for text in requires[row["requirement"]]:
+            requirement = Requirement(text)
+            name = normalize(requirement.name)
+
+            def fits(version: str) -> bool:
+                return requirement.specifier.contains(Version(version), prereleases=True)
+
+            if name in overlay:
+                if not fits(overlay[name]):  # the overlay fit loads this one
+                    problems.append(f"{row['requirement']} needs {requirement}; the overlay carries {overlay[name]}")
+                if row["kind"] == "overlay":
+                    continue
+            if name in carried:
+                if not fits(carried[name]):
+                    problems.append(f"{row['requirement']} needs {requirement}; {name}=={carried[name]} is carried")
+            elif name in image or name in fallback:
+                have = image.get(name, "")  # "": listed but not installed there
+                if name in image and (have is None or (have and fits(have))):
+                    continue
+                if name in fallback and fits(fallback[name]):
+                    continue
+                problems.append(f"{row['requirement']} needs {requirement}; the image has {name} {have or 'absent'}"
+                                + (f", the fallback is {fallback[name]}" if name in fallback else ""))
+            else:
+                problems.append(f"{row['requirement']} needs {requirement}: {name} is neither carried nor in "
+                                f"{IMAGE.name}")
+    return problems
+
+
+def image_problems(image: dict[str, str | None], installed: dict[str, str]) -> list[str]:
+    """The listed image against what is installed there (`pip list`): each listed package present, at the listed
+    version where one is listed."""
+    problems = []
+    for name, version in sorted(image.items()):
+        if name not in installed:
+            problems.append(f"{name}: listed in {IMAGE.name}, not installed in the image")
+        elif version is not None and version not in (installed[name], installed[name].split("+")[0]):
+            problems.append(f"{name}: {installed[name]} installed, {version} listed in {IMAGE.name}")
+    return problems
+
+
+def cmd_image(args) -> int:
+    """On the device, before installing: the image as listed (`pip list` JSON), and each carried wheel's
+    requirements met with the image's real versions. Exit 1 on any problem (the summary shows the first)."""
+    rows = read_table(args.table)
+    bundle = Path(args.bundle)
+    installed = {normalize(p["name"]): p["version"] for p in json.loads(Path(args.pip_list).read_text())}
+    image = read_image(args.image)
+    problems = image_problems(image, installed)
+    requires = read_requires(args.requires)
+    for row in rows:  # the wheels themselves where they are here
+        if row["kind"] != "snapshot" and wheel_path(bundle, row).is_file():
+            requires[row["requirement"]] = wheel_requires(wheel_path(bundle, row))
+    # the listed names, at the versions installed there (a requirement outside the list is a problem here too)
+    problems += coverage(rows, requires, {n: installed.get(n, "") for n in image})
+    print("image: " + ", ".join(f"{n} {installed.get(n, '-')}" for n in sorted(image)))  # to update the list
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    needs = sum(len(v) for v in requires.values())
+    print(f"image: {len(image)} listed packages checked against pip list ({len(installed)} installed); "
+          f"{needs} requirements of {len(requires)} carried wheels: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 # ------------------------------------------------------------------------------------------ results
 def append_result(results: Path, row: dict) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +450,8 @@ def cmd_summary(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", type=Path, default=TABLE)
+    parser.add_argument("--image", type=Path, default=IMAGE)
+    parser.add_argument("--requires", type=Path, default=REQUIRES)
     commands = parser.add_subparsers(dest="command", required=True)
     sizes = commands.add_parser("sizes")
     sizes.add_argument("--bundle", default=os.environ.get("GPU_BUNDLE", str(BUNDLE)))
@@ -287,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--bundle", default=os.environ.get("GPU_BUNDLE", str(BUNDLE)))
     audit = commands.add_parser("audit")
     audit.add_argument("--bundle", default=os.environ.get("GPU_BUNDLE", str(BUNDLE)))
+    image = commands.add_parser("image")
+    image.add_argument("--bundle", default=os.environ.get("GPU_BUNDLE", str(BUNDLE)))
+    image.add_argument("--pip-list", required=True, help="`python -m pip list --format=json` of the image")
     record = commands.add_parser("record")
     record.add_argument("--name", required=True)
     record.add_argument("--status", required=True, choices=["passed", "failed", "skipped"])
@@ -296,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = commands.add_parser("summary")
     summary.add_argument("results")
     args = parser.parse_args(argv)
-    handler = {"sizes": cmd_sizes, "verify": cmd_verify, "audit": cmd_audit, "record": cmd_record,
+    handler = {"sizes": cmd_sizes, "verify": cmd_verify, "audit": cmd_audit, "image": cmd_image, "record": cmd_record,
                "summary": cmd_summary}[args.command]
     return handler(args)
 

@@ -1,5 +1,6 @@
 """On one GPU: the hf sampler (`python sample.py model=tiny_llama sampler.device=cuda`) in generate and score
-mode, and in score mode with the adapter the ddp fit trained on the GPU. Peak GPU memory via peak_mem.py."""
+mode, and in score mode with the adapter the ddp fit trained on the GPU. Peak GPU memory via peak_mem.py.
+Seconds on one H100 (estimates): generate ~20, score ~15, score with the adapter ~15."""
 from __future__ import annotations
 
 import json
