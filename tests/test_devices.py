@@ -55,6 +55,8 @@ def test_bf16_if_native_trains_in_bf16_only_where_the_hardware_computes_it(monke
         monkeypatch.setattr(training, "cpu_has_native_bf16", lambda native=native: native)
         assert training.resolve_precision("bf16-if-native", "cpu") == expected
         assert training.resolve_precision("auto", "cpu") == "32-true"
-    monkeypatch.setattr(training.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    from tomdistill import devices
+
+    monkeypatch.setattr(devices, "gpu_computes_bf16", lambda: True)  # tests/test_gpu_path.py mocks the device itself
     assert training.resolve_precision("bf16-if-native", "gpu") == "bf16-mixed"
     assert training.resolve_precision("32-true", "cpu") == "32-true"

@@ -68,11 +68,15 @@ def test_a_lora_rank_vllm_cannot_serve_is_refused(rank):
         vllm_max_lora_rank(rank, "adapter=/a")
 
 
-def test_dtype_auto_is_bf16_as_the_hf_backend_on_gpu():
+def test_dtype_auto_is_bf16_as_the_hf_backend_on_gpu(monkeypatch):
+    from tomdistill import devices
     from tomdistill.sampling.settings import vllm_dtype
 
+    monkeypatch.setattr(devices, "gpu_computes_bf16", lambda: True)
     assert vllm_dtype("auto", "auto") == "bfloat16"  # Llama-2's checkpoint says fp16; vLLM's auto would take it
     assert vllm_dtype("auto", None) == "bfloat16"
+    monkeypatch.setattr(devices, "gpu_computes_bf16", lambda: False)  # a V100 or T4: bf16 would be emulated
+    assert vllm_dtype("auto", "auto") == "float16"
     assert vllm_dtype("auto", "float32") == "float32"  # the model config's own choice
     assert vllm_dtype("fp16", "auto") == "float16" and vllm_dtype("bf16", "float32") == "bfloat16"
 
@@ -134,9 +138,11 @@ def fake_vllm(monkeypatch):
 def test_the_engine_starts_on_this_ranks_gpus_without_torchrun_state(tmp_path, monkeypatch, fake_vllm):
     import torch.distributed as dist
 
+    from tomdistill import devices
     from tomdistill.sampling.backends import VLLMBackend
     from tomdistill.sampling.settings import settings_from_config
 
+    monkeypatch.setattr(devices, "gpu_computes_bf16", lambda: True)  # an Ampere or later GPU
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))

@@ -47,9 +47,12 @@ class AdapterExport(pl.Callback):
         if self.best_dir is None or trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None or not math.isfinite(float(value)):
+        # the save is collective: every rank decides on global rank 0's value (ranks' own values can differ in
+        # the last bits; one rank saving alone would wait in the gather for ever), as Lightning's ModelCheckpoint
+        # agrees its decision across ranks
+        value = trainer.strategy.broadcast(None if value is None else float(value), src=0)
+        if value is None or not math.isfinite(value):
             return
-        value = float(value)
         better = self.best_score is None or (value > self.best_score if self.mode == "max" else value < self.best_score)
         if better:
             self.best_score, self.best_step = value, trainer.global_step
@@ -226,20 +229,22 @@ class StopOnDivergence(pl.Callback):
             raise ValueError("callbacks.divergence: factor must be > 1, baseline_steps and patience ≥ 1")
         self.factor, self.baseline_steps, self.patience = float(factor), int(baseline_steps), int(patience)
         self.start: list[float] = []
+        self.batches = 0  # batches seen: the same count on every rank, unlike the finite losses
         self.strikes = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None:
+        value = float(loss.detach()) if loss is not None else math.nan
+        # what decides whether the collective below runs is the same on every rank (the batch count); a rank's
+        # own loss only feeds its vote (non-finite losses are stopped by the module itself)
+        self.batches += 1
+        if self.batches <= self.baseline_steps:
+            if math.isfinite(value):
+                self.start.append(value)
             return
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return  # the module raises on non-finite losses itself
-        if len(self.start) < self.baseline_steps:
-            self.start.append(value)
-            return
-        baseline = sum(self.start) / len(self.start)
-        self.strikes = self.strikes + 1 if value > self.factor * abs(baseline) else 0
+        baseline = sum(self.start) / len(self.start) if self.start else math.nan
+        exploded = math.isfinite(value) and math.isfinite(baseline) and value > self.factor * abs(baseline)
+        self.strikes = self.strikes + 1 if exploded else 0
         if trainer.strategy.reduce_boolean_decision(self.strikes >= self.patience, all=False):
             lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
             raise TrainingDivergedError(
@@ -250,10 +255,11 @@ class StopOnDivergence(pl.Callback):
             )
 
     def state_dict(self) -> dict:
-        return {"start": list(self.start), "strikes": self.strikes}
+        return {"start": list(self.start), "batches": self.batches, "strikes": self.strikes}
 
     def load_state_dict(self, state: dict) -> None:
         self.start, self.strikes = list(state.get("start", [])), int(state.get("strikes", 0))
+        self.batches = int(state.get("batches", len(self.start)))
 
 
 class StepAgreement(pl.Callback):

@@ -71,3 +71,12 @@ def check_gpus_usable(what: str, env: Mapping[str, str] | None = None) -> None:
         f"driver ≥ 580, CUDA 12.x builds ≥ 525), or choose the CPU explicitly (trainer.accelerator=cpu / "
         f"sampler.device=cpu) — tomdistill does not fall back to the CPU silently"
     )
+
+
+def gpu_computes_bf16() -> bool:
+    """Whether the current GPU computes bf16 natively (compute capability 8.0 and later, or ROCm).
+    `torch.cuda.is_bf16_supported()` also counts emulation by default (a V100 or T4: slow), so it is asked
+    without it."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)

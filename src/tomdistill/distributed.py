@@ -75,6 +75,26 @@ def agree(message: str | None, device: torch.device, flags: int = 0,
     return failures, raised, mean
 
 
+def rank_zero_writes(write, device: torch.device, what: str) -> None:
+    """`write()` on global rank 0, then every rank meets in `agree`: if the write failed (a full disk, a
+    read-only directory), every rank raises together instead of the others waiting at a barrier for it. One
+    process: `write()` alone."""
+    rank = dist.get_rank() if world_size() > 1 else 0
+    error = None
+    if rank == 0:
+        try:
+            write()
+        except OSError as err:
+            error = err
+    failures, _, _ = agree(None if error is None else f"{what}: {type(error).__name__}: {error}", device)
+    if failures:
+        raise WriteFailedError(f"rank {rank}: stopping, {describe(failures)}") from error
+
+
+class WriteFailedError(OSError, UserError):
+    """Global rank 0 could not write a file every rank waits for; every rank stops with its message."""
+
+
 def describe(failures: dict[int, str]) -> str:
     return "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
 

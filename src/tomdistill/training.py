@@ -150,7 +150,12 @@ def record_trial(summary: dict, output: Path) -> Path | None:
         "overrides": " ".join(hydra_cfg.overrides.task), "output": str(output),
     }
     with open(table, "a+", newline="") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # no flock on this filesystem (NFS without lockd, some Lustre mounts)
+            from .locks import lock_refused
+
+            raise lock_refused(table, err, "hydra.sweep.dir") from None
         handle.seek(0)
         header = next(csv.reader(handle), None)
         if header is None:
@@ -435,17 +440,17 @@ def finish_loggers(loggers: list) -> None:
         wandb.finish()
 
 
-def build_strategy(strategy_cfg, accelerator: str):
+def build_strategy(strategy_cfg, accelerator: str, precision=None):
     """`trainer.strategy`: a name Lightning knows (`auto`), or a `_target_` config (conf/trainer/ddp.yaml,
-    deepspeed_*.yaml); a config with an `accelerator` key gets the resolved one (DeepSpeed on CPU takes the CPU
-    subclass: src/tomdistill/model/strategy.py)."""
+    deepspeed_*.yaml); a config with an `accelerator` or `precision` key gets the resolved one (DeepSpeed follows
+    the accelerator and keeps the batch's targets fp32: src/tomdistill/model/strategy.py)."""
     if strategy_cfg is None or isinstance(strategy_cfg, str):
         return strategy_cfg or "auto"
     if not strategy_cfg.get("_target_"):
         raise TrainingConfigError(f"trainer.strategy={dict(strategy_cfg)}: expected a strategy name "
                                   "(auto) or a config with a _target_ (see conf/trainer/)")
-    runtime = {"accelerator": accelerator} if "accelerator" in strategy_cfg else {}
-    return build(strategy_cfg, "trainer.strategy", **runtime)
+    resolved = {"accelerator": accelerator, "precision": precision}
+    return build(strategy_cfg, "trainer.strategy", **{key: resolved[key] for key in resolved if key in strategy_cfg})
 
 
 def resolve_accelerator(name: str) -> str:
@@ -473,16 +478,19 @@ NATIVE_BF16 = "bf16-if-native"  # bf16-mixed where the hardware computes bf16 it
 
 
 def resolve_precision(precision, accelerator: str):
-    """`auto`: bf16-mixed on a GPU that has it, else 32-true. `bf16-if-native`: also bf16-mixed on a CPU with
-    AVX512-BF16/AMX, since elsewhere bf16 autocast is emulated and several times slower than fp32 (bench/README.md,
-    soft_step)."""
+    """`auto`: bf16-mixed on a GPU that computes bf16 itself (Ampere and later), else 32-true. `bf16-if-native`:
+    also bf16-mixed on a CPU with AVX512-BF16/AMX. Elsewhere bf16 is emulated (a V100 or T4; most CPUs), several
+    times slower than fp32 (bench/README.md, soft_step)."""
+    from .devices import gpu_computes_bf16
+
     if precision == "auto":
-        if accelerator == "gpu" and torch.cuda.is_bf16_supported():
-            return "bf16-mixed"
-        return "32-true"
+        return "bf16-mixed" if accelerator == "gpu" and gpu_computes_bf16() else "32-true"
     if precision == NATIVE_BF16:
-        native = torch.cuda.is_bf16_supported() if accelerator == "gpu" else cpu_has_native_bf16()
+        native = gpu_computes_bf16() if accelerator == "gpu" else cpu_has_native_bf16()
         return "bf16-mixed" if native else "32-true"
+    if accelerator == "gpu" and str(precision).startswith("bf16") and not gpu_computes_bf16():
+        log.warning("trainer.precision=%s on a GPU without native bf16 (compute capability below 8.0): bf16 is "
+                    "emulated and slow; use trainer.precision=32-true (or auto)", precision)
     if accelerator == "cpu" and str(precision).startswith("bf16") and not cpu_has_native_bf16():
         log.warning("trainer.precision=%s on a CPU without AVX512-BF16/AMX: bf16 is emulated and may be slower "
                     "than trainer.precision=32-true", precision)
@@ -494,8 +502,8 @@ def build_trainer(cfg: DictConfig, output: Path, callbacks: list, loggers: list,
 
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     accelerator = resolve_accelerator(options.pop("accelerator"))
-    strategy = build_strategy(options.pop("strategy"), accelerator)
     precision = resolve_precision(options.pop("precision"), accelerator)
+    strategy = build_strategy(options.pop("strategy"), accelerator, precision)
     if not has_validation:
         options["limit_val_batches"] = 0
     plugins = []

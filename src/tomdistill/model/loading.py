@@ -59,10 +59,10 @@ def building_once(target: Path):
     """A lock beside `target` held while it is built: ranks started together (srun, torchrun) on a cold cache
     build it once, the first to take the lock, and the others then find it built (a rank that replaced a
     snapshot another one was reading would break that one's load)."""
-    from filelock import FileLock
+    from ..locks import file_lock
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(target.parent / f".{target.name}.lock"))
+    return file_lock(target.parent / f".{target.name}.lock", "paths.cache_dir (or TOMDISTILL_CACHE)")
 
 
 def _gguf_snapshot(cfg, cache_dir: Path) -> Path:
@@ -195,10 +195,15 @@ def load_tokenizer(cfg, cache_dir=None, padding_side: str = "left"):
 
 
 def resolve_dtype(name: str | None, device: str | torch.device | None = None) -> torch.dtype:
-    """`auto`: bf16 on GPU, fp32 on CPU."""
+    """`auto`: bf16 on a GPU that computes it natively, fp16 on an older GPU (a V100 or T4, where bf16 is
+    emulated), fp32 on CPU."""
     if name in (None, "auto"):
+        from ..devices import gpu_computes_bf16
+
         on_gpu = (device is not None and str(device).startswith("cuda")) or (device is None and torch.cuda.is_available())
-        return torch.bfloat16 if on_gpu else torch.float32
+        if not on_gpu:
+            return torch.float32
+        return torch.bfloat16 if gpu_computes_bf16() else torch.float16
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
             "float16": torch.float16, "fp16": torch.float16}[str(name)]
 

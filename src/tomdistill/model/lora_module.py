@@ -614,11 +614,15 @@ class LoRADistillModule(pl.LightningModule):
             gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gathered:
             state = {n: p.detach().to("cpu").clone() for n, p in named}
-        if self.global_rank == 0:
+
+        def write() -> None:
             Path(directory).mkdir(parents=True, exist_ok=True)
             if self.initial_adapter is None:
                 self.model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
             else:
                 self._save_pissa_as_lora(directory, state)
-        if self._trainer is not None:
-            self.trainer.strategy.barrier("save_adapter")
+
+        from ..distributed import rank_zero_writes
+
+        # rank 0 writes; every rank learns whether it could (a failed write stops all ranks, none waits on it)
+        rank_zero_writes(write, self.device, f"writing the adapter to {directory}")

@@ -127,9 +127,12 @@ def vllm_max_lora_rank(rank, key: str = "adapter") -> int:
 
 
 def vllm_dtype(sampler_dtype: str, model_dtype: str | None) -> str:
-    """vLLM's dtype: `auto` there means the checkpoint's (fp16 for Llama-2), so say bf16 as the hf backend does on GPU."""
+    """vLLM's dtype: `auto` there means the checkpoint's (fp16 for Llama-2), so say what the hf backend takes on
+    this GPU (model/loading.py `resolve_dtype`: bf16 where it is native, else fp16)."""
+    from ..devices import gpu_computes_bf16
+
     name = sampler_dtype if sampler_dtype != "auto" else (model_dtype or "auto")
-    return {"auto": "bfloat16", "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+    return {"auto": "bfloat16" if gpu_computes_bf16() else "float16", "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
             "fp16": "float16", "float16": "float16"}[str(name)]
 
 
