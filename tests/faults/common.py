@@ -13,6 +13,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
        "CUDA_VISIBLE_DEVICES": "", "PROJECT_ROOT": str(ROOT), "PYTHONPATH": str(ROOT / "src")}
+# test-only fault injection (tests/faults/inject/sitecustomize.py), installed in every process of a run by its
+# environment: `entry(..., env=with_fault("nan@1:1"))`
+INJECT = Path(__file__).resolve().parent / "inject"
+
+
+def with_fault(fault: str) -> dict:
+    """The environment that makes the run's processes inject `fault` (KIND@RANK:STEP)."""
+    return {"TOMDISTILL_TEST_FAULT": fault, "PYTHONPATH": f"{INJECT}{os.pathsep}{ROOT / 'src'}"}
+
+
 # a tiny oracle teacher, the tiny Llama student, CSV logs, no progress bars
 TINY_TRAIN = ["model=tiny_llama", "logger=csv", "trainer.enable_progress_bar=false"]
 TWO_BY_TWO = ["scenarios.games=[prisoners_dilemma,stag_hunt]", "scenarios.contexts=[team,business]",

@@ -25,8 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -127,23 +125,14 @@ class ResumableDataLoader(DataLoader):
         return self._errors_as_batches(super().__iter__())
 
     def _errors_as_batches(self, iterator):
-        from ..testing_faults import injected
-
-        index = 0
         while True:
             try:
-                if injected("hang", self.rank, index):  # test-only: a rank that never delivers its batch
-                    print(f"test fault: rank {self.rank} hangs", file=sys.stderr, flush=True)
-                    threading.Event().wait()
-                if injected("data", self.rank, index):
-                    raise DataError(f"test fault: batch {index} of rank {self.rank} cannot be read")
                 batch = next(iterator)
             except StopIteration:
                 return
             except Exception as err:  # noqa: BLE001 - raised on every rank by StepAgreement
                 yield {"data_error": err}
                 return
-            index += 1
             yield batch
 
     def state_dict(self) -> dict:

@@ -466,10 +466,6 @@ class LoRADistillModule(pl.LightningModule):
         if "data_error" in batch:  # a loader error on several ranks; distributed.StepAgreement raises it first
             raise batch["data_error"]
         out = self.compute_losses(batch)
-        from ..testing_faults import injected
-
-        if injected("nan", self.global_rank, self.global_step):  # test-only (TOMDISTILL_TEST_FAULT)
-            out["loss"] = out["loss"] * float("nan")
         loss = self._agree_finite(out["loss"], batch_idx, batch)
         size = batch["input_ids"].shape[0]
         self.train_loss(loss)
