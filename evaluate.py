@@ -24,5 +24,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory at `output`
+    refuse_unsafe_output_override(sys.argv[1:], "evaluate.py")  # before Hydra creates its run directory at `output`
     main()

@@ -24,11 +24,14 @@ register_resolvers()
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from tomdistill.errors import run_app
+    from tomdistill.study import refuse_evaluation_only
+
+    run_app("sample.py", refuse_evaluation_only, cfg, "sample.py")  # e.g. +experiment=paper_published
     from tomdistill.sampling import run
 
     run_app("sample.py", run, cfg)
 
 
 if __name__ == "__main__":
-    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory at `output`
+    refuse_unsafe_output_override(sys.argv[1:], "sample.py")  # before Hydra creates its run directory at `output`
     main()

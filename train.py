@@ -22,11 +22,14 @@ register_resolvers()
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from tomdistill.errors import run_app
+    from tomdistill.study import refuse_evaluation_only
+
+    run_app("train.py", refuse_evaluation_only, cfg, "train.py")  # e.g. +experiment=paper_published
     from tomdistill.training import train
 
     return run_app("train.py", train, cfg)
 
 
 if __name__ == "__main__":
-    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory at `output`
+    refuse_unsafe_output_override(sys.argv[1:], "train.py")  # before Hydra creates its run directory at `output`
     main()

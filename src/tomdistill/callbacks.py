@@ -374,3 +374,14 @@ def _kill_launched(trainer: pl.Trainer) -> None:
     launcher = getattr(trainer.strategy, "launcher", None)
     if launcher is not None:
         launcher.kill(signal.SIGKILL)
+
+
+class StepProgressBar(pl.callbacks.RichProgressBar):
+    """Lightning's rich progress bar without its "Epoch 1/-2" when training is bounded by steps (max_epochs -1:
+    rich_progress.py prints max_epochs - 1): the epoch and the step budget instead."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs not in (None, -1):
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch} (max_steps {self.trainer.max_steps})"
+        return f"{description:{len(self.validation_description)}}"

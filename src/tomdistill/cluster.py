@@ -5,7 +5,8 @@
 `pipeline.launcher=slurm` submits each unfinished stage as a SLURM job with the resources of its kind
 (`pipeline.cluster.{teacher,student,train,evaluate}`), depending (`afterok`) on the jobs of the stages
 whose outputs it reads, and a last CPU job that writes `study.json`; the pipeline then exits. A stage
-whose outputs are complete is skipped, exactly as in the local pipeline, so rerunning the same command
+whose outputs are complete is skipped, exactly as in the local pipeline (and one made by another
+configuration refused there, before anything is submitted), so rerunning the same command
 after a failure submits only what is missing; a stage whose job is still queued or running (recorded in
 `<folder>/jobs.json`, asked of `squeue`) is not submitted twice, its job becomes the dependency.
 `pipeline.launcher=submitit_local` runs the same jobs through submitit's local executor, one after the
@@ -287,6 +288,10 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
         srun_args = ["--kill-on-bad-exit=1"] if res.nodes * res.tasks_per_node > 1 else []
         executor = make_executor(launcher, folder, cluster, res, _job_name(cluster, stage),
                                  f"afterok:{':'.join(needs)}" if needs and launcher == "slurm" else None, srun_args)
+        if stage.name in stage_configs:  # its record, as the local pipeline writes it when the stage starts (study.py)
+            from .study import write_record
+
+            write_record(stage, stage_configs[stage.name], common)
         job = executor.submit(StageJob(stage, list(common), extra, max_requeues))
         jobs[stage.name] = record[stage.name] = str(job.job_id)
         handles[stage.name] = job

@@ -1,6 +1,8 @@
-"""Output paths from configs: never allowed to climb out of where they point with `..`."""
+"""Output paths from configs: never allowed to climb out of where they point with `..`, refused early where they
+cannot be written."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import UserError
@@ -28,13 +30,26 @@ def hydra_run_dir() -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
+def multirun_trial() -> int | None:
+    """This job's number in a Hydra multirun (`-m`, a sweep), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return int(HydraConfig.get().job.num)
+
+
 def run_output_dir(output: str | Path | None, key: str = "output") -> Path:
-    """The output-directory rule of every app: `output=` when given, else the Hydra run directory; never a path
+    """The output-directory rule of every app: `output=` when given, else the Hydra run directory; in a multirun
+    `output=DIR` is `DIR/<job number>` (one directory for every job would be overwritten by each); never a path
     that climbs out with `..` (`safe_output_dir`)."""
     if output in (None, ""):
         output = hydra_run_dir()
         if output is None:
             raise UnsafePathError(f"{key}: not set, and there is no Hydra run directory to default to; pass {key}=DIR")
+    elif multirun_trial() is not None:
+        output = Path(str(output)) / str(multirun_trial())
     return safe_output_dir(output, key)
 
 
@@ -46,16 +61,47 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("if_null", lambda value, default: default if value in (None, "") else value)
 
 
-def refuse_unsafe_output_override(argv: list[str]) -> None:
-    """`output=...` on the command line with `..` is refused before Hydra creates its run directory there
-    (conf/base.yaml points hydra.run.dir at `output`); `run_output_dir()` checks the composed config again."""
+def unwritable(path: str | Path) -> str | None:
+    """Why a directory at `path` could not be created or written into, or None: its nearest existing ancestor (itself
+    when it exists) must be a writable directory. A check before the fact; the write itself may still fail."""
+    target = Path(os.path.abspath(Path(str(path)).expanduser()))
+    existing = target
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return f"{existing} is not writable ({'read-only filesystem' if read_only else 'permission denied'})"
+
+
+def output_override_error(value: str) -> str | None:
+    """What is wrong with `output=value` given on the command line, or None."""
+    try:
+        safe_output_dir(value)
+    except UnsafePathError as err:
+        return str(err)
+    why = unwritable(value)
+    if why is None:
+        return None
+    action = "cannot write into it" if Path(str(value)).expanduser().is_dir() else "cannot create it"
+    return f"output={value}: {action}: {why}"
+
+
+def refuse_unsafe_output_override(argv: list[str], app: str | None = None) -> None:
+    """`output=...` on the command line with `..`, or where no directory can be made, is refused with one line and exit
+    code 2 before Hydra creates its run directory there (conf/base.yaml points hydra.run.dir at `output`; Hydra's own
+    error would be a traceback); `run_output_dir()` checks the composed config again."""
     import sys
 
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+~") == "output" and value not in ("", "null"):
-            try:
-                safe_output_dir(value)
-            except UnsafePathError as err:
-                print(f"error: {err}", file=sys.stderr, flush=True)
+            message = output_override_error(value)
+            if message:
+                print(f"{app + ': ' if app else ''}error: {message}", file=sys.stderr, flush=True)
                 sys.exit(2)

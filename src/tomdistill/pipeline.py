@@ -7,8 +7,10 @@ process, with the pipeline's command-line overrides (e.g. `+experiment=demo seed
 the stage's own overrides from `pipeline.*` in the config. A stage whose outputs are complete is
 skipped, so an interrupted study resumes at the stage it stopped in (and sampling and training
 resume inside the stage). Several training variants (e.g. `sft`, `soft`, `sft_soft`) can share
-the same teacher and base samples; the study ends with one table comparing them. The plan, the
-commands and the table are `study.py`; `pipeline.launcher=slurm` runs the same stages as SLURM jobs
+the same teacher and base samples; the study ends with one table comparing them. A stage whose
+outputs were made by another configuration (its `stage.json`) is refused, or with `pipeline.overwrite=true`
+run again with the stages that read it. The plan, the commands, the records and the table are
+`study.py`; `pipeline.launcher=slurm` runs the same stages as SLURM jobs
 (`cluster.py`).
 """
 from __future__ import annotations
@@ -28,14 +30,20 @@ from omegaconf import DictConfig, OmegaConf
 from . import PROJECT_ROOT
 from .errors import UserError
 from .paths import refuse_unsafe_output_override, register_resolvers
-from .study import Stage, plan, print_study, run_name, seeds, stage_command, study_table, variants, write_study  # noqa: F401
+from .study import (  # noqa: F401
+    Stage, check_stages, plan, print_study, refuse_evaluation_only, run_name, seeds, stage_command, study_table,
+    variants, write_record, write_study,
+)
 
 # the study's progress goes through logging, so it is on the console and in the study's own pipeline.log (Hydra's file
 # handler), which a print leaves empty
 log = logging.getLogger(__name__)
 
 
-def run_stage(stage: Stage, common: list[str], index: int, total: int) -> float:
+def run_stage(stage: Stage, common: list[str], index: int, total: int, config: DictConfig | None = None) -> float:
+    """Run one stage's command; `config` (what the command composes) is recorded first as the stage's stage.json."""
+    if config is not None:
+        write_record(stage, config, common)
     command = stage_command(stage, common)
     log.info(f"[{index}/{total}] {stage.name}: running → {stage.output}")
     started = time.perf_counter()
@@ -108,6 +116,7 @@ def main(cfg: DictConfig) -> None:
 def run_study(cfg: DictConfig) -> None:
     from .cluster import LAUNCHERS, StageFailed, submit_study
 
+    refuse_evaluation_only(cfg, "the pipeline")
     launcher = cfg.pipeline.get("launcher") or "local"
     if launcher not in LAUNCHERS:
         raise PipelineConfigError(f"pipeline.launcher={launcher!r}: expected one of {'|'.join(LAUNCHERS)}")
@@ -116,6 +125,10 @@ def run_study(cfg: DictConfig) -> None:
     common = _pipeline_overrides()
     stages = plan(cfg, study_dir)
     stage_configs = resolve_interpreters(stages, common)
+    for stage in stages:  # what each stage's command composes: recorded as it starts, compared before it is skipped
+        if stage.name not in stage_configs:
+            stage_configs[stage.name] = stage_config(stage, common)
+    check_stages(stages, stage_configs, common, overwrite=bool(cfg.pipeline.get("overwrite")))
     tmp = study_dir / "pipeline.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=False))
     os.replace(tmp, study_dir / "pipeline.yaml")
@@ -132,7 +145,7 @@ def run_study(cfg: DictConfig) -> None:
         if stage.complete():
             log.info(f"[{index}/{len(stages)}] {stage.name}: complete, skipped ({stage.output})")
             continue
-        seconds = run_stage(stage, common, index, len(stages))
+        seconds = run_stage(stage, common, index, len(stages), stage_configs[stage.name])
         log.info(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s")
     write_study(study_dir, list(variants(cfg)), seeds(cfg), show=True)
     log.info(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
@@ -141,5 +154,6 @@ def run_study(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
     register_resolvers()
-    refuse_unsafe_output_override(sys.argv[1:])  # before Hydra creates its run directory (the study) at `output`
+    # before Hydra creates its run directory (the study) at `output`
+    refuse_unsafe_output_override(sys.argv[1:], "pipeline")
     main()

@@ -5,16 +5,21 @@ cluster launcher (`cluster.py`), which both run these stages.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import PROJECT_ROOT
+from .errors import UserError
 from .metrics.transfer import HEADLINE_METRIC, TRANSFER_METRICS
 from .scenarios.catalogue import REPORT_SPLITS
+
+log = logging.getLogger(__name__)
 
 STUDY_METRICS = (HEADLINE_METRIC, *(m for m in TRANSFER_METRICS if m != HEADLINE_METRIC))  # the headline first
 
@@ -38,6 +43,17 @@ class Stage:
                 self.output / "adapter" / "tomdistill_adapter.json"
             ).exists()
         return (self.output / "summary.json").exists()
+
+    def has_outputs(self) -> bool:
+        """Whether the stage left outputs that a rerun keeps or resumes from: samples or their plan, checkpoints or
+        an adapter, a report. Its record (`stage.json`) and logs alone are not: the stage just starts again."""
+        out = self.output
+        if self.script == "sample.py":
+            return ((out / "plan.json").exists() or (out / "manifest.json").exists()
+                    or any((out / "train").glob("shard-*.parquet")))
+        if self.script == "train.py":
+            return (out / "adapter").exists() or any((out / "checkpoints").glob("*"))
+        return self.complete()
 
 
 def variants(cfg: DictConfig) -> dict[str, list[str]]:
@@ -105,6 +121,167 @@ def stage_command(stage: Stage, common: list[str], extra: list[str] = ()) -> lis
     if stage.script == "train.py" and (stage.output / "checkpoints" / "last.ckpt").exists():
         command.append("ckpt_path=last")  # resume an interrupted training run
     return command
+
+
+# --- what made a stage's outputs (`stage.json`) --------------------------------------------------------------------
+#
+# The pipeline writes OUTPUT/stage.json when it starts a stage (submits it, on a cluster), from the config the stage's
+# command composes; before it skips or resumes a stage that has outputs, it compares that record with what this study
+# asks. Written at the start, not the end, so an interrupted stage (training with last.ckpt and no adapter, sampling
+# with some shards) is checked before it resumes: Stage.complete() stays the outputs' own test, and one record serves
+# all three scripts (sampling's plan.json and training's config.yaml are each one script's, and config.yaml holds
+# resolved, machine-specific paths).
+
+RECORD = "stage.json"
+# The config sections each script reads (sampling: src/tomdistill/sampling/settings.py; evaluation:
+# src/tomdistill/evaluation.py): a change elsewhere changes none of its outputs, so it does not make them stale (a
+# training setting must not throw away a teacher's samples). Training reads nearly everything: listed is what it does
+# not read.
+_READS = {"sample.py": ("model", "sampler", "scenarios", "role", "seed", "adapter"),
+          "evaluate.py": ("teacher", "base", "tuned", "compare", "metrics", "scenarios", "seed")}
+_TRAINING_IGNORES = ("output", "ckpt_path", "hydra", "paths", "pipeline", "logger", "task_name", "role", "adapter",
+                     "sampler", "metrics", "hparams_search", "evaluate_only")
+# settings of how a stage runs, not of what it writes, so a resumed stage may change them (a smaller batch after
+# running out of memory); the sampler's are those plan.json leaves out (src/tomdistill/sampling/manifest.py)
+RUNTIME_KEYS = frozenset({
+    "sampler.batch_size", "sampler.score_batch_size", "sampler.device", "sampler.device_map", "sampler.progress",
+    "sampler.tensor_parallel_size", "sampler.gpu_memory_utilization", "sampler.python",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers", "data.cache_dir",
+    "model.gradient_checkpointing",
+})
+OVERWRITE_HINT = ("rerun with pipeline.overwrite=true to replace it and the stages that read it, "
+                  "or choose another pipeline.name")
+
+
+class StaleStageError(ValueError, UserError):
+    """A stage's outputs were made by another configuration (or by a version that kept no record)."""
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def _portable(value, study: str):
+    """The study directory written as `<study>`: a study moved or copied elsewhere still matches its records."""
+    if isinstance(value, str):
+        return value.replace(study, "<study>")
+    if isinstance(value, list):
+        return [_portable(v, study) for v in value]
+    return value
+
+
+def stage_record(stage: Stage, cfg: DictConfig, common: list[str]) -> dict:
+    """What the stage is made from: the keys of its composed config that its script reads (not resolved, so
+    `${paths.root_dir}` stays as written on every machine), and its command's overrides for a reader."""
+    study = str(stage.output.parent)
+    sections = _READS.get(stage.script)
+    config = {}
+    for key, value in _flatten(OmegaConf.to_container(cfg, resolve=False)).items():
+        top = key.split(".")[0]
+        if (top not in sections if sections else top in _TRAINING_IGNORES) or key in RUNTIME_KEYS:
+            continue
+        config[key] = _portable(value, study)
+    record = {"stage": stage.name, "script": stage.script,
+              "overrides": [_portable(o, study) for o in [*common, *stage.overrides]], "config": config}
+    return json.loads(json.dumps(record, default=str))  # as it reads back from stage.json
+
+
+def write_record(stage: Stage, cfg: DictConfig, common: list[str]) -> None:
+    """OUTPUT/stage.json, written atomically, as the stage starts."""
+    stage.output.mkdir(parents=True, exist_ok=True)
+    path = stage.output / RECORD
+    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stage_record(stage, cfg, common), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _setting(config: dict, key: str) -> str:
+    if key not in config:
+        return f"{key} unset"
+    value = config[key]
+    return f"{key}={json.dumps(value) if isinstance(value, (list, dict)) or value is None else value}"
+
+
+def stale_reason(stage: Stage, cfg: DictConfig, common: list[str]) -> str | None:
+    """Why the stage's existing outputs are not this study's (None when they are, or when it has none)."""
+    if not stage.has_outputs():
+        return None
+    try:
+        previous = json.loads((stage.output / RECORD).read_text())
+        made = previous["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return (f"{stage.output} holds outputs with no record of the configuration that made them ({RECORD}: made by "
+                "an older tomdistill, or copied in)")
+    asked = stage_record(stage, cfg, common)["config"]
+    missing = object()
+    keys = sorted(k for k in made.keys() | asked.keys() if made.get(k, missing) != asked.get(k, missing))
+    if not keys and previous.get("script") == stage.script:
+        return None
+    if not keys:
+        return f"{stage.output} was made by {previous.get('script')}, this stage runs {stage.script}"
+    # at most 3, those a reader recognises: changed values before added or removed keys, and for a changed config
+    # group its name (loss.name, not loss._target_ or the keys only the new loss has)
+    changed = [k for k in keys if k in made and k in asked] or keys
+    shown = ([k for k in changed if "._" not in k] or changed)[:3]
+    more = f" (and {len(keys) - len(shown)} more keys)" if len(keys) > len(shown) else ""
+    return (f"{stage.output} was made with {', '.join(_setting(made, k) for k in shown)}, this study asks "
+            f"{', '.join(_setting(asked, k) for k in shown)}{more}")
+
+
+def check_stages(stages: list[Stage], configs: dict[str, DictConfig], common: list[str],
+                 overwrite: bool = False) -> list[Stage]:
+    """Refuse a study whose stages hold outputs made by another configuration (or from inputs that will be made
+    again), before any stage is skipped or resumed. With `overwrite`, delete those stages' outputs and those of every
+    stage that reads them (`Stage.needs`, transitively), so they run again; returns the stages cleared."""
+    stale = {}
+    complete = {s.name: s.complete() for s in stages}
+    for stage in stages:
+        reason = stale_reason(stage, configs[stage.name], common)
+        redo = [n for n in stage.needs if not complete[n]]
+        if reason is None and redo and stage.has_outputs():  # e.g. its training run's adapter was deleted since
+            reason = f"{stage.output} was made from what {', '.join(redo)} made, which will be made again"
+        if reason:
+            stale[stage.name] = reason
+    if not stale:
+        return []
+    if not overwrite:
+        name, reason = next(iter(stale.items()))
+        others = [n for n in stale if n != name]
+        also = (f" (and {len(others)} more: {', '.join(others[:2])}{', …' if len(others) > 2 else ''})"
+                if others else "")
+        raise StaleStageError(f"{name}: {reason}{also}; {OVERWRITE_HINT}")
+    cleared = set(stale)
+    for stage in stages:  # the plan lists a stage after those it needs
+        if cleared & set(stage.needs):
+            cleared.add(stage.name)
+    removed = []
+    for stage in stages:
+        if stage.name in cleared and stage.output.exists():
+            why = stale.get(stage.name) or f"it reads what {', '.join(n for n in stage.needs if n in cleared)} made"
+            log.warning(f"{stage.name}: pipeline.overwrite=true: removing {stage.output} ({why})")
+            shutil.rmtree(stage.output)
+            removed.append(stage)
+    return removed
+
+
+class EvaluationOnlyError(ValueError, UserError):
+    """An evaluation-only configuration given to sample.py, train.py or the pipeline."""
+
+
+def refuse_evaluation_only(cfg: DictConfig, app: str) -> None:
+    """An experiment that only evaluates (`evaluate_only: true`, e.g. +experiment=paper_published: the paper's
+    published counts) has nothing to sample or train: `app` would run the default recipe instead."""
+    if not OmegaConf.select(cfg, "evaluate_only", default=False):
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    which = f"+experiment={choice}" if choice else "this configuration"
+    run = f"python evaluate.py {which}" if choice else "evaluate.py"
+    raise EvaluationOnlyError(f"{which} only evaluates (evaluate_only: true): {app} would run the default recipe "
+                              f"with it, not the experiment; run {run}")
 
 
 def study_table(study_dir: Path, variants: list[str], seeds: list[int | None] = (None,)) -> dict:

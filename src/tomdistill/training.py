@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .errors import UserError
-from .paths import UnsafePathError, run_output_dir, safe_output_dir
+from .paths import UnsafePathError, multirun_trial, run_output_dir, safe_output_dir
 from .scenarios.schema import REPORT_SPLITS
 
 log = logging.getLogger(__name__)
@@ -44,28 +44,41 @@ class TrainingConfigError(ValueError, UserError):
 def train(cfg: DictConfig) -> float:
     import pytorch_lightning as pl
 
-    # 1. seed, output, resolved config ---------------------------------------------------------
+    # 1. seed, output, checks: nothing a previous run wrote is touched before the inputs are checked ----
     pl.seed_everything(int(cfg.seed), workers=True)
     output = output_dir(cfg)
-    check_training_config(cfg)
-    check_process_layout(cfg)
-    check_quantization_strategy(cfg)
-    ckpt_path = resume_path(cfg, output)
-    save_resolved_config(cfg, output)
+    fresh = not any(p.name not in HYDRA_RECORD for p in output.iterdir())  # made for this run (Hydra's record only)
+    try:
+        check_training_config(cfg)
+        check_process_layout(cfg)
+        check_quantization_strategy(cfg)
+        check_sweep_measures_its_objective(cfg)
+        ckpt_path = resume_path(cfg, output)
+        resume_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else None
+        if ckpt_path is None and (output / "logs" / "metrics.csv").exists():
+            # a run interrupted before its first checkpoint: it starts over, its rows move aside (loggers.py)
+            log.warning("%s: a run interrupted before its first checkpoint; its rows move to %s", output / "logs" /
+                        "metrics.csv", output / "logs" / "metrics_superseded.csv")
+            resume_step = 0
 
-    # 2. loss and data (all data errors surface here, before the model loads) --------------------
-    loss = build_loss(cfg)
-    datamodule = build_datamodule(cfg, loss)
-    datamodule.setup("fit")
+        # 2. loss and data (all data errors surface here, before the model loads) --------------------
+        loss = build_loss(cfg)
+        datamodule = build_datamodule(cfg, loss)
+        datamodule.setup("fit")
+        save_resolved_config(cfg, output)
 
-    # 3. module -----------------------------------------------------------------------------------
-    module = build(cfg.module, "module", loss=loss, validation=validation_scenarios(datamodule, cfg))  # conf/module/
+        # 3. module -----------------------------------------------------------------------------------
+        module = build(cfg.module, "module", loss=loss, validation=validation_scenarios(datamodule, cfg))
 
-    # 4. callbacks, logger, trainer ---------------------------------------------------------------
-    has_validation = bool(datamodule.val_targets)
-    loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg, has_validation, training_record(datamodule, cfg), logged=bool(loggers))
-    trainer = build_trainer(cfg, output, list(callbacks.values()), loggers, has_validation)
+        # 4. callbacks, logger, trainer ---------------------------------------------------------------
+        has_validation = bool(datamodule.val_targets)
+        loggers = build_loggers(cfg, resume_step)
+        callbacks = build_callbacks(cfg, has_validation, training_record(datamodule, cfg), logged=bool(loggers))
+        trainer = build_trainer(cfg, output, list(callbacks.values()), loggers, has_validation)
+    except UserError:
+        if fresh:  # a run that stopped before training leaves no half-made output directory behind
+            remove_fresh_output(output)
+        raise
 
     # 5. fit (resumes from ckpt_path: a path, or `last` = OUTPUT/checkpoints/last.ckpt) -----------
     started = time.perf_counter()
@@ -177,13 +190,29 @@ def record_trial(summary: dict, output: Path) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------
 def output_dir(cfg: DictConfig) -> Path:
-    """`output=` or the Hydra run directory (paths.run_output_dir), recorded in the config for the components."""
+    """`output=` or the Hydra run directory (paths.run_output_dir: in a multirun, each trial its own), recorded in the
+    config for the components."""
     path = run_output_dir(cfg.get("output"))
     path.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.output = str(path)
         cfg.paths.output_dir = str(path)
     return path
+
+
+def check_devices(devices) -> None:
+    """`trainer.devices`: a count ≥ 1, -1 or `auto` (every visible GPU), or a non-empty list of device indices."""
+    if devices is None:
+        return
+    if isinstance(devices, (list, tuple, ListConfig)):
+        ok = len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    else:
+        text = str(devices).strip()
+        ok = text in ("auto", "-1") or (text.isdigit() and int(text) >= 1) or (
+            "," in text and all(part.strip().isdigit() for part in text.split(",") if part.strip()))
+    if not ok or isinstance(devices, bool):
+        raise TrainingConfigError(f"trainer.devices={devices!r}: expected a count ≥ 1, -1 or auto (every visible GPU), "
+                                  "or a list of device indices such as [0,1]")
 
 
 def processes_per_node(devices, accelerator: str) -> int:
@@ -249,6 +278,11 @@ def check_training_config(cfg: DictConfig) -> None:
         if not names or not all(isinstance(n, str) and n for n in names):
             raise TrainingConfigError(f"model.lora.target_modules={names!r}: expected all-linear or a non-empty list "
                                       "of module names, e.g. [q_proj, v_proj]")
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps >= 1)):
+        raise TrainingConfigError(f"trainer.max_steps={steps!r}: expected a whole number ≥ 1 (or -1: by "
+                                  "trainer.max_epochs)")
+    check_devices(OmegaConf.select(cfg, "trainer.devices"))
     top = OmegaConf.select(cfg, "model.lora.top_layers")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise TrainingConfigError(f"model.lora.top_layers={top!r}: expected null (every layer) or a whole number ≥ 1")
@@ -294,11 +328,28 @@ def check_quantization_strategy(cfg: DictConfig) -> None:
         )
 
 
+# what Hydra writes into the run directory before the app starts (conf/base.yaml: hydra.run.dir is `output`)
+HYDRA_RECORD = (".hydra", "train.log")
+
+
+def remove_fresh_output(output: Path) -> None:
+    """Remove an output directory that this run made and that holds nothing of a training run (a run refused
+    before training); from global rank 0 only, the other ranks never started."""
+    import shutil
+
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0 and not any((output / name).exists() for name in RUN_FILES):
+        shutil.rmtree(output, ignore_errors=True)
+
+
 def save_resolved_config(cfg: DictConfig, output: Path) -> None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
-        OmegaConf.save(cfg, output / "config.yaml", resolve=True)
+        partial = output / "config.yaml.partial"
+        OmegaConf.save(cfg, partial, resolve=True)
+        partial.replace(output / "config.yaml")
 
 
 def build(node, key: str, **runtime):
@@ -419,11 +470,16 @@ def build_callbacks(cfg: DictConfig, has_validation: bool, training: dict | None
 REQUIRED_CALLBACKS = ("adapter_export", "checkpoint_on_sigterm", "step_agreement")
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list:
     """`conf/logger/*.yaml`: every entry with a `_target_` (none, one or several), each given the whole resolved
-    config as its hyperparameters."""
+    config as its hyperparameters. A resumed run's CSV log continues from the checkpoint's step (loggers.py)."""
+    from .loggers import ResumableCSVLogger
+
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()
                if node is not None and node.get("_target_")]
+    for logger in loggers:
+        if isinstance(logger, ResumableCSVLogger):
+            logger.resume_step = resume_step
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)  # the whole resolved config, not only the module's
@@ -506,6 +562,10 @@ def build_trainer(cfg: DictConfig, output: Path, callbacks: list, loggers: list,
     strategy = build_strategy(options.pop("strategy"), accelerator, precision)
     if not has_validation:
         options["limit_val_batches"] = 0
+    if options.get("enable_progress_bar", True):
+        from .callbacks import StepProgressBar
+
+        callbacks = [*callbacks, StepProgressBar()]
     plugins = []
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
@@ -520,10 +580,18 @@ def build_trainer(cfg: DictConfig, output: Path, callbacks: list, loggers: list,
     )
 
 
+# what a training run leaves in its output directory: a directory holding any of these holds a run that can be
+# resumed or is finished (metrics alone, a run killed before its first checkpoint, are moved aside instead)
+RUN_FILES = ("checkpoints", "adapter", "adapter_best", "train_summary.json")
+
+
 def resume_path(cfg: DictConfig, output: Path) -> str | None:
     """`ckpt_path`: a path, `last` (OUTPUT/checkpoints/last.ckpt), or null: a fresh run, unless the scheduler
     restarted this one (a requeued SLURM job, a torchrun restart) and it left a last.ckpt: then that, so a
-    requeued job that reruns its own command goes on where it stopped."""
+    requeued job that reruns its own command goes on where it stopped. A fresh run into a directory that holds a
+    run is refused (it would overwrite that run's adapter, checkpoints and metrics)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
     from .distributed import restarted
 
     path = cfg.get("ckpt_path")
@@ -533,6 +601,13 @@ def resume_path(cfg: DictConfig, output: Path) -> str | None:
         if why and last.exists():
             log.warning("%s: the scheduler restarted this run; resuming from %s", why, last)
             return str(last)
+        found = [name for name in RUN_FILES if (output / name).exists()]
+        # rank 0 decides: Lightning starts the other ranks once rank 0's run is under way in this directory
+        if found and not why and rank_zero_only.rank == 0:
+            resume = "resume it with ckpt_path=last, " if last.exists() else ""
+            raise TrainingConfigError(
+                f"output={output} holds a training run ({', '.join(found)}); {resume}or give another output= "
+                "(or delete that directory) to start over")
         return None
     if path == "last":
         last = output / "checkpoints" / "last.ckpt"
@@ -545,3 +620,54 @@ def resume_path(cfg: DictConfig, output: Path) -> str | None:
     if not Path(path).exists():
         raise TrainingConfigError(f"ckpt_path={path}: no such checkpoint")
     return str(path)
+
+
+def check_checkpoint(path: str, cfg: DictConfig) -> int | None:
+    """The checkpoint to resume from can be read, holding only weights and plain containers (torch.load with
+    weights_only=True, memory-mapped: no tensor data is read); its global step. Checked before anything is written
+    or loaded: a truncated or unsafe file gets one line naming it and what to do."""
+    import pickle
+
+    path = Path(path)
+    others = sorted(str(p) for p in path.parent.glob("*.ckpt") if p != path)
+    instead = (f"resume from another checkpoint (ckpt_path={others[-1]})" if others else
+               "or start over in a new output directory")
+    try:
+        if path.is_dir():  # a DeepSpeed checkpoint: DeepSpeed's own files, with its data classes allowed
+            from .model.strategy import check_deepspeed_checkpoint, use_deepspeed_accelerator
+
+            use_deepspeed_accelerator(resolve_accelerator(str(cfg.trainer.get("accelerator", "auto"))))
+            check_deepspeed_checkpoint(path)
+            states = sorted(path.rglob("*model_states.pt"))
+            state = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True) if states else {}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise TrainingConfigError(f"ckpt_path={cfg.get('ckpt_path')}: refusing to load it, it holds pickled objects "
+                                  f"(only plain weights are loaded: torch.load(weights_only=True)): {err}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainingConfigError(f"ckpt_path={cfg.get('ckpt_path')}: {path} cannot be read ({reason}); it may be "
+                                  f"truncated (a run killed while saving it): {instead}") from None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, int) else None
+
+
+def check_sweep_measures_its_objective(cfg: DictConfig) -> None:
+    """In a sweep the objective must be measured: a `val/*` objective needs a validation within the run's steps
+    (otherwise the trial would record NaN)."""
+    metric = str(cfg.get("optimized_metric") or "val/alignment")
+    if multirun_trial() is None or not metric.startswith("val/"):
+        return
+    trainer = cfg.trainer
+    steps = int(trainer.get("max_steps", -1) or -1)
+    interval = trainer.get("val_check_interval")
+    batches = steps * int(trainer.get("accumulate_grad_batches", 1) or 1)
+    if int(OmegaConf.select(cfg, "data.num_val_contexts", default=1) or 0) == 0:
+        raise TrainingConfigError(f"optimized_metric={metric} with data.num_val_contexts=0: no validation, so the "
+                                  "sweep's objective would never be measured; hold out a context or sweep on another "
+                                  "metric (optimized_metric=transfer/alignment with callbacks.split_alignment)")
+    if steps > 0 and isinstance(interval, int) and not isinstance(interval, bool) and interval > batches:
+        raise TrainingConfigError(
+            f"trainer.val_check_interval={interval} with trainer.max_steps={steps}: validation never runs, so the "
+            f"sweep's objective {metric} would not be measured; set trainer.val_check_interval ≤ {batches}")

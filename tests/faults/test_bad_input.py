@@ -162,3 +162,86 @@ def test_prompt_version_mismatch_between_teacher_and_student_is_refused(tmp_path
                                    "metrics.n_bootstrap=1000"])
     assert_clean_failure(result, "prompt_version mismatch", "teacher=p1-", "base=p1-00000000")
     assert not (output / "summary.json").exists()
+
+
+def test_a_context_name_too_long_for_a_shard_file_is_refused_naming_the_file(tmp_path):
+    """Sample files are named after their scenario (schema.py, SHARD_NAME): a name no file can carry is refused as the
+    catalogue loads, not met as a traceback (ENAMETOOLONG) when the first shard is written."""
+    from tomdistill.scenarios.schema import NAME_MAX, shard_name_room
+
+    name = "c" * 300
+    extra = tmp_path / "extra"
+    (extra / "contexts").mkdir(parents=True)
+    context = extra / "contexts" / "long.yaml"
+    context.write_text(f"name: {name}\ncoplayer: a stranger\npoints: points\nframing: You meet a stranger.\n")
+    (extra / "splits.yaml").write_text(f"oos_context:\n  games: [stag_hunt]\n  contexts: [{name}]\n")
+    output = tmp_path / "out"
+    result = entry("sample.py", ["sampler=oracle", "sampler.n=2", "sampler.progress=false",
+                                 "scenarios.games=[stag_hunt]", f"scenarios.contexts=[{name}]",
+                                 "scenarios.splits=[oos_context]", f"scenarios.extra_dirs=[{extra}]", f"output={output}"])
+    assert_clean_failure(result, str(context), "context name 'cccc", "300 bytes", f"{NAME_MAX} bytes",
+                         f"{shard_name_room()} bytes")
+    assert_no_samples(output)
+
+
+def test_names_that_fit_keep_their_shard_file_names():
+    """Existing studies resume by their shards' names: the format is unchanged."""
+    from tomdistill.sampling.shards import Shard, _temp_path
+    from tomdistill.scenarios.schema import Context, Game, Scenario, shard_name_room
+
+    game = Game(name="stag_hunt", title="Stag hunt", kind="matrix")
+    context = Context(name="team", coplayer="a colleague", points="points", framing="", regard=0.0, belief=0.5)
+    shard = Shard(Scenario(game, context, "in_sample"), 50, 50)
+    assert shard.filename == "shard-stag_hunt-team-000050.parquet"
+    assert _temp_path(Path("/d") / shard.filename).name.startswith(".shard-stag_hunt-team-000050.parquet.")
+    # the longest names allowed make a temp file name of at most 255 bytes, whatever the pid
+    longest = Scenario(Game(name="g" * 100, title="", kind="matrix"),
+                       Context(name="c" * (shard_name_room() - 100), coplayer="", points="", framing="", regard=0.0,
+                               belief=0.5), "in_sample")
+    assert len(f".{Shard(longest, 0, 1).filename}.4194304.part") == 255
+
+
+# --- output directories that cannot be written ------------------------------------------------------
+
+def test_an_output_under_a_read_only_directory_is_refused_before_hydra_starts(tmp_path, monkeypatch):
+    """In-process, so it also holds as root (where a chmod stops no write): the check asks os.access and statvfs."""
+    import os
+
+    from tomdistill.paths import output_override_error
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    assert output_override_error(str(locked / "x")) is None  # writable: nothing to say
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert output_override_error(str(locked / "x" / "y")) == (
+        f"output={locked / 'x' / 'y'}: cannot create it: {locked} is not writable (permission denied)")
+    assert output_override_error(str(locked)).startswith(f"output={locked}: cannot write into it: ")
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly())
+    assert output_override_error(str(locked / "x")) == (
+        f"output={locked / 'x'}: cannot create it: {locked} is not writable (read-only filesystem)")
+    (tmp_path / "file").write_text("")
+    assert output_override_error(str(tmp_path / "file" / "x")) == (
+        f"output={tmp_path / 'file' / 'x'}: cannot create it: {tmp_path / 'file'} is not a directory")
+
+
+@pytest.mark.parametrize("script", ["train.py", "-m tomdistill.pipeline"])
+def test_an_entry_point_given_an_unwritable_output_says_so_in_one_line(tmp_path, script):
+    import os
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: a read-only mode stops no write (the in-process test covers the check)")
+        result = entry(script, [*TINY_TRAIN, f"output={locked}/run"], timeout=120)
+    finally:
+        locked.chmod(0o755)
+    app = "pipeline" if "pipeline" in script else script
+    assert_clean_failure(result, f"{app}: error: output={locked}/run: cannot create it: {locked} is not writable")
+    assert len(result.stderr.strip().splitlines()) == 1, describe(result)

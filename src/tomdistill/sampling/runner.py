@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from ..model.loading import check_adapter_dir
-from ..paths import run_output_dir
+from ..paths import run_output_dir, safe_output_dir
 from ..records import load_samples, mass_warning
 from ..scenarios import ANSWER_PREFIX, Scenario, catalogue_from_config, parse_action, parse_motivation, prompt_version
 from .backends import Backend, GenerationRequest, backend_model_name, make_backend
@@ -67,8 +67,9 @@ def resolve_output_dir(cfg, world: World) -> Path:
             )
         if world.is_main:  # every rank writes where rank 0's Hydra run directory is
             output = str(run_output_dir(None))
-        output = world.broadcast(output)
-    directory = run_output_dir(output)
+        directory = safe_output_dir(world.broadcast(output))
+    else:
+        directory = run_output_dir(output)
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

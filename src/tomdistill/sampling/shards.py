@@ -19,12 +19,14 @@ import pyarrow.parquet as pq
 
 from ..records import FEATURES, RECORD_COLUMNS, SHARD_GLOB
 from ..scenarios import Scenario
+from ..scenarios.schema import SHARD_TEMP_NAME
 
 # Shards live in DIR/train/: `datasets.load_dataset("parquet", data_dir=DIR)` reads every file under
 # DIR unless a split-named directory holds the data, and DIR also holds manifest.json, plan.json and
 # Hydra's sample.log. ("train" is only datasets' name for an unsplit dataset.)
 SHARD_DIR = "train"
-TEMP_SUFFIX = ".part"  # temp files are hidden and not *.parquet: no reader ever sees a half-written shard
+# ".part": temp files are hidden and not *.parquet: no reader ever sees a half-written shard
+TEMP_SUFFIX = SHARD_TEMP_NAME.rpartition("}")[2]
 
 
 def derive_seed(seed: int, *parts) -> int:
@@ -45,7 +47,7 @@ class Shard:
 
     @property
     def filename(self) -> str:
-        return f"shard-{self.scenario.game.name}-{self.scenario.context.name}-{self.start:06d}.parquet"
+        return self.scenario.shard_name(self.start)  # names fit a file name: scenarios/catalogue.py checks them
 
     def shard_seed(self, seed: int) -> int:
         return derive_seed(seed, self.scenario.game.name, self.scenario.context.name, "shard", self.start)
@@ -75,7 +77,7 @@ def shard_path(directory: Path, shard: Shard) -> Path:
 
 
 def _temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}{TEMP_SUFFIX}")
+    return target.with_name(SHARD_TEMP_NAME.format(name=target.name, pid=os.getpid()))
 
 
 def missing_shards(directory: Path, plan: list[Shard]) -> list[Shard]:

@@ -17,8 +17,8 @@ import yaml
 
 # the building blocks (splits, games, contexts, scenarios) live in schema.py, below augment.py and this file
 from .schema import (  # noqa: F401
-    AUGMENT_SPLIT, HELDOUT_CONTEXT, MATRIX_ACTIONS, REPORT_SPLITS, SPLITS, CatalogueError, Context, Game, Scenario,
-    evaluated_contexts, scaled_game,
+    AUGMENT_SPLIT, HELDOUT_CONTEXT, MATRIX_ACTIONS, NAME_MAX, REPORT_SPLITS, SHARD_NAME, SPLITS, CatalogueError,
+    Context, Game, Scenario, evaluated_contexts, scaled_game, shard_name_room,
 )
 
 
@@ -191,6 +191,30 @@ def _parse_context(data: dict, path: Path) -> Context:
     )
 
 
+def _check_name_lengths(splits: dict, game_files: dict[str, Path], context_files: dict[str, Path],
+                        generated: dict[str, Game]) -> None:
+    """Every scenario's shard file name must fit a file name (schema.py, SHARD_NAME): refused here, naming the file,
+    rather than as a traceback when sampling writes the first shard. Names are kept, not shortened: a resumed
+    study finds its shards by them."""
+    room = shard_name_room()
+    for pairs in splits.values():
+        for game, context in pairs:
+            size = len(game.encode()) + len(context.encode())
+            if size <= room:
+                continue
+            # the longer name is at fault; a generated payoff variant's comes from the game it varies
+            if len(context.encode()) >= len(game.encode()):
+                where, kind, name = context_files[context], "context", context
+            else:
+                where = game_files.get(game) or game_files.get(generated[game].base, "scenarios.augment")
+                kind, name = "game", game
+            shown = name if len(name) <= 40 else f"{name[:40]}…"
+            raise CatalogueError(
+                f"{where}: {kind} name {shown!r} is {len(name.encode())} bytes, too long: its sample files, "
+                f"{SHARD_NAME} (written through a temp name), must fit in {NAME_MAX} bytes, so a game's and a "
+                f"context's names may take {room} bytes together ({size} here); give it a shorter name")
+
+
 def load_catalogue(
     directory: str | Path,
     extra_dirs: Iterable[str | Path] = (),
@@ -273,6 +297,7 @@ def load_catalogue(
         generated, pairs = augment_split(games, splits, augment, contexts)
         games.update(generated)
         splits[AUGMENT_SPLIT] = pairs
+    _check_name_lengths(splits, game_files, context_files, generated)
     return Catalogue(games=games, contexts=contexts, splits=splits, source=str(directory),
                      generated=frozenset(generated))
 

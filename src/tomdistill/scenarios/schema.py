@@ -20,6 +20,20 @@ REPORT_SPLITS = ("in_sample", HELDOUT_CONTEXT, "oos_context", "oos_payoffs", "oo
 AUGMENT_SPLIT = "augment"
 MATRIX_ACTIONS = ("C", "D")
 
+# A scenario's samples are files named after its game and context (sampling/shards.py), each written first to a hidden
+# temp file beside it: the longer temp name must fit a file name (255 bytes on ext4, xfs, btrfs, NFS and Lustre).
+# The format may not change: a resumed study finds its written shards by these names.
+SHARD_NAME = "shard-{game}-{context}-{start:06d}.parquet"
+SHARD_TEMP_NAME = ".{name}.{pid}.part"
+NAME_MAX = 255
+PID_DIGITS = 7  # Linux's largest pid_max is 4194304
+
+
+def shard_name_room() -> int:
+    """Bytes a game's and a context's names may take together in a shard's temp file name."""
+    empty = SHARD_TEMP_NAME.format(name=SHARD_NAME.format(game="", context="", start=0), pid="9" * PID_DIGITS)
+    return NAME_MAX - len(empty.encode())
+
 
 class CatalogueError(ValueError, UserError):
     """An invalid catalogue file; the message names the file and the key."""
@@ -77,6 +91,9 @@ class Scenario:
     @property
     def id(self) -> str:
         return f"{self.game.name}/{self.context.name}"
+
+    def shard_name(self, start: int) -> str:
+        return SHARD_NAME.format(game=self.game.name, context=self.context.name, start=start)
 
 
 def scaled_game(base: Game, scale: float) -> Game:
