@@ -80,14 +80,19 @@ def unwritable(path: str | Path) -> str | None:
 
 
 def output_override_error(value: str) -> str | None:
-    """What is wrong with `output=value` given on the command line, or None."""
+    """What is wrong with `output=value` given on the command line, or None (then the directory exists: it is made
+    here, as Hydra would make it next)."""
     try:
         safe_output_dir(value)
     except UnsafePathError as err:
         return str(err)
     why = unwritable(value)
     if why is None:
-        return None
+        try:  # the check above trusts permissions, which root and special filesystems (/proc) overrule
+            Path(str(value)).expanduser().mkdir(parents=True, exist_ok=True)
+            return None
+        except OSError as err:
+            why = err.strerror or str(err)
     action = "cannot write into it" if Path(str(value)).expanduser().is_dir() else "cannot create it"
     return f"output={value}: {action}: {why}"
 

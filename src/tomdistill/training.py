@@ -641,7 +641,10 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int | None:
             states = sorted(path.rglob("*model_states.pt"))
             state = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True) if states else {}
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, OSError):  # not mappable (an old format, or damaged): read whole for the reason
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise TrainingConfigError(f"ckpt_path={cfg.get('ckpt_path')}: refusing to load it, it holds pickled objects "
                                   f"(only plain weights are loaded: torch.load(weights_only=True)): {err}") from None

@@ -51,6 +51,8 @@ def test_malformed_scenario_yaml_names_the_file_and_line(tmp_path):
     output = tmp_path / "out"
     result = entry("sample.py", [*ORACLE, f"scenarios.extra_dirs=[{extra}]", f"output={output}"])
     assert_clean_failure(result, str(broken), "not valid YAML", "line ")
+    last = result.stderr.strip().splitlines()[-1]
+    assert str(broken) in last and "not valid YAML at line " in last  # one line, not PyYAML's drawing
     assert_no_samples(output)
 
 
@@ -211,7 +213,8 @@ def test_an_output_under_a_read_only_directory_is_refused_before_hydra_starts(tm
 
     locked = tmp_path / "ro"
     locked.mkdir()
-    assert output_override_error(str(locked / "x")) is None  # writable: nothing to say
+    assert output_override_error(str(locked / "fresh")) is None  # writable: nothing to say (and it is made)
+    assert (locked / "fresh").is_dir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     assert output_override_error(str(locked / "x" / "y")) == (
@@ -244,4 +247,11 @@ def test_an_entry_point_given_an_unwritable_output_says_so_in_one_line(tmp_path,
         locked.chmod(0o755)
     app = "pipeline" if "pipeline" in script else script
     assert_clean_failure(result, f"{app}: error: output={locked}/run: cannot create it: {locked} is not writable")
+    assert len(result.stderr.strip().splitlines()) == 1, describe(result)
+
+
+def test_an_output_the_filesystem_will_not_create_is_one_line_even_as_root():
+    """/proc takes no new directories, whatever the permissions say (root passes every os.access check)."""
+    result = entry("train.py", [*TINY_TRAIN, "output=/proc/tomdistill-run"], timeout=120)
+    assert_clean_failure(result, "train.py: error: output=/proc/tomdistill-run: cannot create it: ")
     assert len(result.stderr.strip().splitlines()) == 1, describe(result)

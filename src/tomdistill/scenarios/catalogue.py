@@ -103,7 +103,13 @@ def _load_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise CatalogueError(f"{path}: not valid YAML: {err}") from err
+        # one line: the problem and where (PyYAML's own text spans several lines with a drawing of the spot)
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        context = getattr(err, "context", None)
+        raise CatalogueError(f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")) \
+            from err
     if not isinstance(data, dict):
         raise CatalogueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
