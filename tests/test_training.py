@@ -82,8 +82,9 @@ def test_resume_from_last_continues_at_the_right_step(cpu_run, teacher, tmp_path
     check(run_train([*SHORT, f"data.teacher={teacher}", f"output={output}", "ckpt_path=last", "trainer.max_steps=4"]))
     assert summary(output)["global_step"] == 4
     with open(output / "logs/metrics.csv") as f:
-        steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
-    assert steps == [2, 3]  # the resumed run logs steps 2-3: it did not start again from 0
+        steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss"))
+    # the first run's steps 0-1 kept, the resumed run's 2-3 after them, each once: it did not start again from 0
+    assert steps == [0, 1, 2, 3]
 
 
 def test_missing_checkpoint_for_resume_is_a_clear_error(tmp_path, teacher):

@@ -461,6 +461,11 @@ class LoRADistillModule(pl.LightningModule):
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch, batch_idx):
         self._batch_start = time.perf_counter()
+        # Lightning logs training rows at `_batches_that_stepped`, which one optimizer keeps equal to global_step at a
+        # batch's start; on a restart it adds one, assuming the checkpoint was saved before its increment (pytorch_lightning
+        # training_epoch_loop.py, reset): true of ModelCheckpoint's, not of the SIGTERM one (callbacks.py), which would
+        # leave a hole in a resumed run's metrics.csv (src/tomdistill/loggers.py continues it by global step)
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "data_error" in batch:  # a loader error on several ranks; distributed.StepAgreement raises it first
