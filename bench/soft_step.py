@@ -37,14 +37,17 @@ def demo_batch(model_name: str, augment: int = 0):
     from tomdistill.losses import SoftLabelLoss
     from tomdistill.model.loading import load_tokenizer
     from tomdistill.scenarios import load_catalogue
+    from tomdistill.training import oracle_teacher_directories
 
     catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": augment})
     splits = ["in_sample", "augment"] if augment else ["in_sample"]
     cache = ROOT / ".cache"
     tokenizer = load_tokenizer(model_config(model_name), cache, padding_side="right")
-    # data.teacher=null: train.py's in-process oracle teacher
-    datamodule = TeacherQADataModule(None, tokenizer, catalogue, oracle=oracle_config(n=2), loss=SoftLabelLoss(),
-                                     num_val_contexts=1, cache_dir=cache, splits=splits)
+    # data.teacher=null: train.py's in-process oracle teacher, sampled by the recipe before the datamodule reads it
+    loss = SoftLabelLoss()
+    teacher = oracle_teacher_directories(catalogue, loss, oracle_config(n=2), cache)
+    datamodule = TeacherQADataModule(teacher["teacher"], tokenizer, catalogue, teacher_probs=teacher["teacher_probs"],
+                                     loss=loss, num_val_contexts=1, cache_dir=cache, splits=splits)
     datamodule.setup("fit")
     collate = datamodule._collator()
     return collate([datamodule.train_set[i] for i in range(len(datamodule.train_set))])

@@ -90,7 +90,7 @@ def test_paper_study_on_slurm_renders_every_stage_as_a_chained_job(tmp_path):
     pickled = DelayedSubmission.load(study / ".submitit" / ids["train_sft"] / f"{ids['train_sft']}_submitted.pkl")
     job = pickled.function
     assert job.stage.output == study / "train_sft" and job.common == ["+experiment=paper"]
-    assert job.extra == ["trainer.num_nodes=2", "trainer.devices=8", "callbacks.step_agreement.max_requeues=3"]
+    assert job.extra == ["trainer.num_nodes=2", "trainer.devices=8", "max_requeues=3"]  # train.py's cap: the same
     recorded = json.loads((study / ".submitit" / "jobs.json").read_text())
     assert recorded["train [sft]"] == ids["train_sft"]
 
@@ -131,6 +131,7 @@ def test_slurm_launcher_without_sbatch_names_what_is_missing(tmp_path):
     ("pipeline.cluster.evaluate.timeout_min=0", "pipeline.cluster.evaluate.timeout_min: must be a whole number ≥ 1"),
     ("+pipeline.cluster.student.gpus=1", "pipeline.cluster.student: unknown key(s) ['gpus']"),
     ("pipeline.launcher=pbs", "pipeline.launcher='pbs': expected one of local|slurm|submitit_local"),
+    ("max_requeues=-1", "max_requeues (pipeline.cluster.max_requeues): must be a whole number ≥ 0"),
 ])
 def test_a_layout_that_cannot_run_is_refused_before_anything_is_submitted(tmp_path, override, message):
     slurm = tmp_path / "slurm"
@@ -235,7 +236,7 @@ sleep 60 & wait
 
 @pytest.mark.parametrize("script, restarts, reaches_child, outcome, requeue_call", [
     ("evaluate.py", "0", "TERM", "requeued SLURM job 77", "requeue 77"),
-    ("sample.py", "3", "TERM", "not requeued: restarted 3 times already (pipeline.cluster.max_requeues)", None),
+    ("sample.py", "3", "TERM", "not requeued: restarted 3 times already (max_requeues=3)", None),
     ("train.py", "0", "USR2", "train.py saved last.ckpt and requeued the job", None),  # train.py requeues itself
 ])
 def test_a_preempted_job_stops_its_stage_and_requeues(tmp_path, monkeypatch, script, restarts, reaches_child,
@@ -270,3 +271,64 @@ def test_a_preempted_job_stops_its_stage_and_requeues(tmp_path, monkeypatch, scr
     calls = (tmp_path / "scontrol.log").read_text().split("\n")[0] if (tmp_path / "scontrol.log").exists() else None
     assert calls == requeue_call
     assert signal.getsignal(signal.SIGUSR2) is handler  # the job's own handlers are put back
+
+
+def compose_conf(config: str, overrides: list[str], hydra_config: bool = False):
+    from hydra import compose, initialize_config_dir
+
+    from tomdistill.paths import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(config, overrides=overrides, return_hydra_config=hydra_config)
+
+
+def test_every_route_reads_one_requeue_cap(tmp_path, monkeypatch):
+    """`max_requeues` (conf/base.yaml) caps the requeues of all three routes to a cluster (docs/cluster.md):
+    train.py's own requeue (StepAgreement, which `slurm/train_multinode.sbatch` and the training job of either
+    launcher run), submitit's time-out count under `hydra/launcher=slurm`, and every `pipeline.launcher=slurm` job."""
+    from hydra.utils import instantiate
+
+    from tomdistill.cluster import Resources, make_executor, requeue_cap
+
+    sweep = compose_conf("train", ["hydra/launcher=slurm", "max_requeues=5", "output=/tmp/x",
+                                   f"hydra.sweep.dir={tmp_path / 'sweep'}"], hydra_config=True)
+    assert instantiate(sweep.callbacks.step_agreement).max_requeues == 5
+    assert sweep.hydra.launcher.max_num_timeout == 5
+    # what hydra-submitit-launcher 1.2.0 gives submitit as slurm_max_num_timeout (submitit_launcher.py, launch())
+    assert instantiate(sweep.hydra.launcher).params["max_num_timeout"] == 5
+
+    study = compose_conf("pipeline", ["max_requeues=5"])
+    assert requeue_cap(study.pipeline.cluster) == 5
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")  # submitit looks for srun
+    executor = make_executor("slurm", tmp_path, study.pipeline.cluster, Resources(1, 1, 0, 2, 8, 30), "x", None, [])
+    assert executor._executor.max_num_timeout == 5  # submitit's own handler, before the job's, counts the same
+
+    # the default, and the pipeline's old key, which still sets the cap of its jobs (train.py's too: cluster.py
+    # passes it on as max_requeues)
+    assert compose_conf("train", ["output=/tmp/x"]).callbacks.step_agreement.max_requeues == 3
+    assert requeue_cap(compose_conf("pipeline", ["pipeline.cluster.max_requeues=4"]).pipeline.cluster) == 4
+
+
+def test_the_requeue_cap_is_not_part_of_what_a_training_stage_made(tmp_path):
+    """Changing `max_requeues` does not make a study's training stage stale, nor does a record written before the
+    cap was shared (it held callbacks.step_agreement.max_requeues: 3)."""
+    from tomdistill.study import plan, stale_reason, write_record
+
+    common = ["model=tiny_llama", "logger=csv"]
+    study = compose_conf("pipeline", common)
+    train = next(s for s in plan(study, tmp_path / "study") if s.script == "train.py")
+    (train.output / "checkpoints").mkdir(parents=True)
+    (train.output / "checkpoints" / "last.ckpt").write_bytes(b"")  # an interrupted run: it would resume
+
+    def config(extra):
+        return compose_conf("train", [*common, *train.overrides, *extra, f"output={train.output}"])
+
+    write_record(train, config([]), common)
+    record = json.loads((train.output / "stage.json").read_text())
+    assert "max_requeues" not in record["config"]
+    assert stale_reason(train, config(["max_requeues=7"]), [*common, "max_requeues=7"]) is None
+    record["config"]["callbacks.step_agreement.max_requeues"] = 3  # as the version before wrote it
+    (train.output / "stage.json").write_text(json.dumps(record))
+    assert stale_reason(train, config([]), common) is None
+    assert "loss" in stale_reason(train, config(["loss=sft"]), common)  # what it made still counts

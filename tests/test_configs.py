@@ -156,6 +156,7 @@ def test_paper_training_is_sft_as_cfg_job_prints_it():
     ("loss.temperature=0", "loss.temperature"),
     ("model.lora.top_layers=0", "model.lora.top_layers"),
     ("model.lora.target_modules=[]", "model.lora.target_modules"),
+    ("max_requeues=-1", "max_requeues"),
 ])
 def test_a_value_that_cannot_train_is_refused_by_key_before_anything_loads(override, key):
     from tomdistill.training import TrainingConfigError, check_training_config

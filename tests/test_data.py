@@ -37,6 +37,16 @@ def make(teacher, tokenizer, catalogue, tmp_path, loss="sft", **kwargs):
     return dm
 
 
+def make_on_the_oracle(tokenizer, catalogue, tmp_path, loss="soft", **kwargs):
+    """train.py without data.teacher: the recipe samples the oracle teacher, the datamodule reads its directories."""
+    from helpers import oracle_config
+    from tomdistill.training import oracle_teacher_directories
+
+    directories = oracle_teacher_directories(catalogue, LOSSES[loss](), oracle_config(), tmp_path / "cache")
+    return make(directories["teacher"], tokenizer, catalogue, tmp_path, loss=loss,
+                teacher_probs=directories["teacher_probs"], **kwargs)
+
+
 def test_labels_mask_everything_but_the_assistant_turn_token_by_token(teacher_dir, tokenizer, catalogue, tmp_path):
     dm = make(teacher_dir, tokenizer, catalogue, tmp_path, loss="sft_soft")
     end = dm._end_of_turn()
@@ -292,15 +302,13 @@ def test_train_py_reports_data_errors_before_loading_a_model(tmp_path):
 def test_payoff_augmentation_trains_on_rescaled_games_from_the_in_process_oracle(tokenizer, tmp_path):
     """scenarios.augment_scales + data.splits=[in_sample, augment]: the oracle teacher (cached per scales)
     gives the rescaled games too, and they become training scenarios with their own soft targets."""
-    from helpers import oracle_config
     from tomdistill import CATALOGUE_DIR
     from tomdistill.scenarios import load_catalogue
 
     plain = load_catalogue(CATALOGUE_DIR)
     augmented = load_catalogue(CATALOGUE_DIR, augment_scales=[0.5, 3])
-    plain_dm = make(None, tokenizer, plain, tmp_path, loss="soft", oracle=oracle_config())
-    dm = make(None, tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
-              oracle=oracle_config())
+    plain_dm = make_on_the_oracle(tokenizer, plain, tmp_path, loss="soft")
+    dm = make_on_the_oracle(tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"])
     assert plain_dm.teacher != dm.teacher  # same prompt_version, different data: keyed by the scales
     games = {t.scenario.game.name for t in dm.targets}
     assert {"stag_hunt", "stag_hunt_x0.5", "stag_hunt_x3"} <= games
@@ -365,13 +373,12 @@ def test_anchored_batches_hold_every_anchor_and_deal_the_pool_one_per_group_in_t
 def test_augment_per_step_trains_every_in_sample_scenario_each_step_and_the_variants_in_turns(tokenizer, tmp_path):
     from types import SimpleNamespace
 
-    from helpers import oracle_config
     from tomdistill import CATALOGUE_DIR
     from tomdistill.scenarios import load_catalogue
 
     augmented = load_catalogue(CATALOGUE_DIR, augment={"variants": 2})
-    dm = make(None, tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
-              oracle=oracle_config(), augment_per_step=8)
+    dm = make_on_the_oracle(tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
+                            augment_per_step=8)
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=None)
     loader = dm.train_dataloader()
     in_sample = [t for t in dm.train_targets if t.scenario.split == "in_sample"]
@@ -387,17 +394,18 @@ def test_augment_per_step_trains_every_in_sample_scenario_each_step_and_the_vari
     assert sorted(seen) == sorted(t.scenario.key for t in variants)
     dm.trainer = None
     with pytest.raises(DataError, match="data.augment_per_step=8, but no scenario of the 'augment' split"):
-        plain = make(None, tokenizer, augmented, tmp_path, loss="soft", oracle=oracle_config(), augment_per_step=8)
+        plain = make_on_the_oracle(tokenizer, augmented, tmp_path, loss="soft", augment_per_step=8)
         plain.trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=None)
         plain.train_dataloader()
     with pytest.raises(DataError, match="augment_per_step=8 takes a per-scenario loss"):
-        TeacherQADataModule(None, tokenizer, augmented, loss=SFTLoss(), augment_per_step=8)
+        TeacherQADataModule(dm.teacher, tokenizer, augmented, loss=SFTLoss(), augment_per_step=8)
     with pytest.raises(DataError, match="choose one way to batch scenarios"):
-        TeacherQADataModule(None, tokenizer, augmented, loss=SoftLabelLoss(), augment_per_step=8, scenario_batch_size=4)
+        TeacherQADataModule(dm.teacher, tokenizer, augmented, loss=SoftLabelLoss(), augment_per_step=8,
+                            scenario_batch_size=4)
     # data.augment_from_step: the in-sample scenarios alone until that optimiser step (counted in batches of the
     # gradient accumulation), then the variants in turns as above
-    late = make(None, tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
-                oracle=oracle_config(), augment_per_step=8, augment_from_step=3)
+    late = make_on_the_oracle(tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
+                              augment_per_step=8, augment_from_step=3)
     late.trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=None, accumulate_grad_batches=2)
     sampler = late.train_dataloader().batch_sampler
     assert sampler.pool_from_batch == 6 and len(sampler) == 4
@@ -415,4 +423,4 @@ def test_augment_per_step_trains_every_in_sample_scenario_each_step_and_the_vari
     assert sampler.batches()[2:] == from_start.batches()[2:]  # once they join, the same turns as from the start
     for bad in ({"augment_from_step": 3}, {"augment_from_step": -1, "augment_per_step": 8}):
         with pytest.raises(DataError, match=r"data.augment_from_step=-?\d+: expected 0, or a step ≥ 1 together with"):
-            TeacherQADataModule(None, tokenizer, augmented, loss=SoftLabelLoss(), **bad)
+            TeacherQADataModule(dm.teacher, tokenizer, augmented, loss=SoftLabelLoss(), **bad)

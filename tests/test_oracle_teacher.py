@@ -1,7 +1,9 @@
 """The in-process oracle teacher (data.teacher=null) is `sample.py sampler=oracle role=teacher`, record for record,
-cached once and never half-written (src/tomdistill/sampling/oracle_teacher.py)."""
+cached once and never half-written (src/tomdistill/sampling/oracle_teacher.py), sampled by the training recipe
+before the datamodule reads it (training.build_datamodule)."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import subprocess
@@ -17,6 +19,7 @@ from tomdistill.records import load_samples
 from tomdistill.sampling import runner
 from tomdistill.sampling.oracle_teacher import CACHE_FOLDER, oracle_settings, oracle_teacher
 from tomdistill.sampling.settings import SamplingConfigError
+from tomdistill.training import build_datamodule, build_loss, oracle_teacher_directories, training_record
 
 N, SEED = 3, 5  # not the defaults: the in-process path must pass both on
 
@@ -29,9 +32,22 @@ def tokenizer(tiny_model_cfg):
 
 
 def datamodule(tokenizer, catalogue, cache_dir: Path, loss) -> TeacherQADataModule:
-    dm = TeacherQADataModule(None, tokenizer, catalogue, oracle=oracle_config(N, SEED), loss=loss, cache_dir=cache_dir)
+    """What train.py builds without data.teacher: the recipe samples the oracle teacher, the datamodule reads it."""
+    directories = oracle_teacher_directories(catalogue, loss, oracle_config(N, SEED), cache_dir)
+    dm = TeacherQADataModule(directories["teacher"], tokenizer, catalogue, teacher_probs=directories["teacher_probs"],
+                             loss=loss, cache_dir=cache_dir)
     dm.setup("fit")
     return dm
+
+
+def train_config(tmp_path: Path, *overrides: str):
+    """conf/train.yaml without data.teacher; the oracle's cache in tmp_path (the tokenizer's stays where it is)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["model=tiny_llama", f"data.cache_dir={tmp_path}/cache",
+                                           f"data.oracle.sampler.n={N}", f"data.oracle.seed={SEED}",
+                                           "data.oracle.sampler.progress=false", *overrides])
 
 
 def sample_py(output: Path, *overrides: str) -> Path:
@@ -120,11 +136,63 @@ def test_bad_oracle_settings_name_their_key(edit, key):
         oracle_settings(oracle, "generate")
 
 
-def test_a_null_teacher_with_teacher_probs_is_refused(tokenizer, catalogue, tmp_path):
-    dm = TeacherQADataModule(None, tokenizer, catalogue, teacher_probs=tmp_path / "scores", oracle=oracle_config(),
-                             loss=SoftLabelLoss(), cache_dir=tmp_path)
-    with pytest.raises(DataError, match="data.teacher_probs=.* with data.teacher=null"):
-        dm.setup("fit")
+def test_without_a_teacher_the_recipe_samples_the_oracle_before_the_datamodule_reads_it(tmp_path):
+    cfg = train_config(tmp_path, "loss=sft_soft")  # trains on tokens: both modes
+    dm = build_datamodule(cfg, build_loss(cfg))
+    teacher, scores = Path(dm.teacher), Path(dm.teacher_probs_source)
+    for directory, mode in ((teacher, "generate"), (scores, "score")):  # complete before setup() reads anything
+        assert directory.parent == tmp_path / "cache" / CACHE_FOLDER and directory.name.startswith(f"{mode}-")
+        assert f"-n{N}-s{SEED}-" in directory.name
+        assert json.loads((directory / "manifest.json").read_text())["complete"] is True
+    assert cfg.data.teacher is None and cfg.data.teacher_probs is None  # config.yaml keeps what the user gave
+    assert not hasattr(dm, "oracle")  # data.oracle is the recipe's
+    dm.setup("fit")
+    assert training_record(dm, cfg)["teacher"] == str(teacher)
+    assert dm.stats["records"] == N * len(dm.targets)  # N sampled answers per trained or validation scenario
+    soft = build_datamodule(train_config(tmp_path, "loss=soft"), SoftLabelLoss())  # scores alone, reused
+    assert Path(soft.teacher) == Path(soft.teacher_probs_source) == scores
+
+
+def test_a_null_teacher_with_teacher_probs_or_without_a_cache_is_refused_by_the_recipe(tmp_path):
+    cfg = train_config(tmp_path, f"data.teacher_probs={tmp_path}/scores")
+    with pytest.raises(DataError, match=r"^data.teacher_probs=.* with data.teacher=null"):
+        build_datamodule(cfg, build_loss(cfg))
+    cfg = train_config(tmp_path, "data.cache_dir=null")
+    with pytest.raises(DataError, match=r"^data.teacher is null \(the oracle teacher\) but no cache_dir"):
+        build_datamodule(cfg, build_loss(cfg))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_datamodule_given_no_teacher_names_data_teacher(tokenizer, catalogue):
+    with pytest.raises(DataError, match=r"^data.teacher is null: the datamodule reads a teacher dataset"):
+        TeacherQADataModule(None, tokenizer, catalogue, loss=SoftLabelLoss())
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module an import statement of `path` (in `package`) names, absolute: `from ..x import y` in
+    tomdistill.data is tomdistill.x and tomdistill.x.y."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            modules |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return modules
+
+
+def test_the_data_package_imports_nothing_from_sampling():
+    source = ROOT / "src"
+    found = {}
+    for path in sorted((source / "tomdistill" / "data").rglob("*.py")):
+        package = ".".join(path.parent.relative_to(source).parts)
+        found[path.relative_to(source).as_posix()] = imported_modules(path, package)
+    assert "tomdistill.records" in found["tomdistill/data/datamodule.py"]  # relative imports are resolved
+    offenders = {name: sorted(m for m in modules if m == "tomdistill.sampling" or m.startswith("tomdistill.sampling."))
+                 for name, modules in found.items()}
+    assert {name: ms for name, ms in offenders.items() if ms} == {}
 
 
 def test_train_py_without_a_teacher_trains_on_the_sampled_directories(tmp_path):

@@ -105,6 +105,33 @@ def test_slurm_scripts_are_requeueable_and_pass_cpus_to_srun(script):
     assert srun_lines and all('--cpus-per-task="$SLURM_CPUS_PER_TASK"' in line for line in srun_lines)
 
 
+def test_train_multinode_requeues_under_the_shared_cap(tmp_path):
+    """The script passes its arguments on and sets no cap of its own: train.py's requeue reads `max_requeues`, the
+    cap of every route to a cluster (docs/cluster.md)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tomdistill.paths import register_resolvers
+
+    submit = job_dir(tmp_path, ".venv")
+    register_resolvers()
+    for args, cap in (([], 3), (["max_requeues=5"], 5)):
+        result, _, argv = run_script("train_multinode.sbatch", submit, *args)
+        assert result.returncode == 0, result.stderr
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=argv[argv.index("train.py") + 1:])
+        assert instantiate(cfg.callbacks.step_agreement).max_requeues == cap
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_slurm_scripts_set_no_requeue_cap_of_their_own(script):
+    """No count of restarts in a script: the cap is `max_requeues` alone (train.py reads it; sample_teacher
+    never requeues itself)."""
+    code = [line for line in script.read_text().splitlines() if not line.lstrip().startswith("#")]
+    for word in ("max_requeues", "max_num_timeout", "SLURM_RESTART_COUNT", "scontrol"):
+        assert not [line for line in code if word in line], (script.name, word)
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
 def test_array_expansions_survive_set_u_on_bash_before_4_4(script):
     """bash < 4.4 calls an empty array unbound under `set -u` ("${A[@]}"); bash 5 does not, so the form is

@@ -276,7 +276,8 @@ class StepAgreement(pl.Callback):
     the requeued run resumes from `last.ckpt` by itself (`training.resume_path`).
     `sigterm_grace_s`: a rank still running that long after its SIGTERM exits by itself.
     `max_requeues`: a job already restarted this often (SLURM_RESTART_COUNT) is not requeued again, so a
-    job pre-empted over and over stops instead of cycling for ever (null: no cap).
+    job pre-empted over and over stops instead of cycling for ever (null: no cap). The config gives it the
+    shared `max_requeues` (conf/base.yaml), the cap of every route to a cluster (docs/cluster.md).
     """
 
     def __init__(self, sigterm_grace_s: float = 60.0, max_requeues: int | None = 3):
@@ -356,7 +357,7 @@ class StepAgreement(pl.Callback):
         restarts = distributed.slurm_restarts()
         if self.max_requeues is not None and restarts >= self.max_requeues:
             return (f"not requeued: the job was restarted {restarts} times already "
-                    f"(callbacks.step_agreement.max_requeues={self.max_requeues}); resume with ckpt_path=last")
+                    f"(max_requeues={self.max_requeues}); resume with ckpt_path=last")
         signum = self.preempt_signal or signal.SIGUSR2
         deferred = self._deferred.get(signum) or next(iter(self._deferred.values()), None)
         if deferred is not None:

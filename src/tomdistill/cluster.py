@@ -18,6 +18,8 @@ Pre-emption: SLURM's warning (`--signal=USR2@pipeline.cluster.signal_delay_s`) r
 saves `last.ckpt` at a step boundary and requeues the job itself (src/tomdistill/callbacks.py); for
 sampling and evaluation the job stops the child (shards already written stay) and requeues. The
 requeued job runs the same pickled `StageJob`, which resumes the stage (`ckpt_path=last`, missing shards).
+Every job requeues itself at most `max_requeues` times (conf/base.yaml, counted by SLURM_RESTART_COUNT), the
+cap that `hydra/launcher=slurm` and the `slurm/` scripts honour too (docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -48,6 +50,15 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
 
 class ClusterConfigError(ValueError, UserError):
     """A bad `pipeline.cluster.*` setting; the message names the key."""
+
+
+def requeue_cap(cluster) -> int:
+    """`pipeline.cluster.max_requeues` (by default the shared `max_requeues`), validated."""
+    value = cluster.get("max_requeues", 3)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ClusterConfigError(f"max_requeues (pipeline.cluster.max_requeues): must be a whole number ≥ 0 "
+                                 f"(0: never requeue), got {value!r}")
+    return value
 
 
 class StageFailed(RuntimeError):
@@ -170,7 +181,7 @@ class StageJob:
 
         restarts = slurm_restarts()
         if restarts >= self.max_requeues:
-            return (f"not requeued: restarted {restarts} times already (pipeline.cluster.max_requeues); "
+            return (f"not requeued: restarted {restarts} times already (max_requeues={self.max_requeues}); "
                     "rerun the pipeline to resume")
         return f"requeued SLURM job {job}" if requeue_slurm_job(job) else f"requeue of {job} failed"
 
@@ -223,7 +234,10 @@ def make_executor(launcher: str, folder: Path, cluster, res: Resources, name: st
     the stage's own command with the stage's (`sampler.python`)."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if launcher == "slurm" else "local")
+    # submitit's own requeue (its handler, before StageJob installs the job's) counts time-outs against this; the
+    # local executor takes no slurm_ key
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if launcher == "slurm" else "local",
+                                     slurm_max_num_timeout=requeue_cap(cluster))
     additional = {"requeue": True, "kill-on-invalid-dep": "yes", **dict(cluster.get("additional") or {})}
     if dependency:
         additional["dependency"] = dependency
@@ -252,9 +266,9 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
         if missing:
             raise ClusterConfigError(f"pipeline.launcher=slurm: {', '.join(missing)} not found on PATH; submit from "
                                      "a SLURM login node (or use pipeline.launcher=local|submitit_local)")
+    max_requeues = requeue_cap(cluster)
     folder = Path(cluster.get("folder") or study_dir / ".submitit").resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    max_requeues = int(cluster.get("max_requeues", 3))
     layouts = {}
     for stage in stages:  # every layout checked before the first job is submitted
         res = resources(cluster, stage.kind)
@@ -284,7 +298,7 @@ def submit_study(cfg, stages: list, common: list[str], study_dir: Path, stage_co
         extra = []
         if stage.script == "train.py":  # Lightning's ranks must match the allocation, or training hangs
             extra = [f"trainer.num_nodes={res.nodes}", f"trainer.devices={res.tasks_per_node}",
-                     f"callbacks.step_agreement.max_requeues={max_requeues}"]  # train.py requeues itself
+                     f"max_requeues={max_requeues}"]  # train.py requeues itself, under the same cap
         srun_args = ["--kill-on-bad-exit=1"] if res.nodes * res.tasks_per_node > 1 else []
         executor = make_executor(launcher, folder, cluster, res, _job_name(cluster, stage),
                                  f"afterok:{':'.join(needs)}" if needs and launcher == "slurm" else None, srun_args)

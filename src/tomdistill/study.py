@@ -140,14 +140,14 @@ RECORD = "stage.json"
 _READS = {"sample.py": ("model", "sampler", "scenarios", "role", "seed", "adapter"),
           "evaluate.py": ("teacher", "base", "tuned", "compare", "metrics", "scenarios", "seed")}
 _TRAINING_IGNORES = ("output", "ckpt_path", "hydra", "paths", "pipeline", "logger", "task_name", "role", "adapter",
-                     "sampler", "metrics", "hparams_search", "evaluate_only")
+                     "sampler", "metrics", "hparams_search", "evaluate_only", "max_requeues")
 # settings of how a stage runs, not of what it writes, so a resumed stage may change them (a smaller batch after
 # running out of memory); the sampler's are those plan.json leaves out (src/tomdistill/sampling/manifest.py)
 RUNTIME_KEYS = frozenset({
     "sampler.batch_size", "sampler.score_batch_size", "sampler.device", "sampler.device_map", "sampler.progress",
     "sampler.tensor_parallel_size", "sampler.gpu_memory_utilization", "sampler.python",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers", "data.cache_dir",
-    "model.gradient_checkpointing",
+    "model.gradient_checkpointing", "callbacks.step_agreement.max_requeues",
 })
 OVERWRITE_HINT = ("rerun with pipeline.overwrite=true to replace it and the stages that read it, "
                   "or choose another pipeline.name")
@@ -210,8 +210,9 @@ def stale_reason(stage: Stage, cfg: DictConfig, common: list[str]) -> str | None
         return None
     try:
         previous = json.loads((stage.output / RECORD).read_text())
-        made = previous["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        # a key that became a runtime setting after the record was written is no change either
+        made = {k: v for k, v in previous["config"].items() if k not in RUNTIME_KEYS}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return (f"{stage.output} holds outputs with no record of the configuration that made them ({RECORD}: made by "
                 "an older tomdistill, or copied in)")
     asked = stage_record(stage, cfg, common)["config"]

@@ -252,6 +252,7 @@ _NUMBER_RULES = {
     "loss.temperature": (lambda v: v > 0, "a number > 0"),
     "loss.mass_temperature": (lambda v: v > 0, "a number > 0 (null: loss.temperature)"),
     "loss.soft_weight": (lambda v: v >= 0, "a number ≥ 0"),
+    "max_requeues": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0: never requeue)"),
 }
 _CHOICES = {
     "optim.scheduler": ("cosine", "linear", "constant", "wsd"),
@@ -385,13 +386,43 @@ def build_loss(cfg: DictConfig):
 
 
 def build_datamodule(cfg: DictConfig, loss):
-    """`conf/data/*.yaml` (`_target_`: the datamodule) with the student's tokenizer, the catalogue and the loss."""
+    """`conf/data/*.yaml` (`_target_`: the datamodule) with the student's tokenizer, the catalogue and the loss.
+    Without `data.teacher` the oracle teacher is sampled into the cache first and the datamodule reads its
+    directories (`oracle_teacher_directories`). The config is left as given: OUTPUT/config.yaml keeps `teacher: null`
+    and `data.oracle`, which determine those directories, and the training record names the one trained on."""
     from .model.loading import load_tokenizer
     from .scenarios.catalogue import catalogue_from_config
 
     catalogue = catalogue_from_config(cfg.scenarios)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir, padding_side="right")
-    return build(cfg.data, "data", tokenizer=tokenizer, catalogue=catalogue, loss=loss)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    oracle = data.pop("oracle", None)  # the recipe's, not the datamodule's: how to sample a teacher when none is given
+    if not data.get("teacher"):
+        data.update(oracle_teacher_directories(catalogue, loss, oracle, data.get("cache_dir"),
+                                               data.get("teacher_probs")))
+    return build(data, "data", tokenizer=tokenizer, catalogue=catalogue, loss=loss)
+
+
+def oracle_teacher_directories(catalogue, loss, oracle, cache_dir, teacher_probs=None) -> dict[str, str]:
+    """`data.teacher=null`: the `teacher` and `teacher_probs` datasets `sample.py sampler=oracle role=teacher` would
+    write, sampled by the sampling stage into `cache_dir` (sampling/oracle_teacher.py) with `data.oracle`'s seed and
+    sampler. The exact choice probabilities (score mode) are the soft target and every loss's `val/alignment`
+    reference; sampled answers (generate mode) are sampled only when the loss trains on tokens."""
+    from .data.datamodule import DataError
+    from .sampling.oracle_teacher import oracle_teacher
+
+    if not cache_dir:
+        raise DataError("data.teacher is null (the oracle teacher) but no cache_dir to sample it into")
+    if teacher_probs:
+        raise DataError(f"data.teacher_probs={teacher_probs} with data.teacher=null: the in-process "
+                        "oracle teacher scores itself; give data.teacher as well, or leave data.teacher_probs null")
+    # getattr: a loss that is no DistillationLoss gets its one-line refusal from the datamodule
+    modes = ("generate", "score") if getattr(loss, "uses_tokens", True) else ("score",)
+    directories = oracle_teacher(catalogue, cache_dir, oracle, modes)
+    log.info("data.teacher is null: training on the oracle teacher sampled in-process into %s",
+             ", ".join(str(d) for d in directories.values()))
+    return {"teacher": str(directories.get("generate", directories["score"])),
+            "teacher_probs": str(directories["score"])}
 
 
 def validation_scenarios(datamodule, cfg: DictConfig):

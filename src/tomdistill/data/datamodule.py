@@ -1,5 +1,9 @@
 """`TeacherQADataModule`: the teacher's question/answer pairs as chat-formatted training examples.
 
+It reads teacher datasets, it never samples one: `teacher` (and `teacher_probs`) are always given. Without
+`data.teacher`, train.py's recipe has the sampling stage write the oracle teacher into the cache first and
+passes its directories here (training.build_datamodule), so this package imports nothing from sampling/.
+
 From a samples dataset (records.py schema) it builds, for the configured splits:
 - SFT examples, one per parsed teacher answer (generate mode): the student's prompt
   (system = context, user = game + the student's question) through the student's chat template,
@@ -179,12 +183,11 @@ class Collator:
 class TeacherQADataModule(pl.LightningDataModule):
     def __init__(
         self,
-        teacher: str | Path | None,
+        teacher: str | Path,
         tokenizer,
         catalogue: Catalogue,
         *,
         teacher_probs: str | Path | None = None,
-        oracle: dict | None = None,
         splits: Sequence[str] = ("in_sample",),
         target: str = "answer_motivation",
         loss: DistillationLoss | None = None,
@@ -203,6 +206,9 @@ class TeacherQADataModule(pl.LightningDataModule):
         cache_dir: str | Path | None = None,
     ):
         super().__init__()
+        if not teacher:  # the recipe samples the oracle teacher when data.teacher is null (training.build_datamodule)
+            raise DataError("data.teacher is null: the datamodule reads a teacher dataset (a samples dir, a .parquet "
+                            "file or a hub id) and samples none; train.py samples the oracle teacher for it")
         if target not in TARGETS:
             raise DataError(f"data.target must be one of {TARGETS}, got {target!r}")
         loss = SFTLoss() if loss is None else loss  # the loss decides which examples are built (tomdistill.losses)
@@ -216,7 +222,6 @@ class TeacherQADataModule(pl.LightningDataModule):
                             "motivation that already names the action. Use data.target=answer_motivation or "
                             f"answer_only with {loss.name}, or loss=sft for reasoning-first training")
         self.teacher, self.teacher_probs_source = teacher, teacher_probs
-        self.oracle = dict(oracle or {})  # teacher=None: the oracle teacher's seed and sampler (conf/data/default.yaml)
         self.tokenizer, self.catalogue = tokenizer, catalogue
         self.splits, self.target, self.loss = list(splits), target, loss
         self.val_contexts_cfg = list(val_contexts) if val_contexts else None
@@ -247,8 +252,6 @@ class TeacherQADataModule(pl.LightningDataModule):
             name = getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
             raise DataError(f"tokenizer {name!r} has no chat template; set `model.chat_template` to a Jinja template "
                             "(or use an instruct/chat checkpoint)")
-        if not self.teacher:  # the embedded default: the oracle teacher, sampled in-process and cached
-            self.teacher, self.teacher_probs_source = self._oracle_teacher()
         records = self._load_records()
         distributions = self._teacher_distributions(records)
         scenarios = self._training_scenarios(records, distributions)
@@ -286,24 +289,6 @@ class TeacherQADataModule(pl.LightningDataModule):
         self.stats["padding_fraction_random"] = padding_fraction(plain.batches(), lengths)
         log.info("teacher data: %s", json.dumps(self.stats))
         self._ready = True
-
-    def _oracle_teacher(self) -> tuple[Path, Path]:
-        """`data.teacher=null`: the teacher and teacher_probs datasets `sample.py sampler=oracle role=teacher` would
-        write, sampled in-process (sampling/oracle_teacher.py). The exact choice probabilities (score mode) are the
-        soft target and every loss's `val/alignment` reference; sampled answers (generate mode) are sampled only when
-        the loss trains on tokens."""
-        from ..sampling.oracle_teacher import oracle_teacher
-
-        if self.cache_dir is None:
-            raise DataError("data.teacher is null (the oracle teacher) but no cache_dir to sample it into")
-        if self.teacher_probs_source:
-            raise DataError(f"data.teacher_probs={self.teacher_probs_source} with data.teacher=null: the in-process "
-                            "oracle teacher scores itself; give data.teacher as well, or leave data.teacher_probs null")
-        modes = ("generate", "score") if self.loss.uses_tokens else ("score",)
-        directories = oracle_teacher(self.catalogue, self.cache_dir, self.oracle, modes)
-        log.info("data.teacher is null: training on the oracle teacher sampled in-process into %s",
-                 ", ".join(str(d) for d in directories.values()))
-        return directories.get("generate", directories["score"]), directories["score"]
 
     def _load_records(self) -> datasets.Dataset:
         records = load_samples(self.teacher, "teacher")

@@ -1,5 +1,7 @@
 """The oracle teacher that `train.py` trains on when `data.teacher` is null: `sample.py sampler=oracle
-role=teacher` run in-process over the whole catalogue, once per configuration, into a cache.
+role=teacher` run in-process over the whole catalogue, once per configuration, into a cache. The training
+recipe runs it before it builds the datamodule and hands the directories over as the datamodule's `teacher`
+and `teacher_probs` (training.build_datamodule); the datamodule only reads them.
 
 The records, shards, `plan.json` and `manifest.json` come from the sampling stage's own code (the
 `OracleBackend`, `runner.sample_into`), so each cached directory is what
