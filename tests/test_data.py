@@ -300,13 +300,13 @@ def test_train_py_reports_data_errors_before_loading_a_model(tmp_path):
 
 
 def test_payoff_augmentation_trains_on_rescaled_games_from_the_in_process_oracle(tokenizer, tmp_path):
-    """scenarios.augment_scales + data.splits=[in_sample, augment]: the oracle teacher (cached per scales)
+    """scenarios.augment.scales + data.splits=[in_sample, augment]: the oracle teacher (cached per scales)
     gives the rescaled games too, and they become training scenarios with their own soft targets."""
     from tomdistill import CATALOGUE_DIR
     from tomdistill.scenarios import load_catalogue
 
     plain = load_catalogue(CATALOGUE_DIR)
-    augmented = load_catalogue(CATALOGUE_DIR, augment_scales=[0.5, 3])
+    augmented = load_catalogue(CATALOGUE_DIR, augment={"scales": [0.5, 3]})
     plain_dm = make_on_the_oracle(tokenizer, plain, tmp_path, loss="soft")
     dm = make_on_the_oracle(tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"])
     assert plain_dm.teacher != dm.teacher  # same prompt_version, different data: keyed by the scales

@@ -277,7 +277,7 @@ def test_evaluate_reads_the_catalogue_with_its_extra_dirs(tmp_path):
     (extra / "games").mkdir(parents=True)
     (extra / "games" / "charity.yaml").write_text("name: charity\nkind: public_goods\nplayers: 3\nendowment: 20\n"
                                                   "multiplier: 2.0\n")
-    cfg = OmegaConf.create({"catalogue_dir": str(CATALOGUE_DIR), "extra_dirs": [str(extra)], "augment_scales": []})
+    cfg = OmegaConf.create({"catalogue_dir": str(CATALOGUE_DIR), "extra_dirs": [str(extra)]})
     endowments, _, problem = catalogue_facts(cfg)
     assert problem is None and endowments["charity"] == 20 and endowments["public_goods"] == 10
 

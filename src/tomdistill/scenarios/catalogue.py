@@ -224,13 +224,12 @@ def _check_name_lengths(splits: dict, game_files: dict[str, Path], context_files
 def load_catalogue(
     directory: str | Path,
     extra_dirs: Iterable[str | Path] = (),
-    augment_scales: Iterable[float] = (),
     augment=None,
 ) -> Catalogue:
     """Load and validate a catalogue directory (plus optional directories of extra games/contexts).
 
     `augment` (a scenarios.augment.Augmentation, or the `scenarios.augment` mapping) adds the
-    training-only `augment` split; `augment_scales` is shorthand for `augment={"scales": [...]}`.
+    training-only `augment` split.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -294,10 +293,6 @@ def load_catalogue(
 
     if not isinstance(augment, Augmentation):
         augment = augmentation_from_config(augment)
-    if augment_scales:
-        if augment.scales:
-            raise CatalogueError("give the scales once: augment_scales or augment.scales, not both")
-        augment = augmentation_from_config({**augment.__dict__, "scales": list(augment_scales)})
     generated: dict[str, Game] = {}
     if augment.active:
         generated, pairs = augment_split(games, splits, augment, contexts)
@@ -311,10 +306,4 @@ def load_catalogue(
 def catalogue_from_config(scenarios_cfg) -> Catalogue:
     """The catalogue described by a `scenarios` config group (see conf/scenarios/default.yaml)."""
     get = scenarios_cfg.get if hasattr(scenarios_cfg, "get") else lambda k, d=None: getattr(scenarios_cfg, k, d)
-    old_scales = get("augment_scales")
-    if old_scales:  # folded into the augment group
-        raise CatalogueError(
-            f"scenarios.augment_scales is replaced by scenarios.augment.scales: set "
-            f"scenarios.augment.scales={list(old_scales)} instead (docs/scenarios.md)"
-        )
     return load_catalogue(get("catalogue_dir"), get("extra_dirs") or (), augment=get("augment"))
