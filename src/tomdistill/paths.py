@@ -2,6 +2,7 @@
 cannot be written."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -80,19 +81,26 @@ def unwritable(path: str | Path) -> str | None:
 
 
 def output_override_error(value: str) -> str | None:
-    """What is wrong with `output=value` given on the command line, or None (then the directory exists: it is made
-    here, as Hydra would make it next)."""
+    """What is wrong with `output=value` given on the command line, or None (the directory could be made)."""
     try:
         safe_output_dir(value)
     except UnsafePathError as err:
         return str(err)
     why = unwritable(value)
     if why is None:
-        try:  # the check above trusts permissions, which root and special filesystems (/proc) overrule
-            Path(str(value)).expanduser().mkdir(parents=True, exist_ok=True)
+        # the check above trusts permissions, which root and special filesystems (/proc) overrule: make the missing
+        # directories, then take them away again (a config error after this must leave nothing behind)
+        target = Path(os.path.abspath(Path(str(value)).expanduser()))
+        missing = [d for d in (target, *target.parents) if not d.exists()]
+        try:
+            target.mkdir(parents=True, exist_ok=True)
             return None
         except OSError as err:
             why = err.strerror or str(err)
+        finally:
+            for directory in missing:  # deepest first
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
     action = "cannot write into it" if Path(str(value)).expanduser().is_dir() else "cannot create it"
     return f"output={value}: {action}: {why}"
 

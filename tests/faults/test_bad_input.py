@@ -213,8 +213,8 @@ def test_an_output_under_a_read_only_directory_is_refused_before_hydra_starts(tm
 
     locked = tmp_path / "ro"
     locked.mkdir()
-    assert output_override_error(str(locked / "fresh")) is None  # writable: nothing to say (and it is made)
-    assert (locked / "fresh").is_dir()
+    assert output_override_error(str(locked / "fresh" / "run")) is None  # writable: nothing to say
+    assert not (locked / "fresh").exists()  # tried, and taken away again
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     assert output_override_error(str(locked / "x" / "y")) == (
