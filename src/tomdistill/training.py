@@ -88,8 +88,7 @@ def train(cfg: DictConfig) -> float:
         # weights_only=True: a checkpoint is tensors and plain containers; a pickled object in it is refused
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise TrainingConfigError(f"ckpt_path={ckpt_path}: refusing to load it, it holds pickled objects "
-                                  f"(only plain weights are loaded: torch.load(weights_only=True)): {err}") from err
+        raise pickled_checkpoint(ckpt_path, err) from err
     except SIGTERMException as err:  # pre-empted: CheckpointOnSigterm saved last.ckpt; not a finished run
         agreement = callbacks["step_agreement"]
         if agreement.preempted:
@@ -144,9 +143,8 @@ def record_trial(summary: dict, output: Path) -> Path | None:
     number, its overrides and its objective. One row per finished trial, appended under a file lock, so
     the table of a sweep is complete even when trials run in parallel or a sweep stops half way."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if multirun_trial() is None:
         return None
     import csv
     import fcntl
@@ -291,14 +289,11 @@ def check_training_config(cfg: DictConfig) -> None:
 
 def check_process_layout(cfg: DictConfig) -> None:
     """Lightning relaunches ranks with this process's argv: under `-m` they would re-enter the sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     accelerator = resolve_accelerator(str(cfg.trainer.get("accelerator", "auto")))
     per_node = processes_per_node(cfg.trainer.devices, accelerator)
     processes = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
     external = any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and processes > 1 and not external:
+    if multirun_trial() is not None and processes > 1 and not external:
         raise TrainingConfigError(
             f"trainer.devices={cfg.trainer.devices} ({processes} processes) inside a local multirun (-m): Lightning "
             "would relaunch the whole sweep in every rank. Run multi-process jobs through a launcher that creates the "
@@ -653,6 +648,11 @@ def resume_path(cfg: DictConfig, output: Path) -> str | None:
     return str(path)
 
 
+def pickled_checkpoint(ckpt_path, err: Exception) -> TrainingConfigError:
+    return TrainingConfigError(f"ckpt_path={ckpt_path}: refusing to load it, it holds pickled objects (only plain "
+                               f"weights are loaded: torch.load(weights_only=True)): {err}")
+
+
 def check_checkpoint(path: str, cfg: DictConfig) -> int | None:
     """The checkpoint to resume from can be read, holding only weights and plain containers (torch.load with
     weights_only=True, memory-mapped: no tensor data is read); its global step. Checked before anything is written
@@ -677,8 +677,7 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int | None:
             except (RuntimeError, OSError):  # not mappable (an old format, or damaged): read whole for the reason
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise TrainingConfigError(f"ckpt_path={cfg.get('ckpt_path')}: refusing to load it, it holds pickled objects "
-                                  f"(only plain weights are loaded: torch.load(weights_only=True)): {err}") from None
+        raise pickled_checkpoint(cfg.get("ckpt_path"), err) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise TrainingConfigError(f"ckpt_path={cfg.get('ckpt_path')}: {path} cannot be read ({reason}); it may be "
