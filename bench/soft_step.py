@@ -45,9 +45,9 @@ def demo_batch(model_name: str, augment: int = 0):
     tokenizer = load_tokenizer(model_config(model_name), cache, padding_side="right")
     # data.teacher=null: train.py's in-process oracle teacher, sampled by the recipe before the datamodule reads it
     loss = SoftLabelLoss()
-    teacher = oracle_teacher_directories(catalogue, loss, oracle_config(n=2), cache)
+    teacher = oracle_teacher_directories(catalogue, loss.target_kind().teacher_modes, oracle_config(n=2), cache)
     datamodule = TeacherQADataModule(teacher["teacher"], tokenizer, catalogue, teacher_probs=teacher["teacher_probs"],
-                                     loss=loss, num_val_contexts=1, cache_dir=cache, splits=splits)
+                                     target_kind=loss.target_kind(), num_val_contexts=1, cache_dir=cache, splits=splits)
     datamodule.setup("fit")
     collate = datamodule._collator()
     return collate([datamodule.train_set[i] for i in range(len(datamodule.train_set))])

@@ -141,7 +141,8 @@ def run_tomdistill(model_name: str, teacher_dir: Path, catalogue, steps: int, ba
     model_cfg = model_config(model_name)
     datamodule = TeacherQADataModule(
         teacher_dir, load_tokenizer(model_cfg, padding_side="right"), catalogue, splits=["in_sample"],
-        target="answer_motivation", loss=SFTLoss(), num_val_contexts=0, batch_size=batch_size, max_length=max_length,
+        target_kind=SFTLoss().target_kind(target="answer_motivation", batch_size=batch_size), num_val_contexts=0,
+        max_length=max_length,
         group_by_length=True, seed=seed, cache_dir=cache_dir,
     )
     datamodule.setup("fit")

@@ -266,7 +266,7 @@ def test_training_reads_the_variants_and_refuses_another_augmentations_teacher(t
     other = load_catalogue(CATALOGUE_DIR, augment={"variants": 1, "seed": 1})
 
     def make(teacher, cat):
-        dm = TeacherQADataModule(teacher, tokenizer, cat, loss=SoftLabelLoss(), splits=["in_sample", AUGMENT_SPLIT],
+        dm = TeacherQADataModule(teacher, tokenizer, cat, target_kind=SoftLabelLoss().target_kind(), splits=["in_sample", AUGMENT_SPLIT],
                                  cache_dir=tmp_path / "cache")
         dm.setup("fit")
         return dm
@@ -302,7 +302,7 @@ def test_a_soft_student_trains_on_variants_its_teacher_only_scored(tmp_path, tin
     scores = write_teacher(tmp_path / "scores", catalogue, modes=("score",), splits=("in_sample", AUGMENT_SPLIT))
 
     def make(loss):
-        dm = TeacherQADataModule(answers, tokenizer, catalogue, teacher_probs=scores, loss=loss,
+        dm = TeacherQADataModule(answers, tokenizer, catalogue, teacher_probs=scores, target_kind=loss.target_kind(),
                                  splits=["in_sample", AUGMENT_SPLIT], cache_dir=tmp_path / "cache")
         dm.setup("fit")
         return dm
@@ -460,7 +460,7 @@ def test_a_training_context_is_never_the_held_out_one(tmp_path, tiny_model_cfg):
     catalogue = load_catalogue(CATALOGUE_DIR, augment={"contexts": ["bandmates", "siblings"]})
     scores = oracle_teacher(catalogue, tmp_path / "teacher", oracle_config(n=1), ("score",))["score"]
     for seed, held_out in ((0, "business"), (1, "diplomacy")):
-        dm = TeacherQADataModule(scores, tokenizer, catalogue, loss=SoftLabelLoss(), splits=["in_sample", AUGMENT_SPLIT],
+        dm = TeacherQADataModule(scores, tokenizer, catalogue, target_kind=SoftLabelLoss().target_kind(), splits=["in_sample", AUGMENT_SPLIT],
                                  cache_dir=tmp_path / "cache", seed=seed)
         dm.setup("fit")
         assert dm.val_context_names == [held_out]

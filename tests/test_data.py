@@ -29,10 +29,14 @@ def teacher_dir(tmp_path_factory, catalogue):
 
 
 LOSSES = {"sft": SFTLoss, "soft": SoftLabelLoss, "sft_soft": SFTPlusSoftLoss}
+KIND_KEYS = ("target", "samples_per_scenario", "batch_size", "scenario_batch_size", "augment_per_step",
+             "augment_from_step")
 
 
 def make(teacher, tokenizer, catalogue, tmp_path, loss="sft", **kwargs):
-    dm = TeacherQADataModule(teacher, tokenizer, catalogue, cache_dir=tmp_path / "cache", loss=LOSSES[loss](), **kwargs)
+    kind = {k: kwargs.pop(k) for k in list(kwargs) if k in KIND_KEYS}  # what the loss's kind of target reads
+    dm = TeacherQADataModule(teacher, tokenizer, catalogue, cache_dir=tmp_path / "cache",
+                             target_kind=LOSSES[loss]().target_kind(**kind), **kwargs)
     dm.setup("fit")
     return dm
 
@@ -42,7 +46,8 @@ def make_on_the_oracle(tokenizer, catalogue, tmp_path, loss="soft", **kwargs):
     from helpers import oracle_config
     from tomdistill.training import oracle_teacher_directories
 
-    directories = oracle_teacher_directories(catalogue, LOSSES[loss](), oracle_config(), tmp_path / "cache")
+    directories = oracle_teacher_directories(catalogue, LOSSES[loss]().target_kind().teacher_modes, oracle_config(),
+                                             tmp_path / "cache")
     return make(directories["teacher"], tokenizer, catalogue, tmp_path, loss=loss,
                 teacher_probs=directories["teacher_probs"], **kwargs)
 
@@ -103,7 +108,7 @@ def test_soft_loss_is_refused_on_answers_that_share_their_first_token(tokenizer,
     # "emit a space" with certainty, whatever the teacher's donations
     teacher = write_teacher(tmp_path / "pg", catalogue, n=2, splits=("oos_game",))
     for loss in ("soft", "sft_soft"):
-        with pytest.raises(DataError, match="public_goods/party.*share their first token"):
+        with pytest.raises(DataError, match=r"scenario public_goods/\w+ has.*share their first token"):
             make(teacher, tokenizer, catalogue, tmp_path, loss=loss, splits=["oos_game"], num_val_contexts=0)
     dm = make(teacher, tokenizer, catalogue, tmp_path, loss="sft", splits=["oos_game"], num_val_contexts=0)
     assert len(dm.train_set) > 0
@@ -393,15 +398,14 @@ def test_augment_per_step_trains_every_in_sample_scenario_each_step_and_the_vari
         seen += [s.key for s in dealt]
     assert sorted(seen) == sorted(t.scenario.key for t in variants)
     dm.trainer = None
-    with pytest.raises(DataError, match="data.augment_per_step=8, but no scenario of the 'augment' split"):
+    with pytest.raises(DataError, match="scenarios.augment.per_step=8, but no scenario of the 'augment' split"):
         plain = make_on_the_oracle(tokenizer, augmented, tmp_path, loss="soft", augment_per_step=8)
         plain.trainer = SimpleNamespace(world_size=1, global_rank=0, fit_loop=None)
         plain.train_dataloader()
-    with pytest.raises(DataError, match="augment_per_step=8 takes a per-scenario loss"):
-        TeacherQADataModule(dm.teacher, tokenizer, augmented, loss=SFTLoss(), augment_per_step=8)
+    with pytest.raises(DataError, match="scenarios.augment.per_step=8 takes a per-scenario loss"):
+        SFTLoss().target_kind(augment_per_step=8)
     with pytest.raises(DataError, match="choose one way to batch scenarios"):
-        TeacherQADataModule(dm.teacher, tokenizer, augmented, loss=SoftLabelLoss(), augment_per_step=8,
-                            scenario_batch_size=4)
+        SoftLabelLoss().target_kind(augment_per_step=8, scenario_batch_size=4)
     # data.augment_from_step: the in-sample scenarios alone until that optimiser step (counted in batches of the
     # gradient accumulation), then the variants in turns as above
     late = make_on_the_oracle(tokenizer, augmented, tmp_path, loss="soft", splits=["in_sample", "augment"],
@@ -421,6 +425,10 @@ def test_augment_per_step_trains_every_in_sample_scenario_each_step_and_the_vari
     from_start = AnchoredBatchSampler(sampler.lengths, anchors, sampler.pool_groups, 8, seed=sampler.seed)
     sampler.set_epoch(1), from_start.set_epoch(1)
     assert sampler.batches()[2:] == from_start.batches()[2:]  # once they join, the same turns as from the start
-    for bad in ({"augment_from_step": 3}, {"augment_from_step": -1, "augment_per_step": 8}):
-        with pytest.raises(DataError, match=r"data.augment_from_step=-?\d+: expected 0, or a step ≥ 1 together with"):
-            TeacherQADataModule(dm.teacher, tokenizer, augmented, loss=SoftLabelLoss(), **bad)
+    from tomdistill.scenarios.augment import augmentation_from_config
+    from tomdistill.scenarios.schema import CatalogueError
+
+    with pytest.raises(CatalogueError, match=r"scenarios.augment.from_step=3: expected 0, or a step ≥ 1 together with"):
+        augmentation_from_config({"from_step": 3})
+    with pytest.raises(CatalogueError, match=r"scenarios.augment.from_step: expected a whole number ≥ 0, got -1"):
+        augmentation_from_config({"from_step": -1, "per_step": 8})

@@ -122,7 +122,8 @@ def _tokenize_once(teacher: str, cache_dir: str, model_cfg: dict) -> str:
     from tomdistill.scenarios import load_catalogue
 
     tokenizer = load_tokenizer(model_cfg, padding_side="right")
-    dm = TeacherQADataModule(teacher, tokenizer, load_catalogue(CATALOGUE_DIR), cache_dir=cache_dir, loss=SFTLoss())
+    dm = TeacherQADataModule(teacher, tokenizer, load_catalogue(CATALOGUE_DIR), cache_dir=cache_dir,
+                             target_kind=SFTLoss().target_kind())
     dm.setup("fit")
     return f"cached={dm.stats['tokenization_cached']} examples={len(dm.train_set)}"
 

@@ -43,11 +43,17 @@ def test_jensen_shannon_equals_the_whole_vocabulary_divergence_and_is_bounded():
 
 @pytest.mark.parametrize("name, cls", [("sft", SFTLoss), ("soft", SoftLabelLoss), ("sft_soft", SFTPlusSoftLoss),
                                        ("jensen_shannon", JensenShannonLoss)])
-def test_every_loss_yaml_builds_its_class_and_declares_its_examples(name, cls):
+def test_every_loss_yaml_builds_its_class_and_names_its_kind_of_target(name, cls):
+    from tomdistill.data.targets import TargetKind
+
     loss = instantiate(OmegaConf.load(CONF_DIR / "loss" / f"{name}.yaml"))
     assert type(loss) is cls and isinstance(loss, DistillationLoss) and loss.name == name
-    assert loss.uses_tokens or loss.uses_distribution
-    assert not (loss.per_scenario and loss.uses_tokens)  # a per-scenario example has no sampled answer
+    kind = loss.target_kind()  # what it trains on (data/targets/): the datamodule and the module ask it
+    assert isinstance(kind, TargetKind) and kind.loss is loss
+    assert type(kind).__name__ == {"sft": "TokenTargets", "soft": "DistributionTargets",
+                                   "sft_soft": "TokensWithDistributionTargets",
+                                   "jensen_shannon": "DistributionTargets"}[name]
+    assert ("generate" in kind.teacher_modes) != kind.one_prompt_per_scenario  # a scenario's prompt has no answer
     assert loss.hparams()["_target_"].endswith(cls.__name__)
 
 

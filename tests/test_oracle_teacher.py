@@ -33,9 +33,10 @@ def tokenizer(tiny_model_cfg):
 
 def datamodule(tokenizer, catalogue, cache_dir: Path, loss) -> TeacherQADataModule:
     """What train.py builds without data.teacher: the recipe samples the oracle teacher, the datamodule reads it."""
-    directories = oracle_teacher_directories(catalogue, loss, oracle_config(N, SEED), cache_dir)
+    directories = oracle_teacher_directories(catalogue, loss.target_kind().teacher_modes, oracle_config(N, SEED),
+                                             cache_dir)
     dm = TeacherQADataModule(directories["teacher"], tokenizer, catalogue, teacher_probs=directories["teacher_probs"],
-                             loss=loss, cache_dir=cache_dir)
+                             target_kind=loss.target_kind(), cache_dir=cache_dir)
     dm.setup("fit")
     return dm
 
@@ -165,7 +166,7 @@ def test_a_null_teacher_with_teacher_probs_or_without_a_cache_is_refused_by_the_
 
 def test_the_datamodule_given_no_teacher_names_data_teacher(tokenizer, catalogue):
     with pytest.raises(DataError, match=r"^data.teacher is null: the datamodule reads a teacher dataset"):
-        TeacherQADataModule(None, tokenizer, catalogue, loss=SoftLabelLoss())
+        TeacherQADataModule(None, tokenizer, catalogue, target_kind=SoftLabelLoss().target_kind())
 
 
 def imported_modules(path: Path, package: str) -> set[str]:

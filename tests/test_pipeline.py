@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STUDY = [
     "+experiment=demo", "model=tiny_llama", "trainer.max_steps=2",
-    "pipeline.variants.sft=['loss=sft','data.splits=[in_sample]','data.augment_per_step=0']",
+    "pipeline.variants.sft=['loss=sft','data.splits=[in_sample]','scenarios.augment.per_step=0']",
     "trainer.val_check_interval=1", "scenarios.splits=[in_sample,oos_context,oos_payoffs,oos_game]",
     "scenarios.games=[prisoners_dilemma,stag_hunt,prisoners_dilemma_x2,stag_hunt_x2,public_goods]",
     # the demo's teacher also labels the payoff variants the soft variant trains on (conf/experiment/demo.yaml)

@@ -242,8 +242,8 @@ _NUMBER_RULES = {
     "model.lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "data.batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "data.scenario_batch_size": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
-    "data.augment_per_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
-    "data.augment_from_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = from the start)"),
+    "scenarios.augment.per_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
+    "scenarios.augment.from_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = from the start)"),
     "data.eval_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
     "data.max_length": (lambda v: v >= 8 and float(v).is_integer(), "a whole number ≥ 8"),
     "data.num_val_contexts": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0"),
@@ -381,28 +381,32 @@ def build_loss(cfg: DictConfig):
 
 
 def build_datamodule(cfg: DictConfig, loss):
-    """`conf/data/*.yaml` (`_target_`: the datamodule) with the student's tokenizer, the catalogue and the loss.
+    """`conf/data/*.yaml` (`_target_`: the datamodule) with the student's tokenizer, the catalogue and the loss's
+    kind of target (data/targets/, configured by the `data.*` keys it reads and `scenarios.augment`'s batching).
     Without `data.teacher` the oracle teacher is sampled into the cache first and the datamodule reads its
     directories (`oracle_teacher_directories`). The config is left as given: OUTPUT/config.yaml keeps `teacher: null`
     and `data.oracle`, which determine those directories, and the training record names the one trained on."""
+    from .data.targets import TARGET_KEYS, build_target_kind
     from .model.loading import load_tokenizer
     from .scenarios.catalogue import catalogue_from_config
 
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    target_kind = build_target_kind(loss, {key: data.pop(key) for key in TARGET_KEYS if key in data},
+                                    OmegaConf.select(cfg, "scenarios.augment"))
     catalogue = catalogue_from_config(cfg.scenarios)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir, padding_side="right")
-    data = OmegaConf.to_container(cfg.data, resolve=True)
     oracle = data.pop("oracle", None)  # the recipe's, not the datamodule's: how to sample a teacher when none is given
     if not data.get("teacher"):
-        data.update(oracle_teacher_directories(catalogue, loss, oracle, data.get("cache_dir"),
+        data.update(oracle_teacher_directories(catalogue, target_kind.teacher_modes, oracle, data.get("cache_dir"),
                                                data.get("teacher_probs")))
-    return build(data, "data", tokenizer=tokenizer, catalogue=catalogue, loss=loss)
+    return build(data, "data", tokenizer=tokenizer, catalogue=catalogue, target_kind=target_kind)
 
 
-def oracle_teacher_directories(catalogue, loss, oracle, cache_dir, teacher_probs=None) -> dict[str, str]:
+def oracle_teacher_directories(catalogue, modes, oracle, cache_dir, teacher_probs=None) -> dict[str, str]:
     """`data.teacher=null`: the `teacher` and `teacher_probs` datasets `sample.py sampler=oracle role=teacher` would
     write, sampled by the sampling stage into `cache_dir` (sampling/oracle_teacher.py) with `data.oracle`'s seed and
     sampler. The exact choice probabilities (score mode) are the soft target and every loss's `val/alignment`
-    reference; sampled answers (generate mode) are sampled only when the loss trains on tokens."""
+    reference; sampled answers (generate mode) only where `modes` (the loss's kind of target) asks for them."""
     from .data.datamodule import DataError
     from .sampling.oracle_teacher import oracle_teacher
 
@@ -411,8 +415,6 @@ def oracle_teacher_directories(catalogue, loss, oracle, cache_dir, teacher_probs
     if teacher_probs:
         raise DataError(f"data.teacher_probs={teacher_probs} with data.teacher=null: the in-process "
                         "oracle teacher scores itself; give data.teacher as well, or leave data.teacher_probs null")
-    # getattr: a loss that is no DistillationLoss gets its one-line refusal from the datamodule
-    modes = ("generate", "score") if getattr(loss, "uses_tokens", True) else ("score",)
     directories = oracle_teacher(catalogue, cache_dir, oracle, modes)
     log.info("data.teacher is null: training on the oracle teacher sampled in-process into %s",
              ", ".join(str(d) for d in directories.values()))
@@ -439,10 +441,8 @@ def teacher_labels(datamodule) -> dict:
     """How many teacher labels the training used: one choice distribution per trained scenario (losses on the
     distribution) and one sampled completion per training example (losses on tokens), with the trained
     scenarios per split (the `augment` split counts the payoff variants)."""
-    loss = datamodule.loss
     return {
-        "distributions": len(datamodule.train_targets) if loss.uses_distribution else 0,
-        "answers": len(datamodule.train_set) if loss.uses_tokens else 0,
+        **datamodule.target_kind.label_counts(len(datamodule.train_set), len(datamodule.train_targets)),
         "scenarios_by_split": dict(sorted(Counter(t.scenario.split for t in datamodule.train_targets).items())),
     }
 

@@ -4,8 +4,8 @@
   `split_batches` every batch is a global batch split over the ranks (`shard`) with loss weights that keep the
   ranks' averaged loss the global batch's mean (the soft loss's scenario batches).
 - `AnchoredBatchSampler`: every anchor example in each step plus a rotating share of a pool
-  (`data.augment_per_step`: the in-sample scenarios every step, the payoff variants in turns; from a given
-  step on with `data.augment_from_step`).
+  (`scenarios.augment.per_step`: the in-sample scenarios every step, the payoff variants in turns; from a given
+  step on with `scenarios.augment.from_step`).
 - `WeightedExamples` hands each example's loss weight to the collator.
 Pure Python over indices and lengths: no tokenizer, model or trainer.
 """
@@ -119,7 +119,7 @@ class LengthGroupedBatchSampler(Sampler[list]):
 
 class AnchoredBatchSampler(LengthGroupedBatchSampler):
     """Global batches of every `anchors` example plus `per_batch` examples of a rotating `pool`
-    (`data.augment_per_step`: the trained scenarios in every step, the payoff variants in turns).
+    (`scenarios.augment.per_step`: the trained scenarios in every step, the payoff variants in turns).
 
     Each epoch shuffles the pool and deals it one member of each group at a time (a group: the variants of
     one game in one context), so a batch holds at most one variant of a game and context until every group

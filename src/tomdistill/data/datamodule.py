@@ -38,23 +38,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ..losses import DistillationLoss, SFTLoss
 from ..losses.base import IGNORE_INDEX
-from ..records import SamplesError, action_probs_of, check_same_prompt_version, load_samples
+from ..records import action_probs_of, check_same_prompt_version, load_samples
 from ..scoring import ScoringItem, prepare_item
-from ..scenarios import (ANSWER_PREFIX, AUGMENT_SPLIT, HELDOUT_CONTEXT, MOTIVATION_PREFIX, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue,
-                         Scenario, answer_text, build_messages, render_prompt)
-from .batching import AnchoredBatchSampler, LengthGroupedBatchSampler, WeightedExamples, padding_fraction
+from ..scenarios import (ANSWER_PREFIX, AUGMENT_SPLIT, HELDOUT_CONTEXT, REPORT_SPLITS, SPLITS, UNPARSED, Catalogue,
+                         Scenario, build_messages, render_prompt)
+from .batching import LengthGroupedBatchSampler, WeightedExamples, padding_fraction
+from .errors import DataError
+from .targets import TargetKind
 
 log = logging.getLogger(__name__)
-
-# the assistant turn the student learns: the answer then its motivation (the paper's format), the
-# motivation first (reasoning before the answer: the answer token then sees the reasoning), or the answer alone
-TARGETS = ("answer_motivation", "motivation_answer", "answer_only")
-
-
-class DataError(SamplesError):
-    """Teacher data that cannot be trained on; raised before any model loads."""
 
 
 @dataclass
@@ -187,17 +180,11 @@ class TeacherQADataModule(pl.LightningDataModule):
         tokenizer,
         catalogue: Catalogue,
         *,
+        target_kind: TargetKind,
         teacher_probs: str | Path | None = None,
         splits: Sequence[str] = ("in_sample",),
-        target: str = "answer_motivation",
-        loss: DistillationLoss | None = None,
         val_contexts: Sequence[str] | None = None,
         num_val_contexts: int = 1,
-        samples_per_scenario: int | None = None,
-        batch_size: int = 8,
-        scenario_batch_size: int = 0,
-        augment_per_step: int = 0,
-        augment_from_step: int = 0,
         eval_batch_size: int = 16,
         max_length: int = 512,
         group_by_length: bool = True,
@@ -209,35 +196,14 @@ class TeacherQADataModule(pl.LightningDataModule):
         if not teacher:  # the recipe samples the oracle teacher when data.teacher is null (training.build_datamodule)
             raise DataError("data.teacher is null: the datamodule reads a teacher dataset (a samples dir, a .parquet "
                             "file or a hub id) and samples none; train.py samples the oracle teacher for it")
-        if target not in TARGETS:
-            raise DataError(f"data.target must be one of {TARGETS}, got {target!r}")
-        loss = SFTLoss() if loss is None else loss  # the loss decides which examples are built (tomdistill.losses)
-        if not isinstance(loss, DistillationLoss):
-            raise DataError(f"loss: expected a tomdistill.losses.DistillationLoss (conf/loss/*.yaml), got {loss!r}")
-        if loss.uses_distribution and not loss.per_scenario and target == "motivation_answer":
-            # after the motivation the answer is already determined by the text the student just read, so a
-            # soft target there teaches nothing about the scenario, and evaluation scores `Answer:` right after
-            # the prompt, a position this target never trains
-            raise DataError(f"loss={loss.name} with data.target=motivation_answer: the soft target would sit after a "
-                            "motivation that already names the action. Use data.target=answer_motivation or "
-                            f"answer_only with {loss.name}, or loss=sft for reasoning-first training")
+        if not isinstance(target_kind, TargetKind):  # what the loss trains on (data/targets/, build_target_kind)
+            raise DataError(f"target_kind: expected a tomdistill.data.targets.TargetKind, got {target_kind!r}")
         self.teacher, self.teacher_probs_source = teacher, teacher_probs
         self.tokenizer, self.catalogue = tokenizer, catalogue
-        self.splits, self.target, self.loss = list(splits), target, loss
+        self.splits, self.target_kind, self.loss = list(splits), target_kind, target_kind.loss
         self.val_contexts_cfg = list(val_contexts) if val_contexts else None
         self.num_val_contexts = num_val_contexts
-        self.samples_per_scenario = samples_per_scenario
-        self.batch_size, self.scenario_batch_size, self.eval_batch_size = batch_size, scenario_batch_size, eval_batch_size
-        if augment_per_step and not loss.per_scenario:
-            raise DataError(f"data.augment_per_step={augment_per_step} takes a per-scenario loss (loss=soft, "
-                            f"jensen_shannon), not loss={loss.name}; set it to 0")
-        if augment_per_step and scenario_batch_size:
-            raise DataError(f"data.augment_per_step={augment_per_step} and data.scenario_batch_size="
-                            f"{scenario_batch_size}: choose one way to batch scenarios (set the other to 0)")
-        if augment_from_step and not augment_per_step or augment_from_step < 0:
-            raise DataError(f"data.augment_from_step={augment_from_step}: expected 0, or a step ≥ 1 together with "
-                            "data.augment_per_step > 0 (the variants join the in-sample scenarios from that step)")
-        self.augment_per_step, self.augment_from_step = augment_per_step, augment_from_step
+        self.eval_batch_size = eval_batch_size
         self.max_length, self.group_by_length = max_length, group_by_length
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -265,10 +231,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         self.val_targets = [t for t in self.targets if t.scenario.context.name in self.val_context_names]
         self.train_targets = [t for t in self.targets if t.scenario.context.name not in self.val_context_names]
 
-        if self.loss.per_scenario:  # one example per scenario: the prompt up to "Answer:"
-            rows = [{"scenario": index[t.scenario.key], "prompt": t.item.prompt, "completion": ""} for t in self.targets]
-        else:
-            rows = self._sft_rows(records, prompts, index)
+        rows = self.target_kind.rows(records, self.targets, prompts, index, self._end_of_turn(), self.teacher)
         tokenized = self._tokenize(rows)
         is_val = [self.targets[s].scenario.context.name in self.val_context_names for s in tokenized["scenario"]]
         self.train_set = tokenized.select([i for i, v in enumerate(is_val) if not v])
@@ -282,8 +245,9 @@ class TeacherQADataModule(pl.LightningDataModule):
             "val_contexts": self.val_context_names,
         })
         lengths = self.train_set["length"]
-        grouped = LengthGroupedBatchSampler(lengths, self._train_batch_size(), group_by_length=True, seed=self.seed)
-        plain = LengthGroupedBatchSampler(lengths, self._train_batch_size(), group_by_length=False, seed=self.seed)
+        batch_size = self.target_kind.train_batch_size(len(self.train_targets))
+        grouped = LengthGroupedBatchSampler(lengths, batch_size, group_by_length=True, seed=self.seed)
+        plain = LengthGroupedBatchSampler(lengths, batch_size, group_by_length=False, seed=self.seed)
         self.stats["padding_fraction"] = padding_fraction(grouped.batches(), lengths) if self.group_by_length \
             else padding_fraction(plain.batches(), lengths)
         self.stats["padding_fraction_random"] = padding_fraction(plain.batches(), lengths)
@@ -334,12 +298,7 @@ class TeacherQADataModule(pl.LightningDataModule):
 
     def _training_scenarios(self, records, distributions) -> list[Scenario]:
         keys = {(g, c) for g, c in zip(records["game"], records["context"])}
-        if self.loss.per_scenario and self.probs_records is not None:
-            # a per-scenario loss needs only the scores: scenarios scored but never sampled (e.g. payoff variants a
-            # 70b teacher labelled in score mode alone) train too
-            scored = self.probs_records.filter(lambda split: split in self.splits, input_columns="split")
-            keys |= {(g, c) for g, c in zip(scored["game"], scored["context"])}
-        keys = sorted(keys)
+        keys = sorted(keys | self.target_kind.scored_scenarios(self.probs_records, self.splits))
         scenarios = []
         for game, context in keys:
             try:
@@ -370,14 +329,7 @@ class TeacherQADataModule(pl.LightningDataModule):
         first: dict[int, float] = {}
         for action, continuation in zip(actions, item.continuation_ids):
             first[continuation[0]] = first.get(continuation[0], 0.0) + full[action]
-        if self.loss.uses_distribution and (len(first) < len(actions) or item.open_ended):
-            # the soft loss sits on the answer's first token: where actions share it (every public-goods
-            # amount starts with the same space token) the target would be "emit that token" with certainty
-            raise DataError(
-                f"teacher dataset {self.teacher}: scenario {scenario.id} has multi-token answers {list(actions)} "
-                f"that share their first token, so loss={self.loss.name} (a target on the answer's first token) cannot "
-                f"tell them apart. Train it with loss=sft, or leave its split out of data.splits (now {self.splits})"
-            )
+        self.target_kind.check_scenario(scenario, item, first, self.teacher, self.splits)
         return ScenarioTarget(scenario, full, item, list(first), list(first.values()))
 
     def evaluation_targets(self, split: str) -> list[ScenarioTarget]:
@@ -417,30 +369,6 @@ class TeacherQADataModule(pl.LightningDataModule):
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}], tokenize=False)
         return text.split(sentinel, 1)[1].rstrip()
-
-    def _sft_rows(self, records, prompts, index) -> list[dict]:
-        rows, per_scenario = [], {}
-        end = self._end_of_turn()
-        columns = records.select_columns(["game", "context", "action", "motivation", "action_probs"])
-        for row in columns:
-            if row["action_probs"] not in (None, "") or row["action"] == UNPARSED:
-                continue  # score-mode records are soft targets, not samples
-            key = (row["game"], row["context"])
-            per_scenario[key] = per_scenario.get(key, 0) + 1
-            if self.samples_per_scenario and per_scenario[key] > self.samples_per_scenario:
-                continue
-            if self.target == "motivation_answer" and row["motivation"]:
-                before = f"{MOTIVATION_PREFIX} {row['motivation']}\n"  # reasoning first, then "Answer: X"
-                completion = before + answer_text(row["action"])
-            else:
-                before = ""
-                completion = answer_text(row["action"], row["motivation"] if self.target == "answer_motivation" else None)
-            rows.append({"scenario": index[key], "prompt": prompts[key], "completion": completion + end,
-                         "answer_prefix": before + ANSWER_PREFIX})
-        if not rows:
-            raise DataError(f"teacher dataset {self.teacher}: loss={self.loss.name} needs sampled answers (generate mode), "
-                            "but it holds only score-mode records; use loss=soft or add generated samples")
-        return rows
 
     def _tokenize(self, rows: list[dict]) -> datasets.Dataset:
         tokenizer, max_length = self.tokenizer, self.max_length
@@ -489,57 +417,22 @@ class TeacherQADataModule(pl.LightningDataModule):
             tokenized = dataset.map(tokenize, batched=True, remove_columns=[c for c in ("prompt", "completion", "answer_prefix") if c in dataset.column_names],
                                     cache_file_name=cache_file, load_from_cache_file=True,
                                     desc="tokenizing teacher answers")
-        too_long = sum(1 for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])
-                       if not self.loss.per_scenario and all(x == IGNORE_INDEX for x in labels))
-        if too_long:
-            raise DataError(f"data.max_length={max_length} cuts off the whole answer of {too_long} example(s): "
-                            "raise data.max_length")
-        if self.loss.uses_distribution and any(p < 0 for p in tokenized["answer_pos"]):
-            raise DataError(f"the tokenizer does not keep '{ANSWER_PREFIX}' as its own tokens after the prompt, "
-                            f"so loss={self.loss.name} cannot find the answer position")
+        self.target_kind.check_tokenized(tokenized, max_length)
         return tokenized
 
     # ---------------------------------------------------------------- loaders
-    def _train_batch_size(self) -> int:
-        """Per device for per-sample losses (`data.batch_size`); global for per-scenario ones such as `loss=soft`
-        (`data.scenario_batch_size`, 0 = all training scenarios), split across the ranks."""
-        if self.loss.per_scenario:  # one example per scenario; 0 = all training scenarios in one batch
-            return self.scenario_batch_size or max(len(self.train_targets), 1)
-        return self.batch_size
-
     def _collator(self) -> Collator:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return Collator(pad, self.targets)
 
-    def _anchored_sampler(self, num_replicas: int, rank: int) -> AnchoredBatchSampler:
-        """`data.augment_per_step`: every trained scenario of the other splits in each step, the augment
-        split's variants `augment_per_step` at a time, grouped by the game they vary and their context."""
-        anchors, groups = [], {}
-        for i, s in enumerate(self.train_set["scenario"]):
-            scenario = self.targets[s].scenario
-            if scenario.split == AUGMENT_SPLIT:
-                groups.setdefault((scenario.game.base or scenario.game.name, scenario.context.name), []).append(i)
-            else:
-                anchors.append(i)
-        if not groups:
-            raise DataError(f"data.augment_per_step={self.augment_per_step}, but no scenario of the {AUGMENT_SPLIT!r} "
-                            f"split is trained (data.splits={self.splits}): add {AUGMENT_SPLIT} to data.splits and "
-                            "set scenarios.augment")
-        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1) if self.trainer else 1
-        return AnchoredBatchSampler(self.train_set["length"], anchors, list(groups.values()), self.augment_per_step,
-                                    seed=self.seed, num_replicas=num_replicas, rank=rank,
-                                    pool_from_batch=self.augment_from_step * accumulate)
-
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        if self.augment_per_step:
-            sampler = self._anchored_sampler(num_replicas, rank)
-        else:
-            sampler = LengthGroupedBatchSampler(
-                self.train_set["length"], self._train_batch_size(), shuffle=True, group_by_length=self.group_by_length,
-                seed=self.seed, num_replicas=num_replicas, rank=rank, split_batches=self.loss.per_scenario,
-            )
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer else 1
+        sampler = self.target_kind.batch_sampler(
+            self.train_set["length"], [self.targets[s].scenario for s in self.train_set["scenario"]],
+            len(self.train_targets), shuffle=True, group_by_length=self.group_by_length, seed=self.seed,
+            num_replicas=num_replicas, rank=rank, accumulate=accumulate, splits=self.splits)
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed) if trainer else None
         return ResumableDataLoader(
             WeightedExamples(self.train_set.with_format(columns=["input_ids", "labels", "answer_pos", "scenario"])),

@@ -21,11 +21,11 @@ class LossInputs:
     """The logits a loss reads, from one forward pass over a batch.
 
     `logits`: (kept positions, vocab), the positions the loss asked for, row-major over the batch.
-    `token_targets`: (kept positions,) the next token at each of them (IGNORE_INDEX where none); with `uses_tokens`.
-    `answer_logits`: (rows with an answer position, vocab); with `uses_distribution`.
+    `token_targets`: (kept positions,) the next token at each of them (IGNORE_INDEX where none); with token targets.
+    `answer_logits`: (rows with an answer position, vocab); with distribution targets.
     `soft_ids`, `soft_probs`: (those rows, K) each action's first token and the teacher's probability of it,
     padded with probability 0. `weights`: (those rows,) a rank's shard weights of a global batch, or None.
-    `answer_mask`: (kept positions,) True at the answer positions; with `uses_distribution`.
+    `answer_mask`: (kept positions,) True at the answer positions; with distribution targets.
     """
 
     logits: torch.Tensor
@@ -43,9 +43,9 @@ class DistillationLoss:
     `train/<part>_loss`)."""
 
     name: str = ""
-    per_scenario: ClassVar[bool] = False
-    uses_tokens: ClassVar[bool] = False
-    uses_distribution: ClassVar[bool] = False
+    # what the loss trains on: a tomdistill.data.targets.Targets class, by its dotted path (data/ sits above
+    # losses/: the recipe imports it, the loss only names it). It builds the examples and fills `LossInputs`.
+    targets: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         for key in ("temperature", "mass_temperature"):
@@ -58,6 +58,16 @@ class DistillationLoss:
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def target_kind(self, **settings):
+        """The kind of target this loss trains on (`targets`), configured with `settings` (data/targets/base.py)."""
+        from hydra.utils import get_class
+
+        try:
+            kind = get_class(self.targets)
+        except Exception as err:  # noqa: BLE001 - hydra raises ImportError or ValueError by what is missing
+            raise LossError(f"loss={self.name}: its targets {self.targets!r} cannot be imported ({err})") from err
+        return kind(self, **settings)
 
     def hparams(self) -> dict:
         """The configuration, as plain values (checkpoints and loggers store it)."""

@@ -38,8 +38,7 @@ def jensen_shannon(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.T
 @dataclass
 class JensenShannonLoss(DistillationLoss):
     name: str = "jensen_shannon"
-    per_scenario: ClassVar[bool] = True
-    uses_distribution: ClassVar[bool] = True
+    targets: ClassVar[str] = "tomdistill.data.targets.distribution.DistributionTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         js = jensen_shannon(inputs.answer_logits, inputs.soft_ids, inputs.soft_probs, inputs.weights)

@@ -13,7 +13,7 @@ from .base import IGNORE_INDEX, DistillationLoss, LossInputs
 @dataclass
 class SFTLoss(DistillationLoss):
     name: str = "sft"
-    uses_tokens: ClassVar[bool] = True
+    targets: ClassVar[str] = "tomdistill.data.targets.tokens.TokenTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         sft = F.cross_entropy(inputs.logits.float(), inputs.token_targets, ignore_index=IGNORE_INDEX)

@@ -22,8 +22,7 @@ class SFTPlusSoftLoss(DistillationLoss):
     soft_weight: float = 1.0
     temperature: float = 1.0
     sft_answer_token: bool = True
-    uses_tokens: ClassVar[bool] = True
-    uses_distribution: ClassVar[bool] = True
+    targets: ClassVar[str] = "tomdistill.data.targets.tokens_with_distribution.TokensWithDistributionTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         targets = inputs.token_targets

@@ -78,8 +78,7 @@ class SoftLabelLoss(DistillationLoss):
     name: str = "soft"
     temperature: float = 1.0
     mass_temperature: float | None = None
-    per_scenario: ClassVar[bool] = True
-    uses_distribution: ClassVar[bool] = True
+    targets: ClassVar[str] = "tomdistill.data.targets.distribution.DistributionTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         soft = soft_cross_entropy(inputs.answer_logits, inputs.soft_ids, inputs.soft_probs, self.temperature,

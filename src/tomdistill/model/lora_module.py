@@ -33,7 +33,6 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import UserError
-from ..losses import LossInputs
 from ..losses.base import IGNORE_INDEX
 from ..metrics.transfer import alignment
 from ..scoring import ScoringItem, action_distribution, action_logprobs
@@ -306,6 +305,7 @@ class LoRADistillModule(pl.LightningModule):
             self.initial_adapter = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()
                                     if p.requires_grad}
         self.loss = loss  # a tomdistill.losses.DistillationLoss
+        self.target_kind = loss.target_kind()  # which logits it reads and how its inputs are filled (data/targets/)
         self.optim_cfg = optim
         self.validation = validation
         self.strict_loading = False  # checkpoints hold the adapter only (see on_save_checkpoint)
@@ -329,36 +329,19 @@ class LoRADistillModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- losses
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Forward once, keeping the logits of the positions the loss reads; return its total and parts
-        (plus accuracy inputs when it reads next tokens)."""
-        loss = self.loss
-        labels, answer_pos = batch["labels"], batch["answer_pos"]
-        next_labels = torch.full_like(labels, IGNORE_INDEX)
-        next_labels[:, :-1] = labels[:, 1:]  # the token each position predicts
-        keep = next_labels != IGNORE_INDEX if loss.uses_tokens else torch.zeros_like(labels, dtype=torch.bool)
-        rows = torch.arange(labels.shape[0], device=labels.device)
-        has_answer = answer_pos >= 0
-        if loss.uses_distribution:
-            keep[rows[has_answer], answer_pos[has_answer]] = True
+        """Forward once, keeping the logits of the positions the loss reads (its kind of target says which and fills
+        its inputs: data/targets/); return its total and parts (plus accuracy inputs where it reads next tokens)."""
+        kind = self.target_kind
+        keep = kind.positions(batch)
         if self.shared_prefix and self.frozen_cache is None and not self._one_forward_per_batch:
             logits = shared_prefix_logits(kept_logits, self.model, keep, batch["input_ids"], batch["attention_mask"])
-        elif loss.per_scenario and not self._one_forward_per_batch:  # one prompt per scenario, few lengths
+        elif kind.one_prompt_per_scenario and not self._one_forward_per_batch:  # few lengths
             logits = self._logits_by_length(batch["input_ids"], batch["attention_mask"], keep)
         else:
             logits = self._logits(batch["input_ids"], batch["attention_mask"], keep)  # (kept positions, vocab), row-major
-        inputs = LossInputs(logits)
-        if loss.uses_tokens:
-            inputs.token_targets = next_labels[keep]
-        if loss.uses_distribution:
-            kept_rows, kept_cols = keep.nonzero(as_tuple=True)
-            at_answer = kept_cols == answer_pos[kept_rows]
-            answer_rows = kept_rows[at_answer]
-            inputs.answer_logits, inputs.answer_mask = logits[at_answer], at_answer
-            inputs.soft_ids, inputs.soft_probs = batch["soft_ids"][answer_rows], batch["soft_probs"][answer_rows]
-            inputs.weights = batch["weight"][answer_rows] if "weight" in batch else None
-        out = loss(inputs)
-        if loss.uses_tokens:
-            out.update(preds=logits.argmax(-1), targets=inputs.token_targets)
+        inputs = kind.loss_inputs(batch, logits, keep)
+        out = self.loss(inputs)
+        out.update(kind.accuracy_inputs(inputs, logits))
         return out
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

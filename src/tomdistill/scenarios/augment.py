@@ -44,6 +44,10 @@ class Augmentation:
     scales: tuple[float, ...] = field(default_factory=tuple)
     contexts: tuple[str, ...] = field(default_factory=tuple)
     context_payoffs: str = "base"  # base | variants: the payoffs the training-only contexts frame
+    # how training batches the split (per-scenario losses; data/targets/distribution.py): every other training
+    # scenario in each step plus `per_step` variants in turns (0 = all of them), joining from step `from_step`
+    per_step: int = 0
+    from_step: int = 0
 
     @property
     def active(self) -> bool:
@@ -119,8 +123,15 @@ def augmentation_from_config(cfg: Mapping | None) -> Augmentation:
     if context_payoffs == "variants" and not variants:
         raise CatalogueError(f"{KEY}.context_payoffs: 'variants' frames the payoff variants in the training-only "
                              f"contexts, so it needs {KEY}.variants ≥ 1 (got {variants})")
+    per_step, from_step = get("per_step"), get("from_step")
+    for key, value in (("per_step", per_step), ("from_step", from_step)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CatalogueError(f"{KEY}.{key}: expected a whole number ≥ 0, got {value!r}")
+    if from_step and not per_step:
+        raise CatalogueError(f"{KEY}.from_step={from_step}: expected 0, or a step ≥ 1 together with {KEY}.per_step > 0 "
+                             "(the variants join the other training scenarios from that step)")
     return Augmentation(variants=variants, seed=seed, low=low, high=high, integer=integer, scales=scales,
-                        contexts=contexts, context_payoffs=context_payoffs)
+                        contexts=contexts, context_payoffs=context_payoffs, per_step=per_step, from_step=from_step)
 
 
 _FIELDS = tuple(Augmentation.__dataclass_fields__)
