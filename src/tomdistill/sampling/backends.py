@@ -1,4 +1,5 @@
-"""Sampling backends behind one interface: `hf` (transformers), `vllm` (optional) and `oracle`.
+"""Sampling backends behind one interface: `hf` (transformers), `vllm` (optional), `oracle` and `recorded`
+(answers recorded elsewhere: recorded.py).
 
 A backend renders a scenario's prompt, draws completions for generation requests, and scores
 scenarios (the exact probability of each action after `Answer:`). The runner owns everything else
@@ -26,6 +27,7 @@ class GenerationRequest:
     prompt: str
     seeds: list[int]       # one per sample (hf, oracle)
     request_seed: int      # one per request (vllm draws all of a request's samples from one seed)
+    indices: list[int] | None = None  # the samples' indices in their scenario (recorded: the i-th recorded answer)
 
 
 @dataclass
@@ -393,6 +395,10 @@ def make_backend(cfg, settings: SamplerSettings, shuffle_seed: int | None, local
                  cache_dir: str | None = None, world_size: int = 1) -> Backend:
     if settings.backend == "oracle":
         return OracleBackend(settings, shuffle_seed)
+    if settings.backend == "recorded":
+        from .recorded import RecordedBackend
+
+        return RecordedBackend.from_config(cfg, settings, shuffle_seed)
     if settings.backend == "hf":
         return HFBackend(cfg, settings, shuffle_seed, local_rank, cache_dir)
     return VLLMBackend(cfg, settings, shuffle_seed, cache_dir, local_rank, world_size)
@@ -400,4 +406,8 @@ def make_backend(cfg, settings: SamplerSettings, shuffle_seed: int | None, local
 
 def backend_model_name(cfg, settings: SamplerSettings) -> str:
     """The `model` field of the records, known without loading the model."""
+    if settings.backend == "recorded":
+        from .recorded import recorded_model_name
+
+        return recorded_model_name(settings)
     return oracle.oracle_identity(settings.precision) if settings.backend == "oracle" else model_identity(cfg.model)

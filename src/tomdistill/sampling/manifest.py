@@ -1,8 +1,9 @@
 """`plan.json` and `manifest.json`: what a samples directory holds and whether it is complete.
 
 - `plan.json` is written when a run starts and names everything that decides the records (model,
-  adapter, role, mode, n, seed, sampler settings, prompt_version, scenarios). A rerun into the same
-  directory must match it, so a resumed run never mixes records of two configurations.
+  adapter, role, mode, n, seed, sampler settings, prompt_version, scenarios; sampler=recorded: the
+  source and a sha256 of its content). A rerun into the same directory must match it, so a resumed
+  run never mixes records of two configurations.
 - `manifest.json` is written once every shard of the plan exists, with `complete: true`; its
   absence means the run is unfinished (rerun the same command to resume).
 """
@@ -38,6 +39,11 @@ def build_plan(settings: SamplerSettings, model: str, prompt_version: str, scena
     record_settings = {k: v for k, v in settings.to_dict().items() if k not in _RUNTIME_ONLY}
     if record_settings.get("adapter"):
         record_settings["adapter"] = str(Path(record_settings["adapter"]).resolve())
+    del record_settings["source"], record_settings["model_name"]  # the recorded backend's; `model` holds the name
+    if settings.backend == "recorded":  # where the answers came from, and a hash: a changed recording is another plan
+        from .recorded import provenance
+
+        record_settings.update(provenance(settings.source))
     return {"model": model, "prompt_version": prompt_version, **record_settings, "scenarios": scenario_ids}
 
 
@@ -67,6 +73,13 @@ def adapter_training(adapter: str | Path) -> dict | None:
     return json.loads(path.read_text()).get("training")
 
 
+def recording_provenance(source: str) -> dict:
+    """The recorded backend's source as the manifest names it: where, what kind, and its sha256."""
+    from .recorded import canonical_source, source_kind, source_sha256
+
+    return {"source": canonical_source(source), "kind": source_kind(source), "sha256": source_sha256(source)}
+
+
 def build_manifest(*, config: dict, settings: SamplerSettings, model: str, prompt_version: str,
                    summaries: list[ScenarioSummary], shard_count: int, world_size: int,
                    written_by_rank: list[list[str]] | None) -> dict:
@@ -82,6 +95,7 @@ def build_manifest(*, config: dict, settings: SamplerSettings, model: str, promp
         # what the adapter was trained on (its tomdistill_adapter.json): evaluation splits in-sample by it
         "adapter_training": adapter_training(settings.adapter) if settings.adapter else None,
         "prompt_version": prompt_version,
+        **({"recording": recording_provenance(settings.source)} if settings.backend == "recorded" else {}),
         "git": git_commit(),
         "tomdistill_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

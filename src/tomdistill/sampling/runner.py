@@ -26,7 +26,7 @@ from ..scenarios import ANSWER_PREFIX, Scenario, catalogue_from_config, parse_ac
 from .backends import Backend, GenerationRequest, backend_model_name, make_backend
 from .distributed import World, setup_world
 from .manifest import build_manifest, build_plan, check_or_write_plan, write_manifest
-from .settings import SamplerSettings, SamplingConfigError, settings_from_config
+from .settings import MODEL_FREE_BACKENDS, SamplerSettings, SamplingConfigError, settings_from_config
 from .shards import Shard, missing_shards, plan_shards, remove_stale_temps, shards_for_rank, write_shard
 from .summary import summarise, summary_table
 
@@ -88,7 +88,7 @@ def resolved_config(cfg, output_dir: Path) -> dict:
 def prefilled(settings: SamplerSettings) -> bool:
     """Language-model backends start the assistant turn with `Answer:` (as score mode and the
     training targets do), so a small model answers in the format instead of chatting."""
-    return settings.answer_prefill and settings.mode == "generate" and settings.backend != "oracle"
+    return settings.answer_prefill and settings.mode == "generate" and settings.backend not in MODEL_FREE_BACKENDS
 
 
 def elicits_with_answer_prefix(settings: SamplerSettings) -> bool:
@@ -108,9 +108,12 @@ def generation_records(backend: Backend, settings: SamplerSettings, shard: Shard
         text = completion.text
         if prefilled(settings):  # the model continued after "Answer:"; record the whole turn
             text = f"{ANSWER_PREFIX} {text}"
+        # a recorded answer (sampling/recorded.py) comes parsed, its motivation perhaps recorded beside it
+        action, motivation = getattr(completion, "action", None), getattr(completion, "motivation", None)
         records.append(_record(scenario, settings, model, version, index, prompt, text,
-                               parse_action(text, scenario.game),
-                               parse_motivation(text) if settings.role == "teacher" else ""))
+                               parse_action(text, scenario.game) if action is None else action,
+                               ("" if settings.role != "teacher" else
+                                parse_motivation(text) if motivation is None else motivation)))
     return records
 
 
@@ -188,7 +191,7 @@ def sampled_shards(backend: Backend, settings: SamplerSettings, pending: list[Sh
                     ANSWER_PREFIX if prefilled(settings) else "")
         if settings.mode == "generate":
             requests = [GenerationRequest(s.scenario, prompts[s.scenario.id], s.sample_seeds(settings.seed),
-                                          s.shard_seed(settings.seed)) for s in batch]
+                                          s.shard_seed(settings.seed), list(s.indices)) for s in batch]
             outputs = backend.generate(requests)
             for shard, completions in zip(batch, outputs):
                 records = generation_records(backend, settings, shard, prompts[shard.scenario.id], completions,
@@ -221,6 +224,10 @@ def run(cfg) -> Path:
     settings = settings_from_config(cfg)
     shuffle_seed = shuffle_seed_of(cfg, settings)
     scenarios, version = select_scenarios(cfg, shuffle_seed, elicits_with_answer_prefix(settings))
+    if settings.backend == "recorded":  # the scenarios the recording covers, and `n` as recorded when not given
+        from .recorded import serve_recording
+
+        settings, scenarios = serve_recording(cfg, settings, scenarios)
     # vLLM builds its own tensor-parallel process group: its ranks share only the output directory
     world = setup_world(connect=settings.backend != "vllm")
     try:

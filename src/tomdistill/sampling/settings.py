@@ -10,7 +10,9 @@ from typing import Any, Mapping
 
 from ..errors import UserError
 
-BACKENDS = ("hf", "vllm", "oracle")
+BACKENDS = ("hf", "vllm", "oracle", "recorded")
+# not language models: no tokenizer, no adapter, no `Answer:` prefill (the oracle; answers recorded elsewhere)
+MODEL_FREE_BACKENDS = ("oracle", "recorded")
 MODES = ("generate", "score")
 ROLES = ("teacher", "student")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -28,7 +30,7 @@ class SamplerSettings:
     mode: str
     role: str
     seed: int
-    n: int
+    n: int | None  # None only for the recorded backend until the recording says how many it holds
     temperature: float
     top_p: float
     repetition_penalty: float
@@ -45,6 +47,8 @@ class SamplerSettings:
     progress: bool
     adapter: str | None
     answer_prefill: bool = True
+    source: str | None = None      # recorded only: reference:paper_published/<role>, or a file of counts or answers
+    model_name: str | None = None  # recorded only: the records' `model` (default: the reference's model, the file stem)
 
     @property
     def samples_per_scenario(self) -> int:
@@ -168,11 +172,30 @@ def check_vllm_settings(settings: "SamplerSettings") -> None:
                                   "(sampler.tensor_parallel_size); use sampler=hf for the CPU or device_map")
 
 
+def _recorded_keys(sampler, backend: str) -> tuple[str | None, str | None]:
+    """`sampler.source` (required by the recorded backend, refused by the others) and `sampler.model_name`."""
+    values = {}
+    for key in ("source", "model_name"):
+        value = _get(sampler, key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise SamplingConfigError(f"sampler.{key}: must be a non-empty string, got {value!r}")
+        if value is not None and backend != "recorded":
+            raise SamplingConfigError(f"sampler.{key}: only sampler=recorded reads it (this run's backend is "
+                                      f"{backend})")
+        values[key] = value.strip() if value is not None else None
+    if backend == "recorded" and values["source"] is None:
+        raise SamplingConfigError("sampler.source: sampler=recorded needs the recording to serve: "
+                                  "reference:paper_published/teacher|base|tuned, a .csv of answer counts "
+                                  "(game,context,action,count) or a .csv/.parquet/.jsonl of answers "
+                                  "(game,context,answer[,motivation])")
+    return values["source"], values["model_name"]
+
+
 def settings_from_config(cfg) -> SamplerSettings:
     """Validated settings from a composed `sample.yaml` config."""
     sampler = _get(cfg, "sampler")
     if sampler is None:
-        raise SamplingConfigError("sampler: missing (choose one with sampler=hf|vllm|oracle)")
+        raise SamplingConfigError("sampler: missing (choose one with sampler=hf|vllm|oracle|recorded)")
     role = _choice(_get(cfg, "role"), "role", ROLES)
     mode = _choice(_get(sampler, "mode"), "sampler.mode", MODES)
     backend = _choice(_get(sampler, "backend"), "sampler.backend", BACKENDS)
@@ -187,8 +210,11 @@ def settings_from_config(cfg) -> SamplerSettings:
     adapter = _get(cfg, "adapter")
     if adapter is not None and not isinstance(adapter, str):
         raise SamplingConfigError(f"adapter: must be a path to a peft adapter directory, got {adapter!r}")
-    if adapter is not None and backend == "oracle":
-        raise SamplingConfigError("adapter: the oracle backend is not a language model and takes no adapter")
+    if adapter is not None and backend in MODEL_FREE_BACKENDS:
+        raise SamplingConfigError(f"adapter: the {backend} backend is not a language model and takes no adapter")
+    source, model_name = _recorded_keys(sampler, backend)
+    n = _get(sampler, "n")
+    n = None if n is None and backend == "recorded" else _int(n, "sampler.n", 1)  # recorded: null = as recorded
     progress = _get(sampler, "progress", True)
     if not isinstance(progress, bool):
         raise SamplingConfigError(f"sampler.progress: must be true or false, got {progress!r}")
@@ -197,7 +223,7 @@ def settings_from_config(cfg) -> SamplerSettings:
         mode=mode,
         role=role,
         seed=_int(_get(cfg, "seed"), "seed", 0),
-        n=_int(_get(sampler, "n"), "sampler.n", 1),
+        n=n,
         temperature=_number(_get(sampler, "temperature"), "sampler.temperature", 0.0),
         top_p=_number(_get(sampler, "top_p"), "sampler.top_p", 0.0, 1.0, low_open=True),
         repetition_penalty=_number(_get(sampler, "repetition_penalty"), "sampler.repetition_penalty", 0.0, low_open=True),
@@ -216,6 +242,8 @@ def settings_from_config(cfg) -> SamplerSettings:
         progress=progress,
         answer_prefill=bool(_get(sampler, "answer_prefill", True)),
         adapter=adapter,
+        source=source,
+        model_name=model_name,
     )
     if backend == "vllm":
         check_vllm_settings(settings)
