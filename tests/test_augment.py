@@ -395,7 +395,7 @@ def test_a_training_contexts_text_is_part_of_the_training_datas_name(tmp_path):
 
 @pytest.mark.parametrize("contexts, message", [
     (["athletes"], r"scenarios\.augment\.contexts: context 'athletes' is in the evaluated split\(s\) "
-                   r"\['oos_context'\]; a training-only context must be one no split uses"),
+                   r"\['oos_context', 'oos_game'\]; a training-only context must be one no split uses"),
     (["team"], r"context 'team' is in the evaluated split\(s\) \['in_sample', 'oos_payoffs'\]"),
     (["nowhere"], r"scenarios\.augment\.contexts: unknown context 'nowhere'; the catalogue has \["),
     ("siblings", r"scenarios\.augment\.contexts: expected a list of context names \(or of lists of them\), "

@@ -54,7 +54,12 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path):
         measured = json.loads((study / f"train_{variant}" / "split_alignment.json").read_text())["splits"]
         for split in EVALUATED:
             assert measured[split]["scenarios"] == summary["alignment"][split]["n_scenarios"], split
-            assert measured[split]["alignment"] == pytest.approx(summary["alignment"][split]["value"], abs=1e-5), split
+            cell = summary["alignment"][split]
+            if cell.get("off_format"):  # the tiny Llama hardly answers public goods with an amount: withheld
+                assert cell["value"] is None and min(cell["action_mass"].values()) < 0.5, split
+                assert cell["action_mass"]["tuned"] == pytest.approx(measured[split]["action_mass"], abs=1e-5), split
+                continue
+            assert measured[split]["alignment"] == pytest.approx(cell["value"], abs=1e-5), split
     table = json.loads((study / "study.json").read_text())
     assert {"sft", "soft"} <= set(table) and any(k.startswith("paper") for k in table)
     assert "alignment toward the teacher" in first.stdout

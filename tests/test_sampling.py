@@ -94,7 +94,7 @@ def test_hydra_run_directory_is_the_output_and_a_climbing_output_is_refused(tmp_
 def test_oracle_score_probabilities_sum_to_one(tmp_path):
     out = run(make_cfg(tmp_path, "sampler=oracle", "sampler.mode=score"))
     data = load_samples(out)
-    assert len(data) == 53 and set(data["sample_index"]) == {0}
+    assert len(data) == 56 and set(data["sample_index"]) == {0}
     for record in data:
         probs = json.loads(record["action_probs"])
         assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-9)

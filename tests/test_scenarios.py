@@ -30,7 +30,7 @@ def _edit(path: Path, change) -> None:
 
 def test_shipped_catalogue_has_the_four_splits(catalogue):
     counts = {split: len(catalogue.scenarios([split])) for split in catalogue.splits}
-    assert counts == {"in_sample": 20, "oos_context": 12, "oos_payoffs": 20, "oos_game": 1}
+    assert counts == {"in_sample": 20, "oos_context": 12, "oos_payoffs": 20, "oos_game": 4}  # public goods in 4 contexts
     doubled = catalogue.games["prisoners_dilemma_x2"]
     assert doubled.payoff("D", "C") == 2 * catalogue.games["prisoners_dilemma"].payoff("D", "C")
 

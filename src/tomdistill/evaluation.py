@@ -15,16 +15,18 @@ import numpy as np
 import pandas as pd
 
 from tomdistill.errors import UserError
-from tomdistill.metrics import stats, transfer
+from tomdistill.metrics import null_students as null, stats, transfer
 from tomdistill.records import mass_warning
 from tomdistill.metrics.propensity import (
-    SCENARIO_KEYS, answer_table, donation_shares, group_propensities, mixed_scenarios, scenario_propensities,
+    SCENARIO_KEYS, answer_table, donation_shares, group_propensities, is_scored, mixed_scenarios,
+    scenario_propensities,
 )
 from tomdistill.scenarios.catalogue import AUGMENT_SPLIT, HELDOUT_CONTEXT, REPORT_SPLITS
 
 TRAINING_ONLY_SPLITS = (AUGMENT_SPLIT,)  # scenarios.augment: payoff variants of in-sample games, training only
 
 ROLES = ("teacher", "base", "tuned")
+STUDENTS = ("base", "tuned")  # whose mass on the answers decides whether a public-goods number is shown
 REFERENCE_PREFIX = "reference:"
 HEADLINE_SPLITS = (*REPORT_SPLITS, "overall")
 # how the intervals were drawn (summary.json `bootstrap`, the report and the console say which)
@@ -55,6 +57,10 @@ class Evaluation:
     action_mass: dict[str, dict[str, float]]
     warnings: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    # one row per null student × split (and overall): alignment, improvement, point values (metrics/null_students.py)
+    null_students: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # {split or "overall": {student: mean mass on the answers over its public-goods scenarios}}: public_goods_mass
+    format_mass: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def headline(self, metric: str) -> dict[str, dict]:
         """{split: {value, ci_low, ci_high, n_scenarios, n_defined}} for the splits and overall."""
@@ -69,8 +75,32 @@ class Evaluation:
                 }
                 if metric == "improvement":
                     out[split]["n_defined"] = int(row["n_defined"])
+                verdict = self.format_verdict(split)
+                if verdict:
+                    out[split].update(verdict)
+                    if verdict["off_format"]:  # a number read from answers the students hardly give: withheld
+                        out[split].update(value=None, ci_low=None, ci_high=None)
             else:
                 out[split] = {"value": None, "ci_low": None, "ci_high": None, "n_scenarios": 0}
+        return out
+
+    def format_verdict(self, split: str, roles=STUDENTS) -> dict | None:
+        """Whether `split`'s number may be shown (`transfer.format_verdict` on `roles`' public-goods mass); None
+        where the split holds no public goods."""
+        masses = self.format_mass.get(split)
+        return transfer.format_verdict({r: masses.get(r) for r in roles}) if masses else None
+
+    def null_headline(self) -> dict[str, dict[str, dict]]:
+        """{null student: {split: {alignment, improvement, n_scenarios[, off_format, action_mass, reason]}}}."""
+        out: dict[str, dict[str, dict]] = {}
+        for row in self.null_students.to_dict("records"):
+            entry = {m: _num(row[m]) for m in transfer.TRANSFER_METRICS}
+            entry.update(n_scenarios=int(row["n_scenarios"]), n_answered=int(row["n_answered"]))
+            if isinstance(row.get("off_format"), (bool, np.bool_)):
+                entry.update(off_format=bool(row["off_format"]), action_mass={"base": _num(row["base_action_mass"])})
+                if row["off_format"]:
+                    entry["reason"] = row["reason"]
+            out.setdefault(row["null_student"], {})[row["split"]] = entry
         return out
 
 
@@ -263,6 +293,10 @@ def compute_evaluation(
                 if problem:
                     warnings.append(f"{role}: action_mass {problem}")
 
+    format_mass = public_goods_mass(records, props)
+    null_table, notes = null_student_table(records["teacher"], scenarios.assign(
+        endowment=aligned["teacher"]["endowment"]), endowments, game_bases, format_mass)
+    warnings.extend(notes)
     return Evaluation(
         models=models,
         prompt_version=str(records["teacher"]["prompt_version"].iloc[0]) if "prompt_version" in records["teacher"] else "",
@@ -276,6 +310,8 @@ def compute_evaluation(
         pairwise=_pairwise(aligned, confidence),
         paper_convention=paper_convention(aligned),
         action_mass=action_mass,
+        null_students=null_table,
+        format_mass=format_mass,
         warnings=warnings,
         settings={"epsilon": epsilon, "n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed,
                   "splits": splits, "bootstrap": BOOTSTRAP_SCENARIOS if exact else BOOTSTRAP_ANSWERS,
@@ -283,6 +319,54 @@ def compute_evaluation(
                   "trained_scenarios_known": bool(training),
                   "teacher_labels": (training or {}).get("teacher_labels")},
     )
+
+
+def public_goods_mass(records: Mapping[str, pd.DataFrame], props: Mapping[str, pd.DataFrame],
+                      roles=STUDENTS) -> dict[str, dict[str, float | None]]:
+    """Each student's mean mass on the public-goods answers per split (and "overall"), over the split's public-goods
+    scenarios: {split: {role: mass}}, only for splits holding public goods. A scenario's mass is, in score mode, the
+    mean `action_mass` of its score records (None where they carry none), and for sampled answers the share that
+    parsed (an unparsed answer is mass outside the format; records.py and `answer_table` count it apart). The headline
+    withholds a split's numbers where a student's mass is below `transfer.MIN_FORMAT_MASS` (Evaluation.headline)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for role in roles:
+        table = props[role][props[role]["kind"] == "public_goods"]
+        if table.empty:
+            continue
+        recs = records[role]
+        scored = is_scored(recs)
+        mass = pd.to_numeric(recs["action_mass"], errors="coerce") if "action_mass" in recs else pd.Series(np.nan, recs.index)
+        by_scenario = mass[scored].groupby([recs.loc[scored, k] for k in SCENARIO_KEYS]).mean()
+        values = [by_scenario.get((r.split, r.game, r.context), np.nan) if r.mode == "score" else r.n_parsed / r.n
+                  for r in table.itertuples()]
+        frame = table[["split"]].assign(mass=np.asarray(values, dtype=float))
+        for split, group in [*frame.groupby("split", sort=False), ("overall", frame)]:
+            value = group["mass"].mean()  # scenarios without a known mass are left out
+            out.setdefault(split, {})[role] = None if math.isnan(value) else float(value)
+    return out
+
+
+def null_student_table(teacher_records: pd.DataFrame, scenarios: pd.DataFrame, endowments=None, game_bases=None,
+                       format_mass: Mapping | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The null students (metrics/null_students.py) against this evaluation's teacher and base: one row per null
+    student × split and overall, point values. They are built from the teacher's propensities on its `in_sample`
+    records (as labelled here: the trained scenarios when the adapter's training record is known), whatever
+    `metrics.splits` evaluates. `scenarios`: Evaluation.scenarios with each scenario's `endowment`. A split whose
+    base student is off format on public goods has no value (the null students answer in format by construction).
+    Returns the table and notes for the warnings."""
+    trained = teacher_records[teacher_records["split"] == "in_sample"]
+    if trained.empty:
+        return pd.DataFrame(), ["no null students: the teacher dataset holds no in_sample (training) scenario"]
+    training = scenario_propensities(answer_table(trained, "teacher dataset (training scenarios)", endowments), "teacher")
+    nulls = null.null_propensities(training, scenarios, game_bases)
+    table = null.null_transfer(nulls, scenarios, scenarios["p_teacher"], scenarios["p_base"], scenarios["defined"])
+    verdicts = [transfer.format_verdict({"base": (format_mass or {})[s].get("base")})
+                if (format_mass or {}).get(s) else None for s in table["split"]]
+    table["off_format"] = [v["off_format"] if v else None for v in verdicts]
+    table["base_action_mass"] = [v["action_mass"].get("base", np.nan) if v else np.nan for v in verdicts]
+    table["reason"] = [v.get("reason", "") if v else "" for v in verdicts]
+    table.loc[table["off_format"].eq(True), list(transfer.TRANSFER_METRICS)] = np.nan
+    return table, []
 
 
 def label_heldout_scenarios(records: pd.DataFrame, training: Mapping) -> tuple[pd.DataFrame, list[str]]:

@@ -9,6 +9,9 @@
 """
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -53,6 +56,28 @@ def alignment(p_base, p_tuned, p_teacher) -> float:
     after = np.abs(p_tuned - p_teacher).sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan).item() if np.ndim(before) == 0 else np.where(before > 0, 1.0 - after / np.where(before > 0, before, 1.0), np.nan)
+
+
+# A public-goods number is reported only where the students put at least this much of their answer, on average over
+# the split's public-goods scenarios, on the allowed amounts (score mode: `action_mass`; sampled answers: the share
+# that parsed): below it the student mostly answers outside the format and its propensity is read from a distribution
+# it hardly answers with (issue 49; docs/metrics.md, "Public goods off format"). `records.MIN_MASS`, the per-scenario
+# warning, uses the same level.
+MIN_FORMAT_MASS = 0.5
+
+
+def format_verdict(masses: Mapping[str, float | None], floor: float = MIN_FORMAT_MASS) -> dict:
+    """Whether a public-goods number may be shown: {off_format, action_mass: {role: mass}, reason (if off)}.
+
+    `masses`: each student's mean mass on the answers (None: not known, e.g. score records without
+    `action_mass`; it neither passes nor fails). Off format when any known mass is below `floor` (0.5 passes)."""
+    known = {role: float(mass) for role, mass in masses.items() if mass is not None and not math.isnan(float(mass))}
+    short = {role: mass for role, mass in known.items() if mass < floor}
+    verdict = {"off_format": bool(short), "action_mass": known}
+    if short:
+        verdict["reason"] = (f"mean mass on the public-goods answers below {floor:g}: "
+                             + ", ".join(f"{role} {mass:.2f}" for role, mass in short.items()))
+    return verdict
 
 
 def mass_shortfall(action_mass: dict[str, float], floor: float | None) -> float:

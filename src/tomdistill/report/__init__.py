@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tomdistill.metrics.transfer import distance_shares
+from tomdistill.metrics.null_students import DESCRIPTIONS as NULL_DESCRIPTIONS
+from tomdistill.metrics.transfer import MIN_FORMAT_MASS, distance_shares
 
 from . import figures, tables
 
@@ -26,6 +27,15 @@ def propensity_basis(evaluation) -> str:
         return PROPENSITY_BASIS[kind]
     return "; ".join(f"{k}: {v}" for k, v in PROPENSITY_BASIS.items())
 SUMMARY = "summary.json"
+NULL_STUDENTS_BASIS = (
+    "students that learned nothing but the teacher's averages, built from the teacher's propensities on the "
+    "training scenarios (in_sample: the trained scenarios where the adapter's record says which) and scored "
+    "against the same teacher and base; point values, no interval; a group holding a scenario the null student "
+    "does not answer has no value")
+FORMAT_RULE = (
+    f"a split holding public goods is reported only where the base and tuned students' mean mass on the "
+    f"public-goods answers (score mode: action_mass; sampled answers: the share that parsed) is at least "
+    f"{MIN_FORMAT_MASS:g}; otherwise its value is withheld (off_format: true, with the mass)")
 
 
 def paper_note(evaluation, reference=None) -> str | None:
@@ -88,6 +98,9 @@ def build_summary(evaluation, reference=None, sources=None, artefacts=None) -> d
         "unparsed": unparsed,
         "paper_convention": {"improvement": evaluation.paper_convention,
                              "note": "C divided by all draws (unparsed included); public goods means rounded to cents"},
+        "null_students": evaluation.null_headline(),
+        "null_students_basis": {"note": NULL_STUDENTS_BASIS, "students": NULL_DESCRIPTIONS},
+        "format_rule": {"min_action_mass": MIN_FORMAT_MASS, "note": FORMAT_RULE},
         "warnings": evaluation.warnings,
     }
     if evaluation.action_mass:
@@ -97,7 +110,7 @@ def build_summary(evaluation, reference=None, sources=None, artefacts=None) -> d
 
         summary["compare"] = {"paper_published": {
             "improvement": reference.headline("improvement"), "alignment": reference.headline("alignment"),
-            "printed": paper_published.PRINTED, "citation": paper_published.CITATION,
+            "null_students": reference.null_headline(), "printed": paper_published.PRINTED, "citation": paper_published.CITATION,
         }}
     note = paper_note(evaluation, reference)
     if note:
@@ -113,7 +126,7 @@ def write_report(evaluation, output: str | Path, reference=None, sources=None) -
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    headline = tables.headline_long(evaluation, "this run")
+    headline = tables.headline_long(evaluation, "this run", null_students=True)
     if reference is not None:
         headline = pd.concat([headline, tables.headline_long(reference, "paper (published counts)")], ignore_index=True)
     printed = paper_published.PRINTED if (reference is not None or
@@ -125,6 +138,7 @@ def write_report(evaluation, output: str | Path, reference=None, sources=None) -
         "transfer_scenarios": (evaluation.scenarios, tables.scenario_markdown(evaluation.scenarios)),
         "transfer_groups": (evaluation.groups, tables.groups_markdown(evaluation.groups)),
         "cooperation": (evaluation.cooperation, tables.cooperation_markdown(evaluation.cooperation)),
+        "null_students": (evaluation.null_students, tables.null_students_markdown(evaluation.null_students)),
         "distance_shares": (distance_shares(evaluation.scenarios), None),
         "significance_payoffs": (evaluation.significance, None),
         "significance_models": (evaluation.pairwise, None),
@@ -165,11 +179,17 @@ def report_markdown(evaluation, summary: dict, headline_md: pd.DataFrame, made: 
         parts.append(f"Training: {sum(labels.get('scenarios_by_split', {}).values())} scenarios ({by_split}); teacher "
                      f"labels used: {labels.get('distributions', 0)} choice distributions, "
                      f"{labels.get('answers', 0)} sampled answers.")
-    parts += ["## Headline", tables.markdown_table(headline_md)]
+    parts += ["## Headline", tables.markdown_table(headline_md),
+              f"Null students ({tables.HEADLINE_METRIC}, point values): {NULL_STUDENTS_BASIS}. "
+              + "; ".join(f"`{name}`: {text}" for name, text in NULL_DESCRIPTIONS.items())
+              + ". A tuned student at or below them shows no sign that training taught more than the teacher's averages. "
+              "Public goods: " + FORMAT_RULE + "."]
     if summary.get("paper_note"):
         parts.append("> " + summary["paper_note"])
     parts.append("## Warnings")
     parts.append("\n".join(f"- {w}" for w in evaluation.warnings) if evaluation.warnings else "None.")
+    if not evaluation.null_students.empty:
+        parts += ["## Null students per split", tables.markdown_table(tables.null_students_markdown(evaluation.null_students))]
     parts += ["## Transfer per split, game and context", tables.markdown_table(tables.groups_markdown(evaluation.groups))]
     parts += ["## Where the distance to the teacher lies (per split and game: Σ|p_tuned − p_teacher|, its share of "
               "the split's, Σ|p_base − p_teacher|)", tables.markdown_table(distance_shares(evaluation.scenarios))]

@@ -4,13 +4,15 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from tomdistill.metrics.transfer import TRANSFER_METRICS
+from tomdistill.metrics.transfer import HEADLINE_METRIC, TRANSFER_METRICS
 
-from .tables import percent, present_columns, propensity_label
+from .tables import NULL_SOURCE, off_format_text, percent, present_columns, propensity_label
 
 
 def _cell(entry: dict) -> str:
-    """The value in bold, its interval on a second line (percent)."""
+    """The value in bold, its interval on a second line (percent); a public-goods split off format says so."""
+    if entry.get("off_format"):
+        return f"[red]{off_format_text(entry.get('action_mass') or {})}[/red]"
     if entry["value"] is None:
         return "—"
     text = f"[bold]{percent(entry['value'])}[/bold]"
@@ -19,6 +21,14 @@ def _cell(entry: dict) -> str:
     else:
         text += "\n[dim][—][/dim]"  # no interval
     return text
+
+
+def _null_cell(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    if entry.get("off_format"):
+        return f"[dim]{off_format_text(entry.get('action_mass') or {})}[/dim]"
+    return f"[dim]{percent(entry[HEADLINE_METRIC])}[/dim]"
 
 
 def print_summary(evaluation, summary: dict, output, reference=None, console: Console | None = None) -> None:
@@ -36,6 +46,10 @@ def print_summary(evaluation, summary: dict, output, reference=None, console: Co
             headline = data.headline(metric)
             cells = [_cell(headline[c]) for c in columns]
             table.add_row(source, metric, *cells)
+        if data is evaluation:  # the null students beside the tuned one: point values of the headline metric
+            for name, splits in evaluation.null_headline().items():
+                table.add_row(f"[dim]{NULL_SOURCE.format(name)}[/dim]", HEADLINE_METRIC,
+                              *[_null_cell(splits.get(c)) for c in columns])
     if "paper_note" in summary:
         from tomdistill.reference.paper_published import PRINTED
 
@@ -45,7 +59,9 @@ def print_summary(evaluation, summary: dict, output, reference=None, console: Co
     console.print(table)
     n = evaluation.headline("alignment")
     console.print("scenarios: " + ", ".join(f"{s} {n[s]['n_scenarios']}" for s in columns)
-                  + f"; propensity = {propensity_label(evaluation)}; intervals: {evaluation.settings.get('bootstrap')}")
+                  + f"; propensity = {propensity_label(evaluation)}; intervals: {evaluation.settings.get('bootstrap')}"
+                  + ("; null students: the teacher's training averages, point values" if len(evaluation.null_students)
+                     else ""))
     if "paper_note" in summary:
         console.print("note: " + summary["paper_note"], soft_wrap=False)
     for warning in evaluation.warnings:

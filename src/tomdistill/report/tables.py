@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from tomdistill.metrics.transfer import TRANSFER_METRICS
+from tomdistill.metrics.transfer import HEADLINE_METRIC, MIN_FORMAT_MASS, TRANSFER_METRICS
 from tomdistill.scenarios.catalogue import REPORT_SPLITS
 
 HEADLINE_COLUMNS = [*REPORT_SPLITS, "overall"]
@@ -14,6 +15,7 @@ EMPTY_NOTES = {
     "significance_payoffs": "not applicable: needs generate-mode counts of the tuned model in both in_sample and oos_payoffs",
     "significance_models": "not applicable: needs generate-mode counts (score-mode probabilities have no answer counts)",
     "warnings": "no warnings",
+    "null_students": "no null students: the teacher dataset holds no in_sample (training) scenario",
 }
 
 
@@ -75,22 +77,63 @@ def write_table(frame: pd.DataFrame, directory: Path, name: str, markdown: pd.Da
     (directory / f"{name}.md").write_text(markdown_table(markdown if markdown is not None else frame) + "\n")
 
 
-def headline_long(evaluation, source: str) -> pd.DataFrame:
-    """One row per metric × split (overall included): value, CI, scenario counts."""
+NULL_SOURCE = "null student: {}"
+
+
+def _flat(entry: dict) -> dict:
+    """A headline entry as flat columns: its public-goods format verdict as off_format and <role>_action_mass."""
+    entry = dict(entry)
+    masses = entry.pop("action_mass", None) or {}
+    entry.pop("reason", None)
+    return {**entry, **{f"{role}_action_mass": mass for role, mass in masses.items()}}
+
+
+def headline_long(evaluation, source: str, null_students: bool = False) -> pd.DataFrame:
+    """One row per metric × split (overall included): value, CI, scenario counts, and where the split holds public
+    goods whether it is off format (value withheld) with the students' mass on the answers. With `null_students`,
+    one row per null student × split too (the headline metric, point values: `point_only`)."""
     rows = []
     for metric in TRANSFER_METRICS:
         for split, entry in evaluation.headline(metric).items():
-            rows.append({"source": source, "metric": metric, "split": split, **entry})
+            rows.append({"source": source, "metric": metric, "split": split, **_flat(entry)})
+    if null_students:
+        for name, splits in evaluation.null_headline().items():
+            for split, entry in splits.items():
+                flat = _flat(entry)
+                rows.append({"source": NULL_SOURCE.format(name), "metric": HEADLINE_METRIC, "split": split,
+                             "value": flat.pop(HEADLINE_METRIC), "ci_low": None, "ci_high": None, "point_only": True,
+                             **{k: v for k, v in flat.items() if k not in TRANSFER_METRICS}})
     return pd.DataFrame(rows)
 
 
+def off_format_text(masses: dict) -> str:
+    """The cell of a withheld public-goods number: "off format (tuned mass 0.31)"."""
+    low = [f"{role} mass {mass:.2f}" for role, mass in masses.items()
+           if mass is not None and not (isinstance(mass, float) and math.isnan(mass)) and mass < MIN_FORMAT_MASS]
+    return "off format" + (f" ({', '.join(low)})" if low else "")
+
+
+def _true(value) -> bool:
+    """A flag column's value (True, or NaN/None where the row has no such flag)."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def _headline_cell(entry) -> str:
+    if _true(getattr(entry, "off_format", None)):
+        return off_format_text({role: getattr(entry, f"{role}_action_mass", None) for role in ("base", "tuned")})
+    if _true(getattr(entry, "point_only", None)):
+        return percent(entry.value)
+    return with_interval(entry.value, entry.ci_low, entry.ci_high)
+
+
 def headline_markdown(long: pd.DataFrame, printed: dict | None = None) -> pd.DataFrame:
-    """Rows: source × metric; columns: splits; cells: value [CI]."""
+    """Rows: source × metric; columns: splits; cells: value [CI] (a null student's: its point value; a public-goods
+    split off format: "off format" with the mass)."""
     rows = []
     for (source, metric), group in long.groupby(["source", "metric"], sort=False):
         row = {"source": source, "metric": metric}
         for entry in group.itertuples():
-            row[entry.split] = with_interval(entry.value, entry.ci_low, entry.ci_high)
+            row[entry.split] = _headline_cell(entry)
         rows.append(row)
     if printed:
         rows.append({"source": "paper (as printed)", "metric": "improvement",
@@ -117,6 +160,18 @@ def scenario_markdown(scenarios: pd.DataFrame) -> pd.DataFrame:
     ]
     view["alignment"] = [with_interval(v, lo, hi) for v, lo, hi in
                          zip(scenarios["alignment"], scenarios["alignment_ci_low"], scenarios["alignment_ci_high"])]
+    return view
+
+
+def null_students_markdown(null_students: pd.DataFrame) -> pd.DataFrame:
+    """The null students' table for reading: percent values, "off format" where the base student is."""
+    if null_students.empty:
+        return null_students
+    view = null_students[["null_student", "split", "n_scenarios", "n_answered"]].copy()
+    for metric in TRANSFER_METRICS:
+        view[metric] = [off_format_text({"base": mass}) if _true(off) else percent(value)
+                        for value, off, mass in zip(null_students[metric], null_students["off_format"],
+                                                    null_students["base_action_mass"])]
     return view
 
 

@@ -12,7 +12,9 @@ from .tables import HEADLINE_COLUMNS
 
 
 def headline_metrics(summary: dict) -> dict[str, float]:
-    """Flat run-summary keys, e.g. `alignment/in_sample`, `improvement/overall_ci_low` (fractions)."""
+    """Flat run-summary keys, e.g. `alignment/in_sample`, `improvement/overall_ci_low` (fractions), `null/teacher_mean/
+    alignment/in_sample` (a null student's point value); a public-goods split off format has no value, only its
+    `alignment/oos_game_off_format` flag."""
     out = {}
     for metric in TRANSFER_METRICS:
         for split in HEADLINE_COLUMNS:
@@ -20,6 +22,13 @@ def headline_metrics(summary: dict) -> dict[str, float]:
             for key, suffix in (("value", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
                 if entry.get(key) is not None:
                     out[f"{metric}/{split}{suffix}"] = entry[key]
+            if "off_format" in entry:
+                out[f"{metric}/{split}_off_format"] = int(bool(entry["off_format"]))
+    for name, splits in (summary.get("null_students") or {}).items():
+        for split, entry in splits.items():
+            for metric in TRANSFER_METRICS:
+                if entry.get(metric) is not None:
+                    out[f"null/{name}/{metric}/{split}"] = entry[metric]
     return out
 
 
@@ -51,6 +60,7 @@ def log_to_wandb(evaluation, output: Path, summary: dict, logger_cfg: dict, run_
             "propensities": evaluation.propensities, "transfer_scenarios": evaluation.scenarios,
             "transfer_groups": evaluation.groups[evaluation.groups["kind"] != "scenario"],
             "cooperation": evaluation.cooperation, "significance_payoffs": evaluation.significance,
+            "null_students": evaluation.null_students,
             "warnings": pd.DataFrame({"warning": evaluation.warnings or [""]}),
         }
         log = {f"tables/{name}": _table(frame) for name, frame in tables.items() if not frame.empty}
