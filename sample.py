@@ -23,10 +23,12 @@ register_resolvers()
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from tomdistill.config_schema import APP_GROUPS, check_config
     from tomdistill.errors import run_app
     from tomdistill.study import refuse_evaluation_only
 
     run_app("sample.py", refuse_evaluation_only, cfg, "sample.py")  # e.g. +experiment=paper_published
+    run_app("sample.py", check_config, cfg, APP_GROUPS["sample"])  # a bad key: one line before any model loads
     from tomdistill.sampling import run
 
     run_app("sample.py", run, cfg)

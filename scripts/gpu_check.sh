@@ -10,13 +10,13 @@
 #   bash scripts/gpu_check.sh [PYTEST ARGS]      # e.g. -k zero3 to rerun part of it
 #
 # Needs: nvidia-smi, a Python 3.12 with a CUDA torch, transformers, pytorch-lightning, peft, torchmetrics,
-# pyarrow, pytest (the device image has them: scripts/gpu_image_packages.txt), and .gpu_bundle/
+# pyarrow, pytest (a prepared GPU image may have them: scripts/gpu_image_packages.txt), and .gpu_bundle/
 # (scripts/gpu_wheels.sh builds it here) for what the image lacks: hydra-core, omegaconf, deepspeed, datasets
 # (+ small needs), the overlay transformers and the tiny Llama's snapshot. Installs nothing outside
 # $GPU_CHECK_WORKDIR (default /tmp/tomdistill-gpu-check): the wheels go to a --target folder on PYTHONPATH, the
 # overlay to one of its own (GPU_CHECK_OVERLAY, on PYTHONPATH for its fit only), tomdistill is used from src/.
 # Nothing is fetched: it works offline. Writes $OUT/gpu_check.log, $OUT/results.jsonl and $OUT/artifacts.tar.gz
-# when $OUT is set (the device run tool's folder that comes back), else under $GPU_CHECK_WORKDIR/out.
+# when $OUT is set (a folder a harness collects), else under $GPU_CHECK_WORKDIR/out.
 # Seconds (estimates, one H100): preflight ~15, install ~20, pytest ~260 (tests/gpu/test_gpu_*.py give each run's);
 # GPU_CHECK_BUDGET (460) bounds the whole, pytest gets what is left of it less 20 for the summary.
 set -uo pipefail
@@ -25,7 +25,7 @@ ROOT=$PWD
 PY=${GPU_CHECK_PYTHON:-python3}
 BUNDLE=${GPU_BUNDLE:-$ROOT/.gpu_bundle}
 WORK=${GPU_CHECK_WORKDIR:-/tmp/tomdistill-gpu-check}
-BUDGET=${GPU_CHECK_BUDGET:-460}                  # seconds for the whole check (the device tool's call: 8 minutes)
+BUDGET=${GPU_CHECK_BUDGET:-460}                  # seconds for the whole check (fits an 8-minute call)
 PYTEST_CAP=${GPU_CHECK_PYTEST_TIMEOUT:-400}      # seconds for the pytest run at most (less if the budget says so)
 export GPU_CHECK_STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-150}   # seconds per train.py / sample.py run (a hang costs this)
 LOGDIR=${OUT:-$WORK/out}

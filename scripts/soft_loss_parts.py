@@ -4,7 +4,7 @@ The whole-vocabulary soft loss is the choice among the actions plus the mass on 
 first step (LoRA's B = 0, so only B has a gradient) this script computes, on the demo's training batch (the 16
 in-sample scenarios, `business` held out, the oracle teacher's exact probabilities; `bench.soft_step.demo_batch`),
 each part's value and the norm of its gradient at each temperature, and the cosine between the two gradients:
-what a higher temperature changes in the first update (README "Transfer": temperature 2 left the average).
+what a higher temperature changes in the first update (docs/findings.md: temperature 2 left the average).
 
     python scripts/soft_loss_parts.py [--targets all-linear|attention] [--temperatures 1 2]
 """

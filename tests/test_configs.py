@@ -39,7 +39,7 @@ def _leaves(node, prefix=""):
 
 
 def test_demo_long_is_the_demos_study_with_8_payoff_variants_and_16_training_contexts_for_160_steps_and_nothing_else():
-    """README "The longer study" compares it with the demo on that difference alone."""
+    """docs/findings.md, "The longer study", compares it with the demo on that difference alone."""
     def resolved(experiment):
         cfg = compose_train([f"+experiment={experiment}", "output=/tmp/x", f"paths.root_dir={ROOT}"])
         return _leaves(OmegaConf.to_container(cfg, resolve=False))
@@ -157,6 +157,10 @@ def test_paper_training_is_sft_as_cfg_job_prints_it():
     ("model.lora.top_layers=0", "model.lora.top_layers"),
     ("model.lora.target_modules=[]", "model.lora.target_modules"),
     ("max_requeues=-1", "max_requeues"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("+optim.lr_plus_ratio=2", "optim.lr_plus_ratio"),  # a typo: refused, not ignored (config_schema.py)
+    ("+data.oracle.sampler.temprature=1", "data.oracle.sampler.temprature"),
 ])
 def test_a_value_that_cannot_train_is_refused_by_key_before_anything_loads(override, key):
     from tomdistill.training import TrainingConfigError, check_training_config
@@ -170,12 +174,45 @@ def test_a_value_that_cannot_train_is_refused_by_key_before_anything_loads(overr
 def test_train_py_names_a_bad_key_in_one_line_and_an_unknown_lora_module_before_training(tmp_path, teacher):
     result = run_train([*["model=tiny_llama", "logger=csv"], "optim.lr=-1", f"output={tmp_path}/a",
                         f"data.teacher={teacher}"], timeout=120)
-    assert result.returncode == 2 and "optim.lr=-1: expected a number > 0" in result.stderr
+    # the schema checks the value typed as the key's type (optim.lr: float, config_schema.py)
+    assert result.returncode == 2 and "optim.lr=-1.0: expected a number > 0" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_train(["model=tiny_llama", "logger=csv", "model.lora.target_modules=[q_proj,qkv]",
                         f"output={tmp_path}/b", f"data.teacher={teacher}"], timeout=180)
     assert result.returncode == 2 and "model.lora.target_modules: ['qkv'] name no linear module" in result.stderr
     assert "'lm_head'" in result.stderr  # the output layer can be named explicitly
+
+
+def test_sample_py_refuses_an_unknown_key_in_one_line_before_sampling(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "sample.py", "sampler=oracle", "+sampler.temprature=0.5",
+                             f"output={tmp_path}/samples"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "sample.py: error: sampler.temprature: unknown key (did you mean sampler.temperature?); sampler has "
+        + result.stderr.split(" has ", 1)[1].rstrip("\n")]
+    assert not list((tmp_path / "samples").glob("*.parquet"))
+
+
+def test_the_pipeline_refuses_a_bad_key_of_a_stage_before_its_first_stage_runs(tmp_path):
+    """pipeline.run_study checks every sample and train stage's config (pipeline.check_stage_configs): a typo in a
+    variant's overrides fails the study at once, not after the teacher was sampled."""
+    import os
+    import subprocess
+    import sys
+
+    study = tmp_path / "study"
+    result = subprocess.run(
+        [sys.executable, "-m", "tomdistill.pipeline", "+experiment=demo", "model=tiny_llama",
+         "pipeline.variants.soft=['loss=soft','+optim.lr_plus_ratio=2']", f"output={study}"],
+        cwd=ROOT, env={**os.environ, "PROJECT_ROOT": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pipeline: error: train [soft]: optim.lr_plus_ratio: unknown key (did you mean optim.lora_plus_ratio?)" \
+        in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (study / "teacher").exists()  # no stage ran
 
 
 def test_logger_none_trains(tmp_path, teacher):

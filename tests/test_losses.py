@@ -194,7 +194,7 @@ def test_the_soft_loss_is_its_choice_part_plus_its_mass_part_and_each_has_its_te
 
 
 def test_the_parts_script_reports_both_parts_and_their_gradients_at_each_temperature():
-    """scripts/soft_loss_parts.py on the tiny Llama (README "Transfer": the first step at temperature 2); that the parts
+    """scripts/soft_loss_parts.py on the tiny Llama (docs/findings.md: the first step at temperature 2); that the parts
     add up to the plain loss is test_the_soft_loss_is_its_choice_part_plus_its_mass_part_...'s."""
     import re
     import subprocess

@@ -1,4 +1,4 @@
-"""The measured results the README quotes (results/*.csv) stay machine-readable."""
+"""The measured results docs/results.md renders (results/*.csv) stay machine-readable."""
 import csv
 from pathlib import Path
 

@@ -202,7 +202,7 @@ def test_the_in_sample_games_list_the_same_numbers_in_a_context_only_their_lines
 
 def test_the_public_goods_analogy_scores_a_student_that_donates_as_the_teacher_plays_each_game(tmp_path):
     """scripts/public_goods_analogy.py: the oracle's P(C) of each in-sample game in public goods' own context, scored
-    against the evaluation's base and teacher propensities (README "Transfer", what limits public goods)."""
+    against the evaluation's base and teacher propensities (docs/findings.md, what limits public goods)."""
     import subprocess
     import sys
 

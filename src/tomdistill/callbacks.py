@@ -155,7 +155,7 @@ class TransferSplitsError(ValueError, UserError):
 
 class LossTemperatureSchedule(pl.Callback):
     """The loss's temperature moves linearly from `start` to the configured `loss.temperature` over the first
-    `steps` optimizer steps, then stays there. Why (README "Transfer", the variants search): the same recipe and seed
+    `steps` optimizer steps, then stays there. Why (docs/findings.md, the variants search): the same recipe and seed
     left the teacher's average at temperature 2 and not at 1, but temperature 2 to the end broke the public-goods
     answer format; starting hot and ending at 1 tries to keep the first and drop the second (measured once, 2 -> 1
     over 40 of 75 steps: it kept the escape and not the format). Off while `start` is null. A resumed run picks the

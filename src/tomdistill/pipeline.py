@@ -101,6 +101,21 @@ def resolve_interpreters(stages: list[Stage], common: list[str]) -> dict[str, Di
     return configs
 
 
+# the schema groups each stage's script checks (config_schema.APP_GROUPS); evaluate.py reads none of them
+STAGE_APPS = {"sample.py": "sample", "train.py": "train"}
+
+
+def check_stage_configs(stages: list[Stage], configs: dict[str, DictConfig]) -> None:
+    """Each sampling and training stage's composed config against its script's schemas, the error prefixed by the
+    stage's name: a bad key in a stage list (pipeline.teacher, pipeline.variants.<name>) fails the study before its
+    first stage runs, not hours later when that stage starts."""
+    from .config_schema import APP_GROUPS, check_config
+
+    for stage in stages:
+        if stage.script in STAGE_APPS:
+            check_config(configs[stage.name], APP_GROUPS[STAGE_APPS[stage.script]], where=stage.name)
+
+
 def _pipeline_overrides() -> list[str]:
     """The overrides this pipeline was started with, passed on to every stage."""
     return [o for o in HydraConfig.get().overrides.task if not o.startswith(("pipeline.", "hydra.", "output="))]
@@ -128,6 +143,7 @@ def run_study(cfg: DictConfig) -> None:
     for stage in stages:  # what each stage's command composes: recorded as it starts, compared before it is skipped
         if stage.name not in stage_configs:
             stage_configs[stage.name] = stage_config(stage, common)
+    check_stage_configs(stages, stage_configs)
     check_stages(stages, stage_configs, common, overwrite=bool(cfg.pipeline.get("overwrite")))
     tmp = study_dir / "pipeline.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=False))

@@ -131,7 +131,7 @@ def train(cfg: DictConfig) -> float:
 
 
 # the mass on the actions beside each split's alignment: a recipe can score on a split it no longer answers in the
-# format of (README "Transfer", the recipe search: temperature 2 and public goods)
+# format of (docs/findings.md, the recipe search: temperature 2 and public goods)
 TRIAL_COLUMNS = ("trial", "objective", "value", "transfer/alignment", "transfer/mass_shortfall", "best_step",
                  "global_step", "fit_seconds", "val_action_mass",
                  *(f"transfer/alignment/{split}" for split in REPORT_SPLITS),
@@ -198,21 +198,6 @@ def output_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def check_devices(devices) -> None:
-    """`trainer.devices`: a count ≥ 1, -1 or `auto` (every visible GPU), or a non-empty list of device indices."""
-    if devices is None:
-        return
-    if isinstance(devices, (list, tuple, ListConfig)):
-        ok = len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
-    else:
-        text = str(devices).strip()
-        ok = text in ("auto", "-1") or (text.isdigit() and int(text) >= 1) or (
-            "," in text and all(part.strip().isdigit() for part in text.split(",") if part.strip()))
-    if not ok or isinstance(devices, bool):
-        raise TrainingConfigError(f"trainer.devices={devices!r}: expected a count ≥ 1, -1 or auto (every visible GPU), "
-                                  "or a list of device indices such as [0,1]")
-
-
 def processes_per_node(devices, accelerator: str) -> int:
     """How many processes Lightning starts on a node for `trainer.devices`: a count (`2`, `"2"`), `-1` or `"auto"`
     (every visible GPU; one process on CPU), or the devices themselves (`[0, 1]`, `"0,1"`)."""
@@ -230,61 +215,19 @@ def processes_per_node(devices, accelerator: str) -> int:
             from None
 
 
-# key -> (rule, what is expected): checked before any data or model loads, so a typo costs seconds, not a model load
-_NUMBER_RULES = {
-    "optim.lr": (lambda v: v > 0, "a number > 0"),
-    "optim.weight_decay": (lambda v: v >= 0, "a number ≥ 0"),
-    "optim.warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.decay_ratio": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "optim.lora_plus_ratio": (lambda v: v > 0, "a number > 0 (1 = off)"),
-    "model.lora.r": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
-    "model.lora.alpha": (lambda v: v > 0, "a number > 0"),
-    "model.lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "data.batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
-    "data.scenario_batch_size": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
-    "scenarios.augment.per_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = all)"),
-    "scenarios.augment.from_step": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0 = from the start)"),
-    "data.eval_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
-    "data.max_length": (lambda v: v >= 8 and float(v).is_integer(), "a whole number ≥ 8"),
-    "data.num_val_contexts": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0"),
-    "loss.temperature": (lambda v: v > 0, "a number > 0"),
-    "loss.mass_temperature": (lambda v: v > 0, "a number > 0 (null: loss.temperature)"),
-    "loss.soft_weight": (lambda v: v >= 0, "a number ≥ 0"),
-    "max_requeues": (lambda v: v >= 0 and float(v).is_integer(), "a whole number ≥ 0 (0: never requeue)"),
-}
-_CHOICES = {
-    "optim.scheduler": ("cosine", "linear", "constant", "wsd"),
-    "data.target": ("answer_motivation", "motivation_answer", "answer_only"),
-}
-
-
 def check_training_config(cfg: DictConfig) -> None:
-    """Values that cannot train, named by key, before anything loads (a library traceback after the model
-    has loaded is what they would give otherwise)."""
-    for key, (rule, expected) in _NUMBER_RULES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not rule(value):
-            raise TrainingConfigError(f"{key}={value!r}: expected {expected}")
-    for key, options in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in options:
-            raise TrainingConfigError(f"{key}={value!r}: expected one of {list(options)}")
-    targets = OmegaConf.select(cfg, "model.lora.target_modules")
-    if targets is not None and not isinstance(targets, str):
-        names = list(targets)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise TrainingConfigError(f"model.lora.target_modules={names!r}: expected all-linear or a non-empty list "
-                                      "of module names, e.g. [q_proj, v_proj]")
-    steps = OmegaConf.select(cfg, "trainer.max_steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps >= 1)):
-        raise TrainingConfigError(f"trainer.max_steps={steps!r}: expected a whole number ≥ 1 (or -1: by "
-                                  "trainer.max_epochs)")
-    check_devices(OmegaConf.select(cfg, "trainer.devices"))
-    top = OmegaConf.select(cfg, "model.lora.top_layers")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
-        raise TrainingConfigError(f"model.lora.top_layers={top!r}: expected null (every layer) or a whole number ≥ 1")
+    """Values that cannot train, named by key, before anything loads (a library traceback after the model has loaded
+    is what they would give otherwise): the groups train.py reads against their schemas (config_schema.py:
+    unknown keys, types, each group's own rules), then the top-level keys no group holds."""
+    from .config_schema import APP_GROUPS, check_config
+
+    try:
+        check_config(cfg, APP_GROUPS["train"])
+    except UserError as err:  # one error type for the callers of this check, the message as the schema wrote it
+        raise TrainingConfigError(str(err)) from err
+    requeues = OmegaConf.select(cfg, "max_requeues")
+    if requeues is not None and (isinstance(requeues, bool) or not isinstance(requeues, int) or requeues < 0):
+        raise TrainingConfigError(f"max_requeues={requeues!r}: expected a whole number ≥ 0 (0: never requeue)")
 
 
 def check_process_layout(cfg: DictConfig) -> None:

@@ -95,7 +95,7 @@ def test_a_study_interrupted_inside_each_stage_resumes_at_that_stage(tmp_path, c
     ok(complete_study.resumed)
     study = Path(shutil.copytree(complete_study.path, tmp_path / "study"))
     # plan.json pins the adapter by absolute path: point the copy's at the copy's own adapter, as it would be
-    # for a study resumed where it was interrupted (a moved study is refused there: see README)
+    # for a study resumed where it was interrupted (a moved study is refused there: tests/faults/README.md)
     for plan in study.glob("*/plan.json"):
         plan.write_text(plan.read_text().replace(str(complete_study.path), str(study)))
     interrupt_inside(study, stage)

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from ..settings_fields import setting
 from ..errors import UserError
 
 IGNORE_INDEX = -100  # a position without a next-token target (prompt, padding)
@@ -37,12 +38,15 @@ class LossInputs:
     answer_mask: torch.Tensor | None = None
 
 
+NAME_HELP = "the loss's name, as messages and the adapter's training record give it"
+
+
 @dataclass
 class DistillationLoss:
     """Base of the losses: `__call__(inputs) -> {"loss": total, <part>: value, ...}` (parts are logged as
     `train/<part>_loss`)."""
 
-    name: str = ""
+    name: str = setting(NAME_HELP, default="")
     # what the loss trains on: a tomdistill.data.targets.Targets class, by its dotted path (data/ sits above
     # losses/: the recipe imports it, the loss only names it). It builds the examples and fills `LossInputs`.
     targets: ClassVar[str] = ""

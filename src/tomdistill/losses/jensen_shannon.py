@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import DistillationLoss, LossInputs
+from ..settings_fields import setting
+from .base import NAME_HELP, DistillationLoss, LossInputs
 
 
 def jensen_shannon(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor,
@@ -37,7 +38,7 @@ def jensen_shannon(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.T
 
 @dataclass
 class JensenShannonLoss(DistillationLoss):
-    name: str = "jensen_shannon"
+    name: str = setting(NAME_HELP, default="jensen_shannon")
     targets: ClassVar[str] = "tomdistill.data.targets.distribution.DistributionTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:

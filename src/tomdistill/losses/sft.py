@@ -7,12 +7,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, DistillationLoss, LossInputs
+from ..settings_fields import setting
+from .base import IGNORE_INDEX, NAME_HELP, DistillationLoss, LossInputs
 
 
 @dataclass
 class SFTLoss(DistillationLoss):
-    name: str = "sft"
+    name: str = setting(NAME_HELP, default="sft")
     targets: ClassVar[str] = "tomdistill.data.targets.tokens.TokenTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:

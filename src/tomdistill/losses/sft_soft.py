@@ -12,16 +12,19 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, DistillationLoss, LossInputs
+from ..settings_fields import setting
+from .base import IGNORE_INDEX, NAME_HELP, DistillationLoss, LossInputs
 from .soft import soft_cross_entropy
 
 
 @dataclass
 class SFTPlusSoftLoss(DistillationLoss):
-    name: str = "sft_soft"
-    soft_weight: float = 1.0
-    temperature: float = 1.0
-    sft_answer_token: bool = True
+    name: str = setting(NAME_HELP, default="sft_soft")
+    soft_weight: float = setting("the soft part's weight: sft + soft_weight × soft, ≥ 0", default=1.0)
+    temperature: float = setting("the soft part's temperature, > 0; > 1 softens teacher and student alike (the "
+                                 "part scaled by T²)", default=1.0)
+    sft_answer_token: bool = setting("false: the sampled action token is left to the soft part (SFT trains the "
+                                     "motivation only)", default=True)
     targets: ClassVar[str] = "tomdistill.data.targets.tokens_with_distribution.TokensWithDistributionTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:

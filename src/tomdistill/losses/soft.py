@@ -6,7 +6,7 @@ the answer tokens. With temperature T both sides are softened and the loss scale
 The whole-vocabulary cross-entropy is exactly two parts, −Σ_k q_k log p_k = −Σ_k q_k log(p_k / P_A) − log P_A with
 P_A the student's mass on the actions: the choice among the actions and the mass on them. `mass_temperature`
 softens the second part with its own temperature (null: the same T, the plain loss above), so a hot choice part
-can be measured without a hot mass part (README "Transfer": temperature 2 left the average and took public goods
+can be measured without a hot mass part (docs/findings.md: temperature 2 left the average and took public goods
 off its format).
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import DistillationLoss, LossInputs
+from ..settings_fields import setting
+from .base import NAME_HELP, DistillationLoss, LossInputs
 
 
 def soft_cross_entropy(logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor,
@@ -75,9 +76,10 @@ def _reduce(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
 
 @dataclass
 class SoftLabelLoss(DistillationLoss):
-    name: str = "soft"
-    temperature: float = 1.0
-    mass_temperature: float | None = None
+    name: str = setting(NAME_HELP, default="soft")
+    temperature: float = setting("> 0; > 1 softens teacher and student alike (the loss scaled by T²)", default=1.0)
+    mass_temperature: float | None = setting("the mass-on-the-actions part's own temperature, > 0 (null: "
+                                             "temperature); see losses/soft.py", default=None)
     targets: ClassVar[str] = "tomdistill.data.targets.distribution.DistributionTargets"
 
     def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:

@@ -83,7 +83,7 @@ def format_verdict(masses: Mapping[str, float | None], floor: float = MIN_FORMAT
 def mass_shortfall(action_mass: dict[str, float], floor: float | None) -> float:
     """How far each split's mean mass on the actions falls below `floor`, summed over the splits (0 without a
     floor). A recipe search subtracts it from its objective: a student that stopped answering a split in the
-    actions' format (mass near 0) is scored on a distribution it hardly ever answers with (README "Transfer":
+    actions' format (mass near 0) is scored on a distribution it hardly ever answers with (docs/findings.md:
     temperature 2 and public goods), so its alignment there must not rank it."""
     if floor is None:
         return 0.0
@@ -177,7 +177,7 @@ def group_transfer_weighted(p_teacher, p_base, p_tuned, weights, defined) -> dic
 def distance_shares(scenarios: pd.DataFrame, by: str = "game") -> pd.DataFrame:
     """Where each split's remaining distance to the teacher lies: per split and `by` group, Σ|p_tuned − p_teacher|,
     its share of the split's sum, Σ|p_base − p_teacher| and the group's alignment. `alignment` weighs every
-    scenario's base gap, so a split can read low because one game kept its gap (README "Transfer": the held-out
+    scenario's base gap, so a split can read low because one game kept its gap (docs/findings.md: the held-out
     context's error is the coordination games); this says which.
 
     `scenarios`: one row per scenario with split, `by`, p_teacher, p_base, p_tuned (Evaluation.scenarios)."""

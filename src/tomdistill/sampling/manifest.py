@@ -21,8 +21,9 @@ from .shards import write_json_atomic
 from .summary import ScenarioSummary
 
 PLAN = "plan.json"
-# settings that change no record (where and how fast it runs) stay out of the plan
-_RUNTIME_ONLY = ("batch_size", "score_batch_size", "device", "device_map", "progress", "tensor_parallel_size", "gpu_memory_utilization")
+# settings that change no record (where and how fast it runs, and with which interpreter) stay out of the plan
+_RUNTIME_ONLY = ("batch_size", "score_batch_size", "device", "device_map", "progress", "tensor_parallel_size",
+                 "gpu_memory_utilization", "python")
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 from ..scenarios import SPLITS, UNPARSED, Catalogue, Scenario, answer_text, catalogue_from_config, parse_action
 from ..scenarios import parse_motivation
 from ..scenarios.prompts import plain_prompt
-from .backends import Backend, Completion, GenerationRequest, ScoredScenario
+from .interface import Backend, Completion, GenerationRequest, ScoredScenario
 from .settings import SamplerSettings, SamplingConfigError
 
 log = logging.getLogger(__name__)

@@ -48,6 +48,14 @@ def select_scenarios(cfg, shuffle_seed: int | None = None, answer_prefix: bool =
         list(sc.games) if sc.get("games") else None,
         list(sc.contexts) if sc.get("contexts") else None,
     )
+    excluded = list(sc.get("exclude") or [])
+    if excluded:  # scenarios a dataset to compare with lacks (a recorded teacher's), left out of every split
+        selected = {f"{s.game.name}/{s.context.name}" for s in catalogue.scenarios(None)}
+        unknown = [pair for pair in excluded if pair not in selected]
+        if unknown:
+            raise SamplingConfigError(f"scenarios.exclude: {unknown} are no scenario of the catalogue; expected "
+                                      "game/context pairs such as public_goods/athletes")
+        scenarios = [s for s in scenarios if f"{s.game.name}/{s.context.name}" not in set(excluded)]
     if not scenarios:
         raise SamplingConfigError(
             f"scenarios: the filters (splits={list(splits or [])}, games={sc.get('games')}, "

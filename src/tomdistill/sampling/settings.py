@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from ..settings_fields import setting
 from ..errors import UserError
 
 BACKENDS = ("hf", "vllm", "oracle", "recorded")
@@ -26,29 +27,44 @@ class SamplingConfigError(ValueError, UserError):
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    backend: str
-    mode: str
-    role: str
-    seed: int
-    n: int | None  # None only for the recorded backend until the recording says how many it holds
-    temperature: float
-    top_p: float
-    repetition_penalty: float
-    max_new_tokens: int
-    batch_size: int
-    score_batch_size: int
-    device: str
-    device_map: str | None
-    dtype: str
-    shard_size: int
-    precision: float
-    tensor_parallel_size: int
-    gpu_memory_utilization: float
-    progress: bool
-    adapter: str | None
-    answer_prefill: bool = True
-    source: str | None = None      # recorded only: reference:paper_published/<role>, or a file of counts or answers
-    model_name: str | None = None  # recorded only: the records' `model` (default: the reference's model, the file stem)
+    """How sample.py samples: the backend, its decoding settings and where it runs (conf/sampler/*.yaml)."""
+
+    backend: str = setting("hf: transformers; vllm: vLLM on GPUs (its own environment, conf/sampler/vllm.yaml); "
+                           "oracle: the analytic reference agent; recorded: answers recorded elsewhere")
+    mode: str = setting("generate: n sampled answers per scenario; score: the exact P(action), one record per "
+                        "scenario")
+    role: str = setting("teacher: the answer and its motivation; student: the answer alone (the top-level `role`)")
+    seed: int = setting("the sampling seed (the top-level `seed`)")
+    # None only for the recorded backend until the recording says how many it holds
+    n: int | None = setting("samples per scenario (generate mode); recorded: null = as many as were recorded")
+    temperature: float = setting("sampling temperature; 0 = greedy")
+    top_p: float = setting("nucleus sampling: the smallest set of tokens holding this much probability, in (0, 1]; "
+                           "1 = off")
+    repetition_penalty: float = setting("penalty on tokens already generated, > 0; 1 = none")
+    max_new_tokens: int = setting("the longest answer in tokens; null: by role (student 8, teacher 200)")
+    batch_size: int = setting("sequences per generate call (vllm: requests handed to vLLM at once)")
+    score_batch_size: int = setting("score mode: prompts per forward pass (the logits of whole prompts are held in "
+                                    "memory)")
+    device: str = setting("auto | cpu | cuda | cuda:<i>; auto = this rank's GPU if there is one, else the CPU")
+    device_map: str | None = setting("auto: shard one large model over all GPUs of the node (accelerate); null = "
+                                     "one device")
+    dtype: str = setting("the model's dtype; auto = model.dtype, whose auto is bf16 on a GPU, fp32 on the CPU")
+    shard_size: int = setting("samples per output shard (the unit of resume and of data-parallel work)")
+    precision: float = setting("oracle only: the logit precision λ, P(C) = σ(λ (EU_C − EU_D))")
+    tensor_parallel_size: int = setting("vllm only: GPUs one model is split over")
+    gpu_memory_utilization: float = setting("vllm only: the share of each GPU's memory vLLM may take, in (0, 1]")
+    progress: bool = setting("a rich progress bar on the console")
+    adapter: str | None = setting("a peft adapter directory the model samples with (the top-level `adapter`); "
+                                  "null = the base model")
+    answer_prefill: bool = setting("start the assistant turn with \"Answer:\" (as score mode and the training "
+                                   "targets do)", default=True)
+    source: str | None = setting(
+        "recorded only, required: reference:paper_published/teacher|base|tuned (the paper's published counts), a "
+        ".csv of answer counts or a .csv/.parquet/.jsonl of answers (conf/sampler/recorded.yaml)", default=None)
+    model_name: str | None = setting("recorded only: the records' `model`; null = the reference's "
+                                     "(llama2-70b-chat, …) or the file's stem", default=None)
+    python: str | None = setting("the interpreter the pipeline runs sample.py with (e.g. .venv-vllm/bin/python); "
+                                 "null = its own", default=None)
 
     @property
     def samples_per_scenario(self) -> int:
@@ -218,6 +234,9 @@ def settings_from_config(cfg) -> SamplerSettings:
     progress = _get(sampler, "progress", True)
     if not isinstance(progress, bool):
         raise SamplingConfigError(f"sampler.progress: must be true or false, got {progress!r}")
+    python = _get(sampler, "python")  # read by the pipeline (pipeline.sampler_python), which runs sample.py with it
+    if python is not None and not isinstance(python, str):
+        raise SamplingConfigError(f"sampler.python: must be null or the path of a Python interpreter, got {python!r}")
     settings = SamplerSettings(
         backend=backend,
         mode=mode,
@@ -244,6 +263,7 @@ def settings_from_config(cfg) -> SamplerSettings:
         adapter=adapter,
         source=source,
         model_name=model_name,
+        python=python or None,
     )
     if backend == "vllm":
         check_vllm_settings(settings)

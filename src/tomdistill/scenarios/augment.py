@@ -17,10 +17,11 @@ import itertools
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Mapping
 
+from ..settings_fields import setting
 from .schema import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Context, Game, evaluated_contexts, scaled_game
 
 KEY = "scenarios.augment"
@@ -36,18 +37,27 @@ Matrix = tuple[Fraction, Fraction, Fraction, Fraction]  # payoffs in CELLS order
 class Augmentation:
     """The validated `scenarios.augment` group (see conf/scenarios/default.yaml)."""
 
-    variants: int = 0
-    seed: int = 0
-    low: float = 1
-    high: float = 30
-    integer: bool = True
-    scales: tuple[float, ...] = field(default_factory=tuple)
-    contexts: tuple[str, ...] = field(default_factory=tuple)
-    context_payoffs: str = "base"  # base | variants: the payoffs the training-only contexts frame
+    variants: int = setting("K random payoff matrices per in-sample matrix game that keep the strict order of its "
+                            "payoffs", default=0)
+    seed: int = setting("the variants' seed: same seed, same matrices", default=0)
+    low: float = setting("the variants' payoffs lie in [low, high]", default=1)
+    high: float = setting("the variants' payoffs lie in [low, high]", default=30)
+    integer: bool = setting("the variants' payoffs are integers (false: multiples of 0.1)", default=True)
+    scales: tuple[float, ...] = setting("also every in-sample matrix game with its payoffs × each scale, e.g. "
+                                        "[1.5, 3]", default_factory=tuple)
+    contexts: tuple[str, ...] = setting(
+        "training-only contexts (catalogue contexts no evaluated split uses), each with every in-sample matrix game: "
+        "a list of names, or named lists joined in order, e.g. [${scenarios.training_contexts}, "
+        "${scenarios.paired_training_contexts}]", default_factory=tuple)
+    context_payoffs: str = setting("base: the training-only contexts frame each game at its own payoffs; variants: "
+                                   "at one of its payoff variants (context i: variant i mod K + 1)", default="base")
     # how training batches the split (per-scenario losses; data/targets/distribution.py): every other training
     # scenario in each step plus `per_step` variants in turns (0 = all of them), joining from step `from_step`
-    per_step: int = 0
-    from_step: int = 0
+    per_step: int = setting("losses on the choice distribution (soft, jensen_shannon): every other training "
+                            "scenario in each step plus this many of the augment split's, in turns; 0 = all of them",
+                            default=0)
+    from_step: int = setting("with per_step: the split joins from this optimiser step (a curriculum); 0 = from the "
+                             "start", default=0)
 
     @property
     def active(self) -> bool:

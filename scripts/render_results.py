@@ -1,0 +1,266 @@
+"""Render docs/results.md from results/*.csv and the schema in results/README.md; check a typed row against its run.
+
+    python scripts/render_results.py                 # write docs/results.md
+    python scripts/render_results.py --check         # exit 1, one line, when the committed docs/results.md is stale
+    python scripts/render_results.py row --summary RUN/evaluate_soft/summary.json
+    python scripts/render_results.py row --split-alignment RUN/split_alignment.json
+    python scripts/render_results.py check-row 31 --summary runs/demo_seeds/evaluate_soft_s0/summary.json
+
+results/README.md is the one description of the tables: each `### name` section under "## Schemas" names its files
+(`Files:`), how the page shows them (`Rendered:`) and every column's meaning. A CSV no schema claims, a column no
+schema describes or a described column no file has is refused in one line. `row` prints the measured columns of a
+new `transfer_probes.csv` row from a run's own numbers; `check-row` compares a typed row with them (data rows count
+from 1, the header excluded), each number within the precision it was typed with.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+SCHEMA_PAGE = RESULTS / "README.md"
+PAGE = ROOT / "docs" / "results.md"
+PROBES = RESULTS / "transfer_probes.csv"
+SPLITS = ("in_sample", "heldout_context", "oos_context", "oos_payoffs", "oos_game")
+
+
+class ResultsError(ValueError):
+    """A results table or its schema is inconsistent; the message is one line."""
+
+
+@dataclass
+class Schema:
+    name: str
+    include: list[str]
+    exclude: list[str]
+    rendered: str
+    description: str
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def claims(self, name: str) -> bool:
+        return (any(fnmatch.fnmatch(name, p) for p in self.include)
+                and not any(fnmatch.fnmatch(name, p) for p in self.exclude))
+
+
+def read_schemas(page: Path = SCHEMA_PAGE) -> list[Schema]:
+    """The `### name` sections under "## Schemas" of results/README.md."""
+    text = page.read_text()
+    if "\n## Schemas\n" not in text:
+        raise ResultsError(f"{page.relative_to(ROOT)}: no '## Schemas' section")
+    schemas: list[Schema] = []
+    for block in re.split(r"^### ", text.split("\n## Schemas\n", 1)[1], flags=re.M)[1:]:
+        name, _, body = block.partition("\n")
+        include, exclude, rendered, prose, columns = [], [], "", [], {}
+        for line in body.splitlines():
+            if line.startswith("Files:"):
+                before, _, after = line[len("Files:"):].partition(" except ")
+                include, exclude = re.findall(r"`([^`]+)`", before), re.findall(r"`([^`]+)`", after)
+            elif line.startswith("Rendered:"):
+                rendered = line[len("Rendered:"):].strip()
+            elif line.startswith("| `"):
+                cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+                columns[cells[0].strip("`")] = cells[1]
+            elif not line.startswith("|"):
+                prose.append(line)
+        if not include:
+            raise ResultsError(f"{page.relative_to(ROOT)}: schema {name.strip()!r} has no 'Files:' line")
+        schemas.append(Schema(name.strip(), include, exclude, rendered, "\n".join(prose).strip(), columns))
+    return schemas
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def assign(schemas: list[Schema], results: Path = RESULTS) -> dict[str, list[Path]]:
+    """{schema name: its CSV files}, every CSV claimed by exactly one schema, every column described."""
+    files: dict[str, list[Path]] = {s.name: [] for s in schemas}
+    for path in sorted(results.glob("*.csv")):
+        owners = [s for s in schemas if s.claims(path.name)]
+        if len(owners) != 1:
+            raise ResultsError(f"results/{path.name}: claimed by {len(owners)} schemas of results/README.md "
+                               f"({', '.join(s.name for s in owners) or 'none'}); expected one")
+        header, _ = read_table(path)
+        undocumented = [c for c in header if c not in owners[0].columns]
+        if undocumented:
+            raise ResultsError(f"results/{path.name}: column(s) {', '.join(undocumented)} not described in "
+                               f"results/README.md (schema {owners[0].name})")
+        files[owners[0].name].append(path)
+    for schema in schemas:
+        present = {c for path in files[schema.name] for c in read_table(path)[0]}
+        absent = [c for c in schema.columns if c not in present]
+        if absent:
+            raise ResultsError(f"results/README.md: schema {schema.name} describes column(s) {', '.join(absent)} "
+                               f"that none of its files has")
+    return files
+
+
+def number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def cell(text: str) -> str:
+    """A value as typed, floats with more than 3 decimals rounded to 3; escaped for a Markdown table."""
+    text = (text or "").strip()
+    if re.fullmatch(r"-?\d+\.\d{4,}", text):
+        text = f"{float(text):.3f}"
+    elif re.fullmatch(r"-?\d+(\.\d+)?e-?\d+", text):  # e.g. 1.8e-07 from a sweep's float
+        text = f"{float(text):.3f}"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def best_per_fit(header: list[str], rows: list[dict[str, str]]) -> tuple[str, list[str], list[list[str]]]:
+    best: dict[str, dict[str, str]] = {}
+    for row in rows:
+        value = number(row.get("heldout_context", ""))
+        if value is None:
+            continue
+        kept = best.get(row["fit"])
+        if kept is None or value > number(kept["heldout_context"]):
+            best[row["fit"]] = row
+    note = (f"{len(rows)} rows; shown: per fit, the layer and λ with the best `heldout_context` "
+            f"({len(best)} rows).")
+    return note, header, [[row[c] for c in header] for row in best.values()]
+
+
+def by_layer_and_step(header: list[str], rows: list[dict[str, str]]) -> tuple[str, list[str], list[list[str]]]:
+    steps = sorted({int(r["step"]) for r in rows})
+    layers = sorted({int(r["layer"]) for r in rows})
+    value = {(int(r["layer"]), int(r["step"])): r["variance_game"] for r in rows}
+    note = f"{len(rows)} rows; shown: `variance_game` by layer and step."
+    return note, ["layer", *(f"step {s}" for s in steps)], [
+        [str(layer), *(value.get((layer, s), "") for s in steps)] for layer in layers]
+
+
+def every_row(header: list[str], rows: list[dict[str, str]]) -> tuple[str, list[str], list[list[str]]]:
+    return f"{len(rows)} rows.", header, [[row[c] for c in header] for row in rows]
+
+
+VIEWS = {"readout_probe": best_per_fit, "readout_probe_checkpoints": by_layer_and_step}
+
+
+def render(schemas: list[Schema] | None = None, results: Path = RESULTS) -> str:
+    schemas = read_schemas() if schemas is None else schemas
+    files = assign(schemas, results)
+    out = ["# Results", "",
+           "<!-- generated by scripts/render_results.py from results/*.csv and results/README.md: do not edit -->",
+           "",
+           "Every table of [`results/`](../results/README.md), rendered: the schema and the rules for adding a row are",
+           "in [results/README.md](../results/README.md), what the numbers say in [findings.md](findings.md).",
+           "Regenerate with `python scripts/render_results.py` (`--check` in CI).", "", "Tables:", ""]
+    for schema in schemas:
+        for path in files[schema.name]:
+            out.append(f"- [{path.name}](#{path.stem.lower()}) ({schema.name})")
+    for schema in schemas:
+        out += ["", f"## Schema `{schema.name}`", "", schema.description, "", "Rendered: " + schema.rendered, ""]
+        out += markdown_table(["column", "meaning"], [[f"`{c}`", m] for c, m in schema.columns.items()])
+        view = VIEWS.get(schema.name, every_row)
+        for path in files[schema.name]:
+            header, rows = read_table(path)
+            note, shown_header, shown = view(header, rows)
+            out += ["", f"### {path.stem}", "", f"[`results/{path.name}`](../results/{path.name}): {note}", ""]
+            out += markdown_table(shown_header, shown)
+    return "\n".join(out) + "\n"
+
+
+# --- a transfer_probes row from a run's own numbers ------------------------------------------------------------
+
+def measured(summary: Path | None = None, split_alignment: Path | None = None) -> dict[str, float | None]:
+    """The transfer_probes columns a run's summary.json (evaluate.py) or split_alignment.json (train.py) holds."""
+    if summary is not None:
+        data = json.loads(summary.read_text())
+        align = data.get("alignment", {})
+        values = {f"alignment_{s}": align.get(s, {}).get("value") for s in SPLITS}
+        values["in_sample_ci_low"] = align.get("in_sample", {}).get("ci_low")
+        values["tuned_mass_all_scenarios"] = data.get("action_mass", {}).get("tuned", {}).get("mean")
+        values["tuned_mass_public_goods"] = align.get("oos_game", {}).get("action_mass", {}).get("tuned")
+        return values
+    data = json.loads(split_alignment.read_text())["splits"]
+    values = {f"alignment_{s}": data[s]["alignment"] for s in SPLITS if s in data}
+    if "oos_game" in data:
+        values["tuned_mass_public_goods"] = data["oos_game"]["action_mass"]
+    return values
+
+
+def within_typed_precision(typed: str, value: float) -> bool:
+    decimals = len(typed.split(".", 1)[1]) if "." in typed else 0
+    return abs(float(typed) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def check_row(index: int, values: dict[str, float | None], table: Path = PROBES) -> list[str]:
+    """The mismatches between data row `index` (from 1) of `table` and a run's numbers; [] when it matches."""
+    _, rows = read_table(table)
+    if not 1 <= index <= len(rows):
+        raise ResultsError(f"{table.name}: no data row {index} (it has {len(rows)})")
+    row, problems = rows[index - 1], []
+    for column, value in values.items():
+        typed = (row.get(column) or "").strip()
+        if value is None or not typed:
+            continue
+        if number(typed) is None or not within_typed_precision(typed, float(value)):
+            problems.append(f"{column}: the row says {typed}, the run {value:.4f}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/results.md is not what this renders")
+    sub = parser.add_subparsers(dest="command")
+    for name in ("row", "check-row"):
+        cmd = sub.add_parser(name)
+        if name == "check-row":
+            cmd.add_argument("index", type=int, help="data row of results/transfer_probes.csv, from 1")
+        source = cmd.add_mutually_exclusive_group(required=True)
+        source.add_argument("--summary", type=Path, help="the run's evaluate_*/summary.json")
+        source.add_argument("--split-alignment", type=Path, help="the run's split_alignment.json")
+    args = parser.parse_args(argv)
+    try:
+        if args.command:
+            values = measured(args.summary, args.split_alignment)
+            if args.command == "row":
+                writer = csv.writer(sys.stdout, lineterminator="\n")
+                writer.writerow(values)
+                writer.writerow("" if v is None else f"{v:.3f}" for v in values.values())
+                return 0
+            problems = check_row(args.index, values)
+            for problem in problems:
+                print(f"transfer_probes.csv row {args.index}: {problem}", file=sys.stderr)
+            if not problems:
+                print(f"transfer_probes.csv row {args.index} matches {args.summary or args.split_alignment}")
+            return 1 if problems else 0
+        text = render()
+        if args.check:
+            if not PAGE.exists() or PAGE.read_text() != text:
+                print("docs/results.md is stale: run python scripts/render_results.py", file=sys.stderr)
+                return 1
+            return 0
+        PAGE.write_text(text)
+        print(f"wrote {PAGE.relative_to(ROOT)}")
+        return 0
+    except (ResultsError, OSError, KeyError, json.JSONDecodeError) as err:
+        print(f"render_results: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The docs stay short, current and linked: docs/results.md is what scripts/render_results.py renders from results/,
+the README is a front page (no dated history), its links resolve, and its test command is the one CI runs."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+MAX_README_LINES = 250
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+DATE = re.compile(r"\b20\d\d-[01]\d(?:-[0-3]\d)?\b")  # a dated stamp such as 2026-12-01 or 2026-12
+
+
+def test_docs_results_md_is_what_the_renderer_makes():
+    result = subprocess.run([sys.executable, "scripts/render_results.py", "--check"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr or result.stdout
+
+
+def test_the_renderer_refuses_a_column_the_schema_does_not_describe(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import render_results
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "public_goods_analogy.csv").write_text("game,context,mystery\npublic_goods,party,1\n")
+    with pytest.raises(render_results.ResultsError, match="mystery"):
+        render_results.assign(render_results.read_schemas(), tmp_path)
+
+
+def test_a_typed_row_is_checked_within_the_precision_it_was_typed_with(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import render_results
+    finally:
+        sys.path.pop(0)
+    table = tmp_path / "probes.csv"
+    table.write_text("probe,alignment_in_sample,alignment_oos_context,tuned_mass_public_goods\nx,0.89,0.511,0.93\n")
+    run = {"alignment_in_sample": 0.8934, "alignment_oos_context": 0.5113, "tuned_mass_public_goods": 0.9349}
+    assert render_results.check_row(1, run, table) == []
+    problems = render_results.check_row(1, {**run, "alignment_oos_context": 0.5131}, table)
+    assert problems == ["alignment_oos_context: the row says 0.511, the run 0.5131"]
+
+
+def test_the_readme_is_short_and_holds_no_dated_history():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines (at most {MAX_README_LINES})"
+    dated = [f"{number}: {line.strip()[:80]}" for number, line in enumerate(lines, 1) if DATE.search(line)]
+    assert not dated, "dated stamps in README.md (history goes to docs/findings.md):\n" + "\n".join(dated)
+
+
+@pytest.mark.parametrize("page", [README, *sorted((ROOT / "docs").glob("*.md"))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_points_to_a_file_that_exists(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # a URL or an anchor on the same page
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        if not path.exists():
+            broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)}: links to missing files: {broken}"
+
+
+def ci_test_command() -> str:
+    """The pytest command .ci/run runs (the line that runs pytest, up to its `||`)."""
+    lines = [line for line in (ROOT / ".ci/run").read_text().splitlines()
+             if "-m pytest" in line and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, f".ci/run: expected one pytest line, found {lines}"
+    return lines[0].split("||", 1)[0].strip()
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci/run").read_text()
+    assert re.search(r"^bash scripts/setup\.sh$", ci, re.M), ".ci/run no longer sets up with bash scripts/setup.sh"
+    command = ci_test_command()
+    readme_commands = [line.split("#", 1)[0].strip() for line in README.read_text().splitlines()
+                       if "-m pytest" in line and "scripts/setup.sh" in line]
+    assert readme_commands == [f"bash scripts/setup.sh && {command}"], (
+        f"README's test command {readme_commands} is not .ci/run's set-up and {command!r}")
