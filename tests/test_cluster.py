@@ -211,7 +211,7 @@ def test_the_paper_study_runs_as_chained_local_jobs_and_a_rerun_skips_finished_s
     for script in ("sample.py", "train.py", "evaluate.py"):
         assert f"{ROOT / script}" in logs
     table = json.loads((study / "study.json").read_text())
-    assert "soft" in table and "alignment" in table["soft"]
+    assert "soft" in table["variants"] and "alignment" in table["variants"]["soft"]
 
     again = ok(run_pipeline(*TINY_PAPER, "pipeline.launcher=submitit_local", f"output={study}", timeout=300))
     assert again.stdout.count("complete, skipped") == 6 and "submitted job" not in again.stdout

@@ -61,11 +61,15 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path):
                 continue
             assert measured[split]["alignment"] == pytest.approx(cell["value"], abs=1e-5), split
     table = json.loads((study / "study.json").read_text())
-    assert {"sft", "soft"} <= set(table) and any(k.startswith("paper") for k in table)
+    assert {"sft", "soft"} <= set(table["variants"]) and any(k.startswith("paper") for k in table["variants"])
+    # each stage's time and peak resident memory, measured by the pipeline, beside the table and in its log
+    assert len(table["stages"]) == 9
+    for usage in table["stages"].values():
+        assert usage["seconds"] > 0 and 0.05 < usage["peak_rss_gb"] < 64, usage
     assert "alignment toward the teacher" in first.stdout
     assert (study / ".hydra" / "config.yaml").exists()
     log = (study / "pipeline.log").read_text()  # the progress goes with the study, not only to the console
-    assert log.count(": done in ") == 9 and "Study complete in" in log, log
+    assert log.count(": done in ") == 9 and log.count(" GB resident") == 9 and "Study complete in" in log, log
 
     again = run_pipeline(study, MEASURED_IN_TRAINING)  # every stage complete: all skipped, same table
     assert again.returncode == 0
@@ -124,6 +128,21 @@ def _stage_config(stage, common):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose(config, overrides=["paths.root_dir=" + str(ROOT), *common, *stage.overrides,
                                           f"output={stage.output}"])
+
+
+def test_a_stage_records_its_time_and_its_own_peak_resident_memory(tmp_path, monkeypatch):
+    from tomdistill import pipeline
+    from tomdistill.study import Stage, study_usage
+
+    # a stage whose process holds 400 MB at its peak, then ends with its outputs written
+    program = ("import sys, pathlib; held = bytearray(400 * 10**6); held[::4096] = b'x' * len(held[::4096]); "
+               "pathlib.Path(sys.argv[1], 'summary.json').write_text('{}')")
+    stage = Stage("evaluate [x]", "evaluate.py", tmp_path / "evaluate_x")
+    stage.output.mkdir()
+    monkeypatch.setattr(pipeline, "stage_command", lambda st, common: [sys.executable, "-c", program, str(st.output)])
+    usage = pipeline.run_stage(stage, [], 1, 1)
+    assert 0.4 <= usage["peak_rss_gb"] < 1.0 and usage["seconds"] > 0
+    assert study_usage([stage]) == {"evaluate [x]": {"seconds": usage["seconds"], "peak_rss_gb": usage["peak_rss_gb"]}}
 
 
 def test_the_paper_pipeline_is_the_papers_study(tmp_path):

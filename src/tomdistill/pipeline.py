@@ -7,7 +7,8 @@ process, with the pipeline's command-line overrides (e.g. `+experiment=demo seed
 the stage's own overrides from `pipeline.*` in the config. A stage whose outputs are complete is
 skipped, so an interrupted study resumes at the stage it stopped in (and sampling and training
 resume inside the stage). Several training variants (e.g. `sft`, `soft`, `sft_soft`) can share
-the same teacher and base samples; the study ends with one table comparing them. A stage whose
+the same teacher and base samples; the study ends with one table comparing them (`study.json`, beside each stage's
+time and peak resident memory, which `pipeline.log` prints as each stage ends). A stage whose
 outputs were made by another configuration (its `stage.json`) is refused, or with `pipeline.overwrite=true`
 run again with the stages that read it. The plan, the commands, the records and the table are
 `study.py`; `pipeline.launcher=slurm` runs the same stages as SLURM jobs
@@ -32,7 +33,7 @@ from .errors import UserError
 from .paths import refuse_unsafe_output_override, register_resolvers
 from .study import (  # noqa: F401
     Stage, check_stages, plan, print_study, refuse_evaluation_only, run_name, seeds, stage_command, study_table,
-    variants, write_record, write_study,
+    variants, write_record, write_study, write_usage,
 )
 
 # the study's progress goes through logging, so it is on the console and in the study's own pipeline.log (Hydra's file
@@ -40,8 +41,9 @@ from .study import (  # noqa: F401
 log = logging.getLogger(__name__)
 
 
-def run_stage(stage: Stage, common: list[str], index: int, total: int, config: DictConfig | None = None) -> float:
-    """Run one stage's command; `config` (what the command composes) is recorded first as the stage's stage.json."""
+def run_stage(stage: Stage, common: list[str], index: int, total: int, config: DictConfig | None = None) -> dict:
+    """Run one stage's command; `config` (what the command composes) is recorded first as the stage's stage.json,
+    its time and peak resident memory last as its usage.json (returned)."""
     if config is not None:
         write_record(stage, config, common)
     command = stage_command(stage, common)
@@ -53,7 +55,9 @@ def run_stage(stage: Stage, common: list[str], index: int, total: int, config: D
     previous = {sig: signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        returncode = child.wait()
+        # wait4, not wait: the child's own resource usage, whose ru_maxrss (KiB on Linux) is its peak resident memory
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = returncode = os.waitstatus_to_exitcode(status)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -64,7 +68,7 @@ def run_stage(stage: Stage, common: list[str], index: int, total: int, config: D
     if not stage.complete():
         log.error(f"[{index}/{total}] {stage.name}: finished but its outputs are incomplete in {stage.output}")
         raise SystemExit(1)
-    return time.perf_counter() - started
+    return write_usage(stage, time.perf_counter() - started, usage.ru_maxrss * 1024)
 
 
 class PipelineConfigError(ValueError, UserError):
@@ -161,9 +165,10 @@ def run_study(cfg: DictConfig) -> None:
         if stage.complete():
             log.info(f"[{index}/{len(stages)}] {stage.name}: complete, skipped ({stage.output})")
             continue
-        seconds = run_stage(stage, common, index, len(stages), stage_configs[stage.name])
-        log.info(f"[{index}/{len(stages)}] {stage.name}: done in {seconds:.0f} s")
-    write_study(study_dir, list(variants(cfg)), seeds(cfg), show=True)
+        usage = run_stage(stage, common, index, len(stages), stage_configs[stage.name])
+        log.info(f"[{index}/{len(stages)}] {stage.name}: done in {usage['seconds']:.0f} s, "
+                 f"peak {usage['peak_rss_gb']:.2f} GB resident")
+    write_study(study_dir, list(variants(cfg)), seeds(cfg), show=True, stages=stages)
     log.info(f"Study complete in {time.perf_counter() - started:.0f} s: {study_dir}")
 
 

@@ -354,12 +354,45 @@ def print_study(table: dict) -> None:
         console.print(out)
 
 
-def write_study(study_dir: Path, variant_names: list[str], seed_list: list[int | None], show: bool = False) -> dict:
-    """study.json (written atomically) from every evaluation's summary.json; `show` prints the tables."""
+# --- what each stage took (`usage.json`) ---------------------------------------------------------------------------
+#
+# The local pipeline measures each stage's process as it ends: wall time, and the peak resident memory of the stage's
+# largest process (the kernel's ru_maxrss of the child, the maximum over it and the processes it waited for, e.g.
+# torchrun's workers). A cluster launcher has the scheduler's accounting instead (`sacct -j JOB -o MaxRSS,Elapsed`).
+
+USAGE = "usage.json"
+
+
+def write_usage(stage: Stage, seconds: float, peak_rss_bytes: int) -> dict:
+    """OUTPUT/usage.json, written atomically, as the stage ends."""
+    usage = {"stage": stage.name, "seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_bytes / 1e9, 2)}
+    path = stage.output / USAGE
+    tmp = path.with_name(f".{USAGE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(usage, indent=2) + "\n")
+    os.replace(tmp, path)
+    return usage
+
+
+def study_usage(stages: list[Stage]) -> dict[str, dict]:
+    """{stage name: its usage.json} for the stages that have one (a stage made by a launcher that measures none, or
+    by an older tomdistill, has none)."""
+    usage = {}
+    for stage in stages:
+        path = stage.output / USAGE
+        if path.exists():
+            usage[stage.name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "stage"}
+    return usage
+
+
+def write_study(study_dir: Path, variant_names: list[str], seed_list: list[int | None], show: bool = False,
+                stages: list[Stage] = ()) -> dict:
+    """study.json (written atomically): `variants`, the comparison table from every evaluation's summary.json, and
+    `stages`, each stage's time and peak memory where measured; `show` prints the tables."""
     table = study_table(study_dir, variant_names, seed_list)
+    study = {"variants": table, "stages": study_usage(list(stages))}
     tmp = study_dir / "study.json.tmp"
-    tmp.write_text(json.dumps(table, indent=2))
+    tmp.write_text(json.dumps(study, indent=2))
     os.replace(tmp, study_dir / "study.json")
     if show:
         print_study(table)
-    return table
+    return study
