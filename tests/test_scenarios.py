@@ -166,6 +166,16 @@ def test_public_goods_prompt_asks_for_dollars(smollm2_tokenizer, catalogue):
     assert "Answer: <dollars>" in prompt and "from 0 to 10" in prompt and "multiplies the fund by 2.5" in prompt
 
 
+def test_public_goods_in_a_pair_context_names_the_whole_group(catalogue, catalogue_copy):
+    # 4 players: "you and the other athlete" would contradict "shared equally among all 4 of you"
+    user = build_messages(catalogue.scenario("public_goods", "athletes"), "student")[1]["content"]
+    assert "You and three other athletes of your sport each hold $10" in user and "all 4 of you" in user
+    context = catalogue_copy / "contexts" / "athletes.yaml"
+    _edit(context, lambda d: d.pop("group"))
+    message = _error_for(catalogue_copy)
+    assert "'oos_game'" in message and "'athletes'" in message and "'group'" in message and "4 players" in message
+
+
 def test_prompt_text_and_version_are_deterministic(catalogue, catalogue_copy):
     again = load_catalogue(CATALOGUE_DIR)
     assert prompt_version(again) == prompt_version(catalogue)

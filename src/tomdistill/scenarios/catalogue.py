@@ -173,7 +173,7 @@ def _parse_game(data: dict, path: Path) -> list[Game]:
 
 
 def _parse_context(data: dict, path: Path) -> Context:
-    known = {"name", "coplayer", "points", "framing", "oracle", "games"}
+    known = {"name", "coplayer", "points", "framing", "oracle", "games", "group"}
     unknown = set(data) - known
     if unknown:
         raise CatalogueError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
@@ -194,6 +194,7 @@ def _parse_context(data: dict, path: Path) -> Context:
         regard=float(regard),
         belief=float(belief),
         games=tuple(games) if games else None,
+        group=_require(data, "group", path, str) if "group" in data else None,
     )
 
 
@@ -283,6 +284,12 @@ def load_catalogue(
                         raise CatalogueError(
                             f"{path}: key '{split}': context {context_name!r} only frames {list(context.games)}, "
                             f"not {game_name!r}"
+                        )
+                    if game.players > 2 and context.group is None:  # "you and the other athlete", 4 players
+                        raise CatalogueError(
+                            f"{path}: key '{split}': {game_name!r} has {game.players} players, and context "
+                            f"{context_name!r} names one coplayer: add 'group' (the other players, e.g. 'the other "
+                            f"{game.players - 1} …') to its file"
                         )
                     if (game_name, context_name) in [p for ps in splits.values() for p in ps]:
                         raise CatalogueError(

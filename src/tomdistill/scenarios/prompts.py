@@ -48,7 +48,7 @@ def describe_game(scenario: Scenario, shuffle_seed: int | None = None) -> str:
     game, context = scenario.game, scenario.context
     if game.kind == "public_goods":
         return (
-            f"You and {context.coplayer} each hold ${game.endowment}. Each of you decides how many whole dollars, "
+            f"You and {context.group or context.coplayer} each hold ${game.endowment}. Each of you decides how many whole dollars, "
             f"from 0 to {game.endowment}, to put into the shared fund; you keep whatever you do not give. "
             f"A sponsor multiplies the fund by {game.multiplier:g}, and the result is shared equally among all "
             f"{game.players} of you, whatever each one gave. Points stand for {context.points}."

@@ -73,6 +73,7 @@ class Context:
     regard: float  # oracle: weight on the coplayer's payoff
     belief: float  # oracle: belief that the coplayer cooperates
     games: tuple[str, ...] | None = None  # game kinds/names this context may frame; None = all matrix games
+    group: str | None = None  # the other players of a game for more than two ("the other three athletes")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
