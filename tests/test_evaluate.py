@@ -162,6 +162,22 @@ def test_synthetic_score_mode_reports_action_mass(tmp_path, cache):
     assert any("score mode with one record per scenario" in w for w in summary["warnings"])
 
 
+def test_the_report_names_the_evaluated_model_and_adapter_directories(tmp_path, cache, capsys):
+    """report.md's first screen: which samples, weights and adapter each of base and tuned are (their manifests)."""
+    dirs = make_datasets(tmp_path / "samples", score=True)
+    for role, adapter in (("base", None), ("tuned", str(tmp_path / "train" / "adapter"))):
+        (dirs[role] / "manifest.json").write_text(json.dumps(
+            {"model": MODELS[role], "adapter": adapter, "config": {"model": {"name_or_path": str(tmp_path / "ckpt")}}}))
+    summary = run_evaluate(dirs, tmp_path / "report", cache)
+    first_screen = (tmp_path / "report" / "report.md").read_text().splitlines()[:25]
+    rows = {line.split(" | ")[0].strip("| "): line for line in first_screen if line.startswith("| ")}
+    assert str(dirs["base"]) in rows["base"] and str(tmp_path / "ckpt") in rows["base"] and "| none |" in rows["base"]
+    assert str(dirs["tuned"]) in rows["tuned"] and str(tmp_path / "train" / "adapter") in rows["tuned"]
+    assert summary["evaluated"]["tuned"]["adapter"] == str(tmp_path / "train" / "adapter")
+    assert summary["sources"] == {role: str(d) for role, d in dirs.items()}  # as before: what was passed
+    assert f"adapter {tmp_path / 'train' / 'adapter'}" in capsys.readouterr().out.replace("\n", "")
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 def test_mismatched_scenarios_name_dataset_and_scenario(tmp_path, cache):

@@ -39,6 +39,23 @@ class EvaluationError(ValueError, UserError):
     """Datasets that cannot be compared; the message names the dataset(s) and the scenario(s)."""
 
 
+class EvaluationWarning(str):
+    """A warning's text, tagged with whom it concerns (`role`), what `kind` of problem it is and, for a per-scenario
+    problem, the `scenario` and a short `detail`: the report folds the warnings of one role and kind into one line
+    (report/tables.py `fold_warnings`). It is a str, so summary.json and warnings.csv keep the full text."""
+
+    role: str | None
+    kind: str | None
+    scenario: str | None
+    detail: str | None
+
+    def __new__(cls, text: str, role: str | None = None, kind: str | None = None, scenario: str | None = None,
+                detail: str | None = None):
+        self = super().__new__(cls, text)
+        self.role, self.kind, self.scenario, self.detail = role, kind, scenario, detail
+        return self
+
+
 @dataclass
 class Evaluation:
     """Everything the report shows. Propensities and metrics are fractions (1.0 = 100%)."""
@@ -269,15 +286,20 @@ def compute_evaluation(
                                 " and its intervals carry no sampling error"))
     undefined = scenarios[~scenarios["defined"]]
     for _, row in undefined.iterrows():
-        warnings.append(f"improvement undefined for {row['game']}/{row['context']} ({row['split']}): "
-                        f"|base − teacher| = {abs(row['gap']):.4f} < epsilon {epsilon}; left out of the improvement means")
+        warnings.append(EvaluationWarning(
+            f"improvement undefined for {row['game']}/{row['context']} ({row['split']}): "
+            f"|base − teacher| = {abs(row['gap']):.4f} < epsilon {epsilon}; left out of the improvement means",
+            kind="improvement_undefined", scenario=f"{row['game']}/{row['context']}", detail=f"gap {abs(row['gap']):.4f}"))
     for role in ROLES:
         unparsed = props[role][props[role]["n_unparsed"] > 0]
         if len(unparsed):
             listing = ", ".join(f"{r.game}/{r.context} {r.n_unparsed}/{r.n}" for r in unparsed.itertuples())
             warnings.append(f"{role}: unparsed answers left out of the propensities in {len(unparsed)} scenario(s): {listing}")
 
-    propensities = pd.concat([aligned[role].assign(role=role, model=models[role]) for role in ROLES], ignore_index=True)
+    # each model's mass on the answers per scenario, for the figures to mark where it is low
+    propensities = pd.concat([aligned[role].assign(role=role, model=models[role],
+                                                   action_mass=scenario_mass(records[role], aligned[role]))
+                              for role in ROLES], ignore_index=True)
     propensities = propensities[["role", "model", *[c for c in propensities.columns if c not in ("role", "model")]]]
     cooperation = group_propensities(propensities, model_column="role")
 
@@ -289,9 +311,12 @@ def compute_evaluation(
             valid = mass.dropna()
             action_mass[role] = {"mean": float(valid.mean()), "min": float(valid.min()), "max": float(valid.max())}
             for index in valid.index:
-                problem = mass_warning(f"{table.at[index, 'game']}/{table.at[index, 'context']}", float(valid[index]))
-                if problem:
-                    warnings.append(f"{role}: action_mass {problem}")
+                scenario_id = f"{table.at[index, 'game']}/{table.at[index, 'context']}"
+                problem = mass_warning(scenario_id, float(valid[index]))
+                if problem:  # one per record: the report folds them per role and kind
+                    warnings.append(EvaluationWarning(
+                        f"{role}: action_mass {problem}", role=role, scenario=scenario_id, detail=f"{valid[index]:.3f}",
+                        kind="action_mass_above_1" if valid[index] > 1 else "action_mass_low"))
 
     format_mass = public_goods_mass(records, props)
     null_table, notes = null_student_table(records["teacher"], scenarios.assign(
@@ -333,17 +358,23 @@ def public_goods_mass(records: Mapping[str, pd.DataFrame], props: Mapping[str, p
         table = props[role][props[role]["kind"] == "public_goods"]
         if table.empty:
             continue
-        recs = records[role]
-        scored = is_scored(recs)
-        mass = pd.to_numeric(recs["action_mass"], errors="coerce") if "action_mass" in recs else pd.Series(np.nan, recs.index)
-        by_scenario = mass[scored].groupby([recs.loc[scored, k] for k in SCENARIO_KEYS]).mean()
-        values = [by_scenario.get((r.split, r.game, r.context), np.nan) if r.mode == "score" else r.n_parsed / r.n
-                  for r in table.itertuples()]
-        frame = table[["split"]].assign(mass=np.asarray(values, dtype=float))
+        frame = table[["split"]].assign(mass=scenario_mass(records[role], table))
         for split, group in [*frame.groupby("split", sort=False), ("overall", frame)]:
             value = group["mass"].mean()  # scenarios without a known mass are left out
             out.setdefault(split, {})[role] = None if math.isnan(value) else float(value)
     return out
+
+
+def scenario_mass(records: pd.DataFrame, props: pd.DataFrame) -> np.ndarray:
+    """A model's mass on the answers for each scenario (row) of `props`: in score mode the mean `action_mass` of its
+    score records (NaN where they carry none), for sampled answers the share that parsed."""
+    scored = is_scored(records)
+    mass = (pd.to_numeric(records["action_mass"], errors="coerce") if "action_mass" in records
+            else pd.Series(np.nan, records.index))
+    by_scenario = mass[scored].groupby([records.loc[scored, k] for k in SCENARIO_KEYS]).mean()
+    values = [by_scenario.get((r.split, r.game, r.context), np.nan) if r.mode == "score" else r.n_parsed / r.n
+              for r in props.itertuples()]
+    return np.asarray(values, dtype=float)
 
 
 def null_student_table(teacher_records: pd.DataFrame, scenarios: pd.DataFrame, endowments=None, game_bases=None,
@@ -501,6 +532,35 @@ def tuned_training_record(source: str) -> dict | None:
     return read_manifest(path).get("adapter_training")
 
 
+def evaluated_model(manifest: Mapping, samples: str) -> dict:
+    """What answered in a samples location, from its manifest (sampling/manifest.py): the model's name, the weights it
+    was loaded from (a local directory or hub id; for a GGUF model the snapshot directory model/loading.py builds from
+    it; for recorded answers their source) and the adapter on them (None: the plain model)."""
+    model_cfg = (manifest.get("config") or {}).get("model") or {}
+    gguf = model_cfg.get("gguf") or {}
+    if manifest.get("recording"):
+        weights = f"recorded answers from {manifest['recording'].get('source')}"
+    elif model_cfg.get("name_or_path"):
+        weights = str(model_cfg["name_or_path"])
+    elif gguf.get("file"):
+        cache_dir = (manifest.get("config") or {}).get("paths", {}).get("cache_dir", "<cache>")
+        snapshot = Path(cache_dir) / "models" / (model_cfg.get("cache_name") or Path(gguf["file"]).stem)
+        weights = f"{snapshot} (from {gguf.get('package')}/{gguf['file']})"
+    elif model_cfg.get("tiny"):
+        weights = "a tiny random model (model.tiny)"
+    else:
+        weights = None  # no manifest (a parquet file, a hub dataset): unknown
+    return {"samples": samples, "model": manifest.get("model"), "weights": weights, "adapter": manifest.get("adapter")}
+
+
+def evaluated_models(sources: Mapping[str, str], given: Mapping[str, str]) -> dict[str, dict]:
+    """`evaluated_model` for each role's samples (`sources`: resolved locations, `given`: as the user passed them)."""
+    from tomdistill.records import read_manifest
+
+    return {role: evaluated_model(read_manifest(sources[role]) if Path(sources[role]).is_dir() else {}, given[role])
+            for role in sources}
+
+
 def reference_evaluation(cache_dir, **kwargs) -> Evaluation:
     """The paper's published counts, evaluated exactly like a user's samples (their games are the shipped
     catalogue's: its scaled games name their base)."""
@@ -560,8 +620,9 @@ def evaluate(cfg) -> dict:
     if compare is not None:
         reference = reference_evaluation(cache_dir, **{**options, "splits": None})
 
-    sources = {role: str(cfg.get(role)) for role in ROLES}
-    summary = write_report(result, output, reference=reference, sources=sources)
+    given = {role: str(cfg.get(role)) for role in ROLES}
+    summary = write_report(result, output, reference=reference, sources=given,
+                           evaluated=evaluated_models(sources, given))
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")  # conf/logger/wandb.yaml
     if wandb_cfg:
         from tomdistill.report.wandb_logging import log_to_wandb

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tomdistill.metrics.null_students import DESCRIPTIONS as NULL_DESCRIPTIONS
-from tomdistill.metrics.transfer import MIN_FORMAT_MASS, distance_shares
+from tomdistill.metrics.transfer import HEADLINE_METRIC, MIN_FORMAT_MASS, distance_shares
 
 from . import figures, tables
 
@@ -73,7 +73,7 @@ def _json_safe(value):
     return value
 
 
-def build_summary(evaluation, reference=None, sources=None, artefacts=None) -> dict:
+def build_summary(evaluation, reference=None, sources=None, artefacts=None, evaluated=None) -> dict:
     scenarios = evaluation.scenarios
     undefined = scenarios[~scenarios["defined"]]
     unparsed = {}
@@ -88,6 +88,8 @@ def build_summary(evaluation, reference=None, sources=None, artefacts=None) -> d
         "models": evaluation.models,
         "prompt_version": evaluation.prompt_version,
         "sources": sources or {},
+        # per role: its samples, the model, the weights and the adapter that answered (evaluation.evaluated_model)
+        "evaluated": evaluated or {},
         "propensity": propensity_basis(evaluation),
         "bootstrap": evaluation.settings.get("bootstrap"),
         "settings": evaluation.settings,
@@ -102,6 +104,7 @@ def build_summary(evaluation, reference=None, sources=None, artefacts=None) -> d
         "null_students_basis": {"note": NULL_STUDENTS_BASIS, "students": NULL_DESCRIPTIONS},
         "format_rule": {"min_action_mass": MIN_FORMAT_MASS, "note": FORMAT_RULE},
         "warnings": evaluation.warnings,
+        "warnings_folded": tables.fold_warnings(evaluation.warnings),  # one line per role and kind, as report.md shows
     }
     if evaluation.action_mass:
         summary["action_mass"] = evaluation.action_mass
@@ -120,8 +123,10 @@ def build_summary(evaluation, reference=None, sources=None, artefacts=None) -> d
     return _json_safe(summary)
 
 
-def write_report(evaluation, output: str | Path, reference=None, sources=None) -> dict:
-    """Write every artefact into `output`; return the summary (also written as summary.json)."""
+def write_report(evaluation, output: str | Path, reference=None, sources=None, evaluated=None) -> dict:
+    """Write every artefact into `output`; return the summary (also written as summary.json). `sources`: each role's
+    samples as given; `evaluated`: what answered in them (evaluation.evaluated_models), named on report.md's first
+    screen."""
     from tomdistill.reference import paper_published
 
     output = Path(output)
@@ -142,14 +147,14 @@ def write_report(evaluation, output: str | Path, reference=None, sources=None) -
         "distance_shares": (distance_shares(evaluation.scenarios), None),
         "significance_payoffs": (evaluation.significance, None),
         "significance_models": (evaluation.pairwise, None),
-        "warnings": (pd.DataFrame({"warning": evaluation.warnings}), None),
+        "warnings": (tables.warnings_table(evaluation.warnings), tables.warnings_table(evaluation.warnings).fillna("—")),
     }
     for name, (frame, markdown) in written.items():
         tables.write_table(frame, output, name, markdown)
     made = figures.write_figures(evaluation, output)
     artefacts = {"tables": [f"{n}.csv" for n in written] + [f"{n}.md" for n in written],
                  "figures": [p.name for p in made.values()], "report": "report.md"}
-    summary = build_summary(evaluation, reference, sources, artefacts)
+    summary = build_summary(evaluation, reference, sources, artefacts, evaluated)
     (output / "report.md").write_text(report_markdown(evaluation, summary, headline_md, made))
     # summary.json last and atomically: its presence marks a complete report (the pipeline relies on it)
     tmp = output / f".{SUMMARY}.tmp"
@@ -158,17 +163,84 @@ def write_report(evaluation, output: str | Path, reference=None, sources=None) -
     return summary
 
 
+def compared_table(evaluation, summary: dict) -> pd.DataFrame:
+    """What was compared: per role its model, the weights and adapter that answered, and its samples."""
+    evaluated, sources = summary.get("evaluated") or {}, summary.get("sources") or {}
+    rows = []
+    for role, name in evaluation.models.items():
+        facts = evaluated.get(role) or {}
+        rows.append({"role": role, "model": f"`{name}`",
+                     "weights": f"`{facts['weights']}`" if facts.get("weights") else "—",
+                     "adapter": f"`{facts['adapter']}`" if facts.get("adapter") else "none",
+                     "samples": f"`{facts.get('samples') or sources.get(role)}`" if (facts.get("samples") or sources.get(role))
+                     else "—"})
+    return pd.DataFrame(rows)
+
+
+def outcome_sentence(summary: dict, metric: str = HEADLINE_METRIC) -> str:
+    """How it came out, in one sentence: the tuned student's overall `metric` with its interval, per split, and
+    whether it beats the best null student (compared with the interval, where there is one)."""
+    headline = summary.get(metric) or {}
+    overall = headline.get("overall") or {}
+    splits = ", ".join(f"{split} {tables.percent(entry['value'], 1)}" if entry.get("value") is not None else
+                       f"{split} {'off format' if entry.get('off_format') else '—'}"
+                       for split, entry in headline.items() if split != "overall" and entry.get("n_scenarios"))
+    if overall.get("value") is None:
+        masses = ", ".join(f"{role} {mass:.2f}" for role, mass in (overall.get("action_mass") or {}).items()
+                           if mass is not None)
+        why = (f"withheld: the students put too little probability on the public-goods answers (mass {masses})"
+               if overall.get("off_format") else "not computed (see the warnings)")
+        return f"**Outcome:** the overall {metric} is {why}; per split: {splits}."
+    value, low, high = overall["value"], overall.get("ci_low"), overall.get("ci_high")
+    interval = f" [{tables.percent(low, 1)}, {tables.percent(high, 1)}]" if low is not None and high is not None else ""
+    text = (f"**Outcome:** the tuned student removed {tables.percent(value, 1)}{interval} of the base student's distance "
+            f"to the teacher overall ({metric}; {splits})")
+    nulls = [(name, (splits_of.get("overall") or {}).get(metric)) for name, splits_of in
+             (summary.get("null_students") or {}).items()]
+    nulls = [(name, v) for name, v in nulls if v is not None]
+    if nulls:
+        name, best = max(nulls, key=lambda item: item[1])
+        best_text = f"the null student `{name}` ({tables.percent(best, 1)}), which knows only the teacher's averages"
+        above, below = (low, high) if interval else (value, value)
+        if above > best:
+            text += f", above every null student (best: {best_text})"
+        elif below < best:
+            text += f", below {best_text}"
+        else:
+            text += f", not distinguishable from {best_text}"
+    return text + "."
+
+
+def warnings_pointer(n_warnings: int, n_lines: int) -> str:
+    """The first screen's line on the warnings: how many, and where they are."""
+    if not n_warnings:
+        return "No warnings."
+    if n_lines == n_warnings:
+        return f"{n_warnings} warning(s): see [Warnings](#warnings)."
+    return (f"{n_warnings} warnings, folded to {n_lines} line(s) (one per model and kind) under [Warnings](#warnings); "
+            "every one in warnings.md.")
+
+
 def report_markdown(evaluation, summary: dict, headline_md: pd.DataFrame, made: dict) -> str:
-    models = ", ".join(f"{role}: `{name}`" for role, name in evaluation.models.items())
+    """report.md. Its first screen says what was compared (teacher, base, tuned: models, weights, adapters,
+    samples), the headline table and how it came out; the definitions, the warnings (one line per role and kind) and
+    the detailed tables follow."""
+    level = int(100 * evaluation.settings["confidence"])
+    folded = summary.get("warnings_folded") or []
     parts = [
         "# tomdistill evaluation",
-        f"Models — {models}. Prompt version `{evaluation.prompt_version}`.",
+        outcome_sentence(summary),
+        tables.markdown_table(compared_table(evaluation, summary)),
+        f"## Headline ({level}% bootstrap intervals)",
+        tables.markdown_table(headline_md),
+        warnings_pointer(len(evaluation.warnings), len(folded)),
+        f"Prompt version `{evaluation.prompt_version}`. "
         f"Propensity ({tables.propensity_label(evaluation)}): {propensity_basis(evaluation)}.",
         "**improvement** (the paper's metric): per scenario `(p_base − p_tuned) / (p_base − p_teacher)`, mean over "
         "scenarios; above 100% = overshoot, undefined where |base − teacher| < "
         f"{evaluation.settings['epsilon']}. **alignment** (headline): `1 − Σ|p_tuned − p_teacher| / Σ|p_base − p_teacher|`; "
         "100% = indistinguishable from the teacher, 0 = unchanged, negative = moved away. Intervals: "
-        f"{int(100 * evaluation.settings['confidence'])}% percentile bootstrap, {evaluation.settings['n_bootstrap']} "
+        f"{level}% percentile bootstrap, {evaluation.settings['n_bootstrap']} "
         f"resamples ({evaluation.settings.get('bootstrap')}); a group of one scenario under the scenario bootstrap "
         "has no interval (—). `in_sample` counts the scenarios the adapter was trained on; `heldout_context` the "
         "in-sample games in contexts held out for validation.",
@@ -179,15 +251,15 @@ def report_markdown(evaluation, summary: dict, headline_md: pd.DataFrame, made: 
         parts.append(f"Training: {sum(labels.get('scenarios_by_split', {}).values())} scenarios ({by_split}); teacher "
                      f"labels used: {labels.get('distributions', 0)} choice distributions, "
                      f"{labels.get('answers', 0)} sampled answers.")
-    parts += ["## Headline", tables.markdown_table(headline_md),
-              f"Null students ({tables.HEADLINE_METRIC}, point values): {NULL_STUDENTS_BASIS}. "
-              + "; ".join(f"`{name}`: {text}" for name, text in NULL_DESCRIPTIONS.items())
-              + ". A tuned student at or below them shows no sign that training taught more than the teacher's averages. "
-              "Public goods: " + FORMAT_RULE + "."]
+    parts.append(f"Null students ({tables.HEADLINE_METRIC}, point values): {NULL_STUDENTS_BASIS}. "
+                 + "; ".join(f"`{name}`: {text}" for name, text in NULL_DESCRIPTIONS.items())
+                 + ". A tuned student at or below them shows no sign that training taught more than the teacher's "
+                 "averages. Public goods: " + FORMAT_RULE + ".")
     if summary.get("paper_note"):
         parts.append("> " + summary["paper_note"])
     parts.append("## Warnings")
-    parts.append("\n".join(f"- {w}" for w in evaluation.warnings) if evaluation.warnings else "None.")
+    parts.append("\n".join(f"- {w}" for w in folded) + "\n\nOne line per model and kind; every warning: warnings.md."
+                 if folded else "None.")
     if not evaluation.null_students.empty:
         parts += ["## Null students per split", tables.markdown_table(tables.null_students_markdown(evaluation.null_students))]
     parts += ["## Transfer per split, game and context", tables.markdown_table(tables.groups_markdown(evaluation.groups))]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tomdistill.metrics.transfer import HEADLINE_METRIC, TRANSFER_METRICS
@@ -55,7 +56,11 @@ def print_summary(evaluation, summary: dict, output, reference=None, console: Co
 
         table.add_row("paper (as printed)", "improvement", *[percent(PRINTED[s], 0) if s in PRINTED else "—"
                                                               for s in columns])
-    console.print(", ".join(f"{role}: {name}" for role, name in evaluation.models.items()))
+    evaluated = summary.get("evaluated") or {}
+    for role, name in evaluation.models.items():  # what answered: the model, and the adapter on it where there is one
+        facts = evaluated.get(role) or {}
+        line = f"{role}: {name}" + (f" + adapter {facts['adapter']}" if facts.get("adapter") else "")
+        console.print(escape(line + (f" (samples {facts['samples']})" if facts.get("samples") else "")))
     console.print(table)
     n = evaluation.headline("alignment")
     console.print("scenarios: " + ", ".join(f"{s} {n[s]['n_scenarios']}" for s in columns)
@@ -64,6 +69,9 @@ def print_summary(evaluation, summary: dict, output, reference=None, console: Co
                      else ""))
     if "paper_note" in summary:
         console.print("note: " + summary["paper_note"], soft_wrap=False)
-    for warning in evaluation.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+    folded = summary.get("warnings_folded", evaluation.warnings)  # one line per role and kind; all in warnings.md
+    for warning in folded:
+        console.print("[yellow]warning:[/yellow] " + escape(warning))
+    if len(folded) < len(evaluation.warnings):
+        console.print(f"({len(evaluation.warnings)} warnings in all: {escape(str(output))}/warnings.md)")
     console.print(f"report: {output}")

@@ -145,7 +145,8 @@ def headline_markdown(long: pd.DataFrame, printed: dict | None = None) -> pd.Dat
 
 def propensity_markdown(propensities: pd.DataFrame) -> pd.DataFrame:
     view = propensities[["role", "model", "split", "game", "context", "mode", "n", "n_parsed", "n_unparsed",
-                         "n_C", "n_D", "p", "p_se", "mean_donation", "donation_se"]].copy()
+                         "n_C", "n_D", "p", "p_se", "mean_donation", "donation_se",
+                         *[c for c in ("action_mass",) if c in propensities]]].copy()
     for column in ("n_C", "n_D"):
         view[column] = view[column].map(lambda v: "—" if pd.isna(v) else str(int(v)))
     return view
@@ -187,3 +188,42 @@ def groups_markdown(groups: pd.DataFrame) -> pd.DataFrame:
 def cooperation_markdown(cooperation: pd.DataFrame) -> pd.DataFrame:
     wide = cooperation.pivot_table(index=["by", "group"], columns="role", values="p", sort=False).reset_index()
     return wide[["by", "group", *[r for r in ("teacher", "base", "tuned") if r in wide.columns]]]
+
+
+# --- warnings -----------------------------------------------------------------------------------
+
+def _warning_key(warning) -> tuple:
+    """Whom a warning concerns and what kind it is (evaluation.EvaluationWarning); an untagged one is its own kind."""
+    kind = getattr(warning, "kind", None)
+    return (getattr(warning, "role", None), kind) if kind else (None, str(warning))
+
+
+def fold_warnings(warnings, examples: int = 4) -> list[str]:
+    """One line per (role, kind), in order of first appearance: a single warning as it is, a repeated one as
+    "N× <the first one> — likewise <a few other scenarios> and M more" (a per-scenario problem, e.g. low action
+    mass, repeats for every scenario of a model; the full list is warnings.md/csv)."""
+    grouped: dict[tuple, list] = {}
+    for warning in warnings:
+        grouped.setdefault(_warning_key(warning), []).append(warning)
+    lines = []
+    for members in grouped.values():
+        first = members[0]
+        if len(members) == 1:
+            lines.append(str(first))
+            continue
+        others = list(dict.fromkeys(
+            " ".join(x for x in (getattr(w, "scenario", None), f"({w.detail})" if getattr(w, "detail", None) else None) if x)
+            for w in members[1:]))
+        others = [o for o in others if o]
+        shown = others[:examples]
+        likewise = (f" — likewise {', '.join(shown)}" + (f" and {len(others) - len(shown)} more" if len(others) > len(shown)
+                                                          else "")) if shown else ""
+        lines.append(f"{len(members)}× {first}{likewise}")
+    return lines
+
+
+def warnings_table(warnings) -> pd.DataFrame:
+    """Every warning (warnings.csv/md): its text, and the role, kind, scenario and detail it is tagged with."""
+    return pd.DataFrame({"warning": [str(w) for w in warnings],
+                         **{k: [getattr(w, k, None) for w in warnings] for k in ("role", "kind", "scenario", "detail")}},
+                        columns=["warning", "role", "kind", "scenario", "detail"])
