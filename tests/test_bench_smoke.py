@@ -58,3 +58,23 @@ def test_soft_step_core():
     assert len(result["seconds"]) == 7 and all(_positive(s) for s in result["seconds"].values())
     assert result["scenarios"] == 32 and result["tokens"] > 32 * 100 and result["timed_steps"] == 1
     assert soft_step.render(result).row_count == 7
+
+
+def test_train_memory_core(monkeypatch):
+    from bench import train_memory
+    from tomdistill.model import shared_prefix
+
+    # the benchmark sets the suffix passes' cost process-wide (it runs alone); put it back after this test
+    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", shared_prefix.PASS_COST_TOKENS)
+    today, recipe = (train_memory.child(setting, "tiny_llama", augment=1, precision="fp32", steps=1)
+                     for setting in (train_memory.SETTINGS[0], train_memory.SETTINGS[3]))
+    for result in (today, recipe):
+        assert all(_positive(result[key]) for key in ("loaded_mib", "forward_mib", "step_mib", "loss", "grad_norm"))
+        assert result["scenarios"] == 32 and len(result["seconds"]) == 1 and result["passes"] >= 2
+    assert recipe["held_mib"]["checkpointed layers' inputs"] > 0 and "MLP (frozen)" not in recipe["held_mib"]
+    assert recipe["loss"] == pytest.approx(today["loss"], rel=1e-6)
+    assert recipe["grad_norm"] == pytest.approx(today["grad_norm"], rel=1e-5)
+    times = train_memory.step_times("tiny_llama", augment=1, precision="fp32", steps=2)
+    assert len(times) == 3 and all(len(t) == 2 and all(_positive(s) for s in t) for t in times.values())
+    peaks, held, timing = train_memory.render([today, recipe], times)
+    assert peaks.row_count == 2 and timing.row_count == 3 and held.row_count >= 5

@@ -37,7 +37,7 @@ from ..losses.base import IGNORE_INDEX
 from ..metrics.transfer import alignment
 from ..scoring import ScoringItem, action_distribution, action_logprobs
 from .loading import ModelLoadError, load_causal_lm
-from .shared_prefix import shared_prefix_logits
+from .shared_prefix import checkpointing_keeps_caches, shared_prefix_logits
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,25 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
     model = get_peft_model(model, config)
     model.train()  # from_pretrained returns eval mode; Lightning does not switch submodules back
     return model
+
+
+# glibc's malloc serves a block below its mmap threshold (which it raises up to 32 MB as large blocks are freed) from
+# its heap, where freed activations stay resident: ~2 GB of the demo's checkpointed step (bench/README.md, "Where the
+# memory goes"). At 4 MB every activation of a layer is mapped on its own and returned to the OS when freed.
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Have the C library map every block of `threshold` bytes or more on its own, so that freeing it returns it to
+    the OS (glibc's mallopt M_MMAP_THRESHOLD, process-wide); False where the C library has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return False
+    return bool(mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD (malloc.h)
 
 
 def _native_mask_slicing() -> bool:
@@ -318,9 +337,9 @@ class LoRADistillModule(pl.LightningModule):
         # ZeRO-3 gathers each layer's weights collectively in every forward pass: every rank must run as many
         # forward passes as every other, so a soft batch runs padded in one pass there (on_fit_start)
         self._one_forward_per_batch = False
-        # a batch's common prompt prefixes run once (model/shared_prefix.py); gradient checkpointing refuses the
-        # key/value cache that carries them, so it runs full passes
-        self.shared_prefix = bool(shared_prefix) and not gradient_checkpointing
+        # a batch's common prompt prefixes run once (model/shared_prefix.py), under gradient checkpointing too where
+        # transformers lets a checkpointed layer keep the key/value cache that carries them (else full passes)
+        self.shared_prefix = bool(shared_prefix) and (not gradient_checkpointing or checkpointing_keeps_caches())
         self.frozen_cache: FrozenLayerCache | None = None
         if lora.get("top_layers") and lora.get("cache_frozen_layers", True):
             first = self.model.get_base_model().config.num_hidden_layers - int(lora["top_layers"])
@@ -370,6 +389,7 @@ class LoRADistillModule(pl.LightningModule):
         return out
 
     def on_fit_start(self) -> None:
+        return_freed_memory()
         self._one_forward_per_batch = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
