@@ -5,12 +5,15 @@
     python scripts/render_results.py row --summary RUN/evaluate_soft/summary.json
     python scripts/render_results.py row --split-alignment RUN/split_alignment.json
     python scripts/render_results.py check-row 31 --summary runs/demo_seeds/evaluate_soft_s0/summary.json
+    python scripts/render_results.py study runs/demo_70b --machine "2-core Xeon, AVX512-BF16 + AMX, idle"
 
 results/README.md is the one description of the tables: each `### name` section under "## Schemas" names its files
 (`Files:`), how the page shows them (`Rendered:`) and every column's meaning. A CSV no schema claims, a column no
 schema describes or a described column no file has is refused in one line. `row` prints the measured columns of a
 new `transfer_probes.csv` row from a run's own numbers; `check-row` compares a typed row with them (data rows count
-from 1, the header excluded), each number within the precision it was typed with.
+from 1, the header excluded), each number within the precision it was typed with. `study` writes a finished study's
+rows into `results/studies.csv` from its own `study.json` (replacing that study's rows of the same commit), and
+re-renders docs/results.md and the README's results table, which shows the newest row of each study and variant.
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ RESULTS = ROOT / "results"
 SCHEMA_PAGE = RESULTS / "README.md"
 PAGE = ROOT / "docs" / "results.md"
 PROBES = RESULTS / "transfer_probes.csv"
+STUDIES = RESULTS / "studies.csv"
+README = ROOT / "README.md"
+README_BEGIN = "<!-- results table: rendered by scripts/render_results.py from results/studies.csv -->"
+README_END = "<!-- end of the rendered results table -->"
 SPLITS = ("in_sample", "heldout_context", "oos_context", "oos_payoffs", "oos_game")
 
 
@@ -222,6 +229,101 @@ def check_row(index: int, values: dict[str, float | None], table: Path = PROBES)
     return problems
 
 
+# --- a study's rows (results/studies.csv) from its own study.json -----------------------------------------------
+
+STUDY_COLUMNS = ["study", "variant", "seeds", *(f"alignment_{s}" for s in SPLITS), *(f"sd_{s}" for s in SPLITS),
+                 "tuned_mass_all_scenarios", "train_seconds", "study_seconds", "peak_rss_gb", "machine", "commit",
+                 "measured", "command"]
+
+
+def git_commit() -> str:
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return head.stdout.strip() or "unknown"
+
+
+def study_rows(study_dir: Path, machine: str, commit: str, measured_on: str) -> list[dict[str, str]]:
+    """One row per variant of a finished study (means over its seeds, with their sd), and one for the paper's
+    numbers where the study compared against them; numbers to 3 decimals, times from the stages' usage.json."""
+    import yaml
+
+    study = json.loads((study_dir / "study.json").read_text())
+    if "variants" not in study:
+        raise ResultsError(f"{study_dir / 'study.json'}: no 'variants' (written by an older tomdistill): rerun "
+                           "the pipeline, which rewrites it from the evaluations")
+    overrides = yaml.safe_load((study_dir / ".hydra" / "overrides.yaml").read_text())
+    command = " ".join(["python -m tomdistill.pipeline", *(o for o in overrides if not o.startswith("output="))])
+    name = yaml.safe_load((study_dir / ".hydra" / "config.yaml").read_text())["pipeline"]["name"]
+    stages = study.get("stages") or {}
+
+    def fixed(value) -> str:
+        return "" if value is None or value != value else f"{value:.3f}"
+
+    rows = []
+    for variant, table in study["variants"].items():
+        align = table.get("alignment", {})
+        cells = {s: align.get(s) or {} for s in SPLITS}
+        seeds = (next((c.get("seeds") for c in cells.values() if c.get("seeds")), None))
+        trains = [u["seconds"] for n, u in stages.items() if n.startswith(f"train [{variant}")]
+        row = {"study": name, "variant": variant, "seeds": " ".join(map(str, seeds)) if seeds else "1 (config's)",
+               **{f"alignment_{s}": fixed(c.get("value")) for s, c in cells.items()},
+               **{f"sd_{s}": fixed(c.get("sd")) for s, c in cells.items()},
+               "tuned_mass_all_scenarios": fixed(((table.get("action_mass") or {}).get("tuned") or {}).get("mean")),
+               "train_seconds": f"{sum(trains) / len(trains):.0f}" if trains else "",
+               "study_seconds": f"{sum(u['seconds'] for u in stages.values()):.0f}" if stages else "",
+               "peak_rss_gb": f"{max(u['peak_rss_gb'] for u in stages.values()):.2f}" if stages else "",
+               "machine": machine, "commit": commit, "measured": measured_on, "command": command}
+        if "action_mass" not in table:  # the paper's own row: nothing trained or timed here
+            row.update(train_seconds="", study_seconds="", peak_rss_gb="", machine="", seeds="")
+        rows.append(row)
+    return rows
+
+
+def write_study_rows(rows: list[dict[str, str]], table: Path = STUDIES) -> None:
+    """Upsert into `table` (atomic): a row replaces the one of the same study, variant and commit."""
+    kept = read_table(table)[1] if table.exists() else []
+    new = {(r["study"], r["variant"], r["commit"]) for r in rows}
+    kept = [r for r in kept if (r["study"], r["variant"], r["commit"]) not in new]
+    tmp = table.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, STUDY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows([*kept, *rows])
+    tmp.replace(table)
+
+
+def readme_table(table: Path = STUDIES) -> list[str]:
+    """The README's results table: the newest row of each study and variant, mean ± sd over seeds."""
+    _, rows = read_table(table)
+    newest: dict[tuple[str, str], dict[str, str]] = {}
+    for row in rows:  # rows are appended as measured: a later one replaces an earlier one
+        newest[(row["study"], row["variant"])] = row
+
+    def shown(row: dict[str, str], split: str) -> str:
+        value, sd = row[f"alignment_{split}"], row[f"sd_{split}"]
+        if not value:
+            return "—"
+        return f"{float(value):.2f} ± {float(sd):.2f}" if sd else f"{float(value):.2f}"
+
+    header = ["study", "variant", "seeds", "trained", "held-out context", "new contexts", "doubled payoffs",
+              "public goods", "study time, peak memory, machine, commit"]
+    lines = markdown_table(header, [
+        [f"`{r['study']}`", r["variant"], r["seeds"], *(shown(r, s) for s in SPLITS),
+         (f"{r['study_seconds']} s, {r['peak_rss_gb']} GB, {r['machine']}, {r['commit']}" if r["study_seconds"]
+          else f"published counts, evaluated at {r['commit']}")]
+        for r in newest.values()])
+    return [README_BEGIN, *lines, README_END]
+
+
+def render_readme(text: str, table: Path = STUDIES) -> str:
+    if README_BEGIN not in text or README_END not in text:
+        raise ResultsError(f"README.md: no rendered results table (the lines {README_BEGIN!r} … {README_END!r})")
+    before, rest = text.split(README_BEGIN, 1)
+    _, after = rest.split(README_END, 1)
+    return before + "\n".join(readme_table(table)) + after
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/results.md is not what this renders")
@@ -233,8 +335,20 @@ def main(argv: list[str] | None = None) -> int:
         source = cmd.add_mutually_exclusive_group(required=True)
         source.add_argument("--summary", type=Path, help="the run's evaluate_*/summary.json")
         source.add_argument("--split-alignment", type=Path, help="the run's split_alignment.json")
+    study = sub.add_parser("study", help="write a finished study's rows into results/studies.csv")
+    study.add_argument("study_dir", type=Path, help="the study's directory (runs/<name>)")
+    study.add_argument("--machine", required=True, help="the machine and its load, e.g. '2-core Xeon, AMX, idle'")
+    study.add_argument("--commit", default=None, help="the commit whose code ran the study (default: HEAD)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "study":
+            import datetime
+
+            rows = study_rows(args.study_dir, args.machine, args.commit or git_commit(),
+                              datetime.date.today().isoformat())
+            write_study_rows(rows)
+            print(f"wrote {len(rows)} row(s) of {args.study_dir} into {STUDIES.relative_to(ROOT)}")
+            args.command, args.check = None, False  # and render the page and the README's table from them
         if args.command:
             values = measured(args.summary, args.split_alignment)
             if args.command == "row":
@@ -248,14 +362,19 @@ def main(argv: list[str] | None = None) -> int:
             if not problems:
                 print(f"transfer_probes.csv row {args.index} matches {args.summary or args.split_alignment}")
             return 1 if problems else 0
-        text = render()
+        text, readme = render(), render_readme(README.read_text())
         if args.check:
-            if not PAGE.exists() or PAGE.read_text() != text:
-                print("docs/results.md is stale: run python scripts/render_results.py", file=sys.stderr)
+            stale = [p.relative_to(ROOT).as_posix() for p, t in ((PAGE, text), (README, readme))
+                     if not p.exists() or p.read_text() != t]
+            if stale:
+                print(f"{' and '.join(stale)} stale: run python scripts/render_results.py", file=sys.stderr)
                 return 1
             return 0
-        PAGE.write_text(text)
-        print(f"wrote {PAGE.relative_to(ROOT)}")
+        for path, content in ((PAGE, text), (README, readme)):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(content)
+            tmp.replace(path)
+        print(f"wrote {PAGE.relative_to(ROOT)} and the results table of README.md")
         return 0
     except (ResultsError, OSError, KeyError, json.JSONDecodeError) as err:
         print(f"render_results: error: {err}", file=sys.stderr)

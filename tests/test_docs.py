@@ -47,6 +47,48 @@ def test_a_typed_row_is_checked_within_the_precision_it_was_typed_with(tmp_path)
     assert problems == ["alignment_oos_context: the row says 0.511, the run 0.5131"]
 
 
+def test_a_studys_rows_are_written_from_its_own_study_json_and_shown_in_the_readme(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import render_results
+    finally:
+        sys.path.pop(0)
+    import json
+
+    study = tmp_path / "runs" / "demo_70b"
+    (study / ".hydra").mkdir(parents=True)
+    (study / ".hydra" / "overrides.yaml").write_text("- +experiment=demo_70b\n- pipeline.seeds=[0,1]\n- output=/x\n")
+    (study / ".hydra" / "config.yaml").write_text("pipeline:\n  name: demo_70b\n")
+    cell = {"value": 0.875, "sd": 0.0125, "values": [0.8625, 0.8875], "seeds": [0, 1], "n_scenarios": 20}
+    off_format = {"value": None, "off_format": True, "n_scenarios": 1}
+    paper = {"value": 0.33, "ci_low": 0.28, "ci_high": 0.36, "n_scenarios": 20}
+    (study / "study.json").write_text(json.dumps({
+        "variants": {"soft": {"alignment": {"in_sample": cell, "oos_game": off_format},
+                              "action_mass": {"tuned": {"mean": 0.99}}},
+                     "paper (70b → 7b, published counts)": {"alignment": {"in_sample": paper}}},
+        "stages": {"base student": {"seconds": 60.0, "peak_rss_gb": 1.4},
+                   "train [soft_s0]": {"seconds": 500.0, "peak_rss_gb": 3.2},
+                   "train [soft_s1]": {"seconds": 520.0, "peak_rss_gb": 3.1}}}))
+    rows = render_results.study_rows(study, "2-core test CPU", "abc1234", "2026-01-01")
+    soft, paper_row = rows
+    assert soft["command"] == "python -m tomdistill.pipeline +experiment=demo_70b pipeline.seeds=[0,1]"
+    assert (soft["study"], soft["seeds"], soft["alignment_in_sample"], soft["sd_in_sample"]) == (
+        "demo_70b", "0 1", "0.875", "0.013")
+    assert soft["alignment_oos_game"] == "" and soft["alignment_heldout_context"] == ""  # off format, none held out
+    assert (soft["train_seconds"], soft["study_seconds"], soft["peak_rss_gb"]) == ("510", "1080", "3.20")
+    assert paper_row["alignment_in_sample"] == "0.330" and paper_row["study_seconds"] == ""
+
+    table = tmp_path / "studies.csv"
+    render_results.write_study_rows(rows, table)
+    render_results.write_study_rows([{**soft, "alignment_in_sample": "0.900"}], table)  # same commit: replaced
+    assert [r["alignment_in_sample"] for r in render_results.read_table(table)[1]] == ["0.330", "0.900"]
+    readme = render_results.render_readme(f"intro\n{render_results.README_BEGIN}\nold\n{render_results.README_END}\n"
+                                          "after\n", table)
+    assert "old" not in readme and readme.startswith("intro\n") and readme.endswith("after\n")
+    assert "| `demo_70b` | soft | 0 1 | 0.90 ± 0.01 | — |" in readme
+    assert "1080 s, 3.20 GB, 2-core test CPU, abc1234" in readme
+
+
 def test_the_readme_is_short_and_holds_no_dated_history():
     lines = README.read_text().splitlines()
     assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines (at most {MAX_README_LINES})"

@@ -358,7 +358,8 @@ def print_study(table: dict) -> None:
 #
 # The local pipeline measures each stage's process as it ends: wall time, and the peak resident memory of the stage's
 # largest process (the kernel's ru_maxrss of the child, the maximum over it and the processes it waited for, e.g.
-# torchrun's workers). A cluster launcher has the scheduler's accounting instead (`sacct -j JOB -o MaxRSS,Elapsed`).
+# torchrun's workers), never below the pipeline's own peak (~0.4 GB: Linux starts a child's high-water mark at its
+# parent's). A cluster launcher has the scheduler's accounting instead (`sacct -j JOB -o MaxRSS,Elapsed`).
 
 USAGE = "usage.json"
 
