@@ -264,8 +264,10 @@ def study_rows(study_dir: Path, machine: str, commit: str, measured_on: str) -> 
     for variant, table in study["variants"].items():
         align = table.get("alignment", {})
         cells = {s: align.get(s) or {} for s in SPLITS}
-        seeds = (next((c.get("seeds") for c in cells.values() if c.get("seeds")), None))
-        trains = [u["seconds"] for n, u in stages.items() if n.startswith(f"train [{variant}")]
+        seeds = next((c.get("seeds") for c in cells.values() if c.get("seeds")), None)
+        # the variant's training stages: `train [soft]`, or `train [soft_s0]` per seed (study.run_name), not `soft_long`'s
+        trains = [u["seconds"] for n, u in stages.items()
+                  if n == f"train [{variant}]" or re.fullmatch(rf"train \[{re.escape(variant)}_s\d+\]", n)]
         row = {"study": name, "variant": variant, "seeds": " ".join(map(str, seeds)) if seeds else "1 (config's)",
                **{f"alignment_{s}": fixed(c.get("value")) for s, c in cells.items()},
                **{f"sd_{s}": fixed(c.get("sd")) for s, c in cells.items()},
