@@ -2,6 +2,7 @@
 
     python -m bench.train_memory [--model smollm2_135m] [--augment 1] [--precision fp32] [--steps 3] [--threads 1]
     python -m bench.train_memory --demo-steps 3   # also the demo's training itself (train.py +experiment=demo)
+    python -m bench.train_memory --demo-steps 2 --demo-only --experiment demo_long   # demo_long's training alone
 
 One training step (forward, backward, AdamW) of the soft loss on the demo's batch (`bench.soft_step.demo_batch`:
 the 16 in-sample scenarios plus `--augment` payoff variants per game: 32 prompts at 1, the demo's step),
@@ -232,22 +233,23 @@ def step_times(model_name: str, augment: int, precision: str, steps: int, settin
     return times
 
 
-def demo_peaks(steps: int) -> dict[str, float]:
-    """{run: peak RSS MiB} of the demo's training (train.py +experiment=demo, `steps` steps, validated and saved),
-    with the demo's checkpointing and without it."""
-    import resource
+def demo_peaks(steps: int, experiment: str = "demo") -> dict[str, float]:
+    """{run: peak RSS MiB} of an experiment's training (train.py +experiment=…, `steps` steps, validated and saved),
+    with the demo's checkpointing and without it: each run's own peak (`os.wait4`: the child's rusage alone)."""
+    import os
 
     peaks = {}
     for name, extra in (("the demo's recipe", []), ("without checkpointing", ["model.gradient_checkpointing=false"])):
-        with tempfile.TemporaryDirectory() as output:
-            command = [sys.executable, "train.py", "+experiment=demo", f"trainer.max_steps={steps}",
+        with tempfile.TemporaryDirectory() as output, open(f"{output}.log", "w+") as log:
+            command = [sys.executable, "train.py", f"+experiment={experiment}", f"trainer.max_steps={steps}",
                        f"trainer.val_check_interval={steps}", "logger=csv", f"output={output}", *extra]
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-            if done.returncode:
-                raise RuntimeError(f"{' '.join(command)}: exit {done.returncode}\n{done.stderr[-3000:]}")
-            # the largest child so far: runs in increasing order of memory read right (the recipe runs first)
-            peaks[name] = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
+            child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+            if os.waitstatus_to_exitcode(status):
+                log.seek(0)
+                raise RuntimeError(f"{' '.join(command)}: exit {os.waitstatus_to_exitcode(status)}\n{log.read()[-3000:]}")
+            peaks[name] = usage.ru_maxrss / 1024  # KiB on Linux
+        os.unlink(f"{output}.log")
     return peaks
 
 
@@ -294,6 +296,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting (the first is warm-up); 0: none")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = all cores)")
     parser.add_argument("--demo-steps", type=int, default=0, help="also the demo's training for this many steps")
+    parser.add_argument("--experiment", default="demo", help="--demo-steps: the experiment trained (e.g. demo_long)")
+    parser.add_argument("--demo-only", action="store_true", help="--demo-steps alone, without the step settings")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -305,13 +309,14 @@ def main(argv=None) -> None:
 
     console = Console(width=160)
     console.print(machine())
-    results = memory(args.model, args.augment, args.precision, args.threads)
-    times = step_times(args.model, args.augment, args.precision, args.steps) if args.steps else None
-    for table in render(results, times):
-        console.print(table)
+    if not args.demo_only:
+        results = memory(args.model, args.augment, args.precision, args.threads)
+        times = step_times(args.model, args.augment, args.precision, args.steps) if args.steps else None
+        for table in render(results, times):
+            console.print(table)
     if args.demo_steps:
-        for name, peak in demo_peaks(args.demo_steps).items():
-            console.print(f"demo training, {args.demo_steps} steps, {name}: peak {peak:.0f} MiB")
+        for name, peak in demo_peaks(args.demo_steps, args.experiment).items():
+            console.print(f"{args.experiment} training, {args.demo_steps} steps, {name}: peak {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ def teacher_dir(tmp_path_factory, catalogue):
 
 
 LOSSES = {"sft": SFTLoss, "soft": SoftLabelLoss, "sft_soft": SFTPlusSoftLoss}
-KIND_KEYS = ("target", "samples_per_scenario", "batch_size", "scenario_batch_size", "augment_per_step",
-             "augment_from_step")
+KIND_KEYS = ("target", "samples_per_scenario", "batch_size", "scenario_batch_size", "balance_games",
+             "augment_per_step", "augment_from_step")
 
 
 def make(teacher, tokenizer, catalogue, tmp_path, loss="sft", **kwargs):
@@ -238,6 +238,27 @@ def test_soft_loader_splits_the_global_scenario_batch_over_ranks(teacher_dir, to
     for _, b in parts:
         torch.testing.assert_close(b["weight"], torch.full_like(b["weight"], 3 / scenarios))
     dm.trainer = None
+
+
+def test_balanced_scenario_batches_deal_the_games_in_turn(catalogue):
+    scenarios = catalogue.scenarios(["in_sample"])
+    games = sorted({s.game.name for s in scenarios})
+    lengths = [100 + 10 * games.index(s.game.name) for s in scenarios]  # a tokenizer where a game fixes the length
+
+    def batches(**kwargs):
+        kind = SoftLabelLoss().target_kind(scenario_batch_size=len(games), **kwargs)
+        sampler = kind.batch_sampler(lengths, scenarios, len(scenarios), seed=3)
+        dealt = [[scenarios[i].game.name for i in batch] for batch in sampler]
+        assert sorted(i for batch in sampler for i in batch) == list(range(len(scenarios)))  # each once an epoch
+        return dealt
+
+    assert all(len(set(batch)) <= 2 for batch in batches())  # by length: one game's contexts together
+    assert all(sorted(batch) == games for batch in batches(balance_games=True))  # balanced: every game once
+    with pytest.raises(DataError, match=r"data.balance_games=true deals scenario batches .*scenario_batch_size > 0, "
+                                        r"now 0"):
+        SoftLabelLoss().target_kind(balance_games=True)
+    with pytest.raises(DataError, match=r"data.balance_games=true .* now loss=sft"):
+        SFTLoss().target_kind(balance_games=True, scenario_batch_size=4)
 
 
 def test_tokenization_is_cached_across_runs(teacher_dir, tokenizer, catalogue, tmp_path):

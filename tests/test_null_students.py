@@ -260,3 +260,37 @@ def test_the_report_sets_the_null_students_beside_the_tuned_one(paper, tmp_path)
     assert "## Null students per split" in (tmp_path / "report.md").read_text()
     assert pd.read_csv(tmp_path / "null_students.csv").shape[0] == 4 * 5  # 4 students × 4 splits and overall
     assert json.loads((tmp_path / "summary.json").read_text())["null_students"] == summary["null_students"]
+
+
+def test_the_cross_entropy_on_the_training_scenarios_by_hand():
+    from tomdistill.metrics.null_students import training_cross_entropy
+
+    training = pd.DataFrame({"game": ["pd", "sh", "pd", "sh", "pg"], "context": ["a", "a", "b", "b", "a"],
+                             "kind": ["matrix"] * 4 + ["public_goods"], "p": [0.2, 0.6, 0.4, 0.8, 0.9]})
+
+    def ce(p, q):
+        return -(p * math.log(q) + (1 - p) * math.log(1 - q))
+
+    floors = training_cross_entropy(training)
+    # the means mix in the public-goods share (as the null students do); only the two-action rows are scored
+    by_context, by_game, overall = {"a": 1.7 / 3, "b": 0.6}, {"pd": 0.3, "sh": 0.7}, 2.9 / 5
+    rows = [("pd", "a", 0.2), ("sh", "a", 0.6), ("pd", "b", 0.4), ("sh", "b", 0.8)]
+    assert floors["teacher"] == pytest.approx(np.mean([ce(p, p) for _, _, p in rows]))
+    assert floors["context_mean"] == pytest.approx(np.mean([ce(p, by_context[c]) for _, c, p in rows]))
+    assert floors["game_mean"] == pytest.approx(np.mean([ce(p, by_game[g]) for g, _, p in rows]))
+    assert floors["teacher_mean"] == pytest.approx(np.mean([ce(p, overall) for _, _, p in rows]))
+    assert "uniform_amounts" not in floors and training_cross_entropy(training[training["kind"] != "matrix"]) == {}
+
+
+def test_the_70bs_choices_are_its_context_means_to_within_a_hundredth_of_a_nat(paper, tmp_path):
+    """From the shipped counts: on its 20 in-sample scenarios the 70b's own entropy is 0.627 nats and answering with
+    its mean for each context costs 0.634, for each game 0.691: the games add 0.007 nats to learn, the contexts
+    0.058 (docs/findings.md, "The real teacher")."""
+    from tomdistill.report import write_report
+
+    floors = paper.training_cross_entropy
+    assert {k: round(v, 3) for k, v in floors.items()} == {
+        "teacher": 0.627, "context_mean": 0.634, "game_mean": 0.691, "teacher_mean": 0.692}
+    summary = write_report(paper, tmp_path)
+    assert summary["training_cross_entropy"] == floors
+    assert "the teacher's own entropy is 0.627 nats" in (tmp_path / "report.md").read_text()

@@ -456,11 +456,84 @@ def test_pissa_starts_as_the_base_model_and_saves_a_plain_lora_that_peft_reloads
         assert module.model.peft_config["default"].r == 4  # the live config is untouched
 
 
+def test_lora_ga_starts_on_the_gradient_as_the_base_model_resumes_from_its_checkpoint_and_saves_a_plain_lora(
+        tiny_model_cfg, tmp_path):
+    from peft import PeftModel
+
+    from tomdistill.model.loading import load_causal_lm
+    from tomdistill.model.lora_module import LORA_GA_START_KEY, LoRADistillModule
+
+    r, lora = 4, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "init": "lora_ga"}
+    batch, ids = toy_batch(), toy_batch()["input_ids"]
+    base_model = load_causal_lm(tiny_model_cfg).eval()
+    base = base_model(input_ids=ids).logits
+    # the loss's full gradient for each adapted weight, on the plain model (B = 0: the adapter adds nothing)
+    reference = LoRADistillModule(tiny_model_cfg, {**lora, "init": "lora"}, {"lr": 1e-3}, SoftLabelLoss())
+    for name, param in reference.model.named_parameters():
+        param.requires_grad_(name.endswith("base_layer.weight"))
+    reference.compute_losses(batch)["loss"].backward()
+    gradients = {n.replace(".base_layer.weight", ""): p.grad for n, p in reference.model.named_parameters()
+                 if p.grad is not None}
+
+    torch.manual_seed(0)
+    module = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3}, SoftLabelLoss())
+    module.start_on_the_gradient(batch)
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(module.model(input_ids=ids).logits, base, atol=1e-4)  # residual + start = base
+    for name, layer in module.model.named_modules():
+        if name in gradients:  # A's rows span the gradient's top-r right singular directions
+            a = layer.lora_A["default"].weight.detach()
+            assert layer.lora_B["default"].weight.abs().sum() > 0
+            top = torch.linalg.svdvals(gradients[name])[:r]
+            assert torch.linalg.matrix_norm(gradients[name] @ a.T) == pytest.approx(float(top.norm()), rel=1e-3)
+    assert len(gradients) == 2 * module.model.get_base_model().config.num_hidden_layers
+
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert set(checkpoint[LORA_GA_START_KEY]) == {n for n, p in module.model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # what training does: both factors move
+        generator = torch.Generator().manual_seed(0)
+        for param in module.model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+        tuned = module.model(input_ids=ids).logits
+        assert not torch.allclose(tuned, base, atol=1e-3)
+        with module.base_weights():
+            assert torch.allclose(module.model(input_ids=ids).logits, base, atol=1e-4)
+    # a resumed run: a fresh base, the starting adapter taken out of it, the trained adapter restored
+    resumed = LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3}, SoftLabelLoss())
+    resumed.on_load_checkpoint({LORA_GA_START_KEY: checkpoint[LORA_GA_START_KEY]})
+    resumed.load_state_dict({n: p for n, p in module.state_dict().items() if n in module.trainable_state_names()},
+                            strict=False)
+    with torch.no_grad():
+        assert torch.allclose(resumed.model.eval()(input_ids=ids).logits, tuned, atol=1e-5)
+    module.save_adapter(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 * r and config["init_lora_weights"] is True and not config.get("lora_ga_config")
+    reloaded = PeftModel.from_pretrained(load_causal_lm(tiny_model_cfg), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(input_ids=ids).logits, tuned, atol=1e-4)
+
+
+def test_lora_ga_trains_and_resumes_through_train_py(tmp_path, teacher):
+    """The start is taken on the first batch of its own loader when the fit starts, and a resumed run reads it from
+    the checkpoint instead of recomputing it."""
+    args = [*TINY, "model.lora.init=lora_ga", "data.num_val_contexts=0", f"data.teacher={teacher}",
+            f"output={tmp_path}/run"]
+    check(run_train([*args, "trainer.max_steps=2"]))
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True  # saved as the plain LoRA of the change, rank 2r
+    assert all(min(v.shape) == config["r"] for v in load_adapter_state(tmp_path / "run" / "adapter").values())
+    check(run_train([*args, "trainer.max_steps=3", "ckpt_path=last"]))
+    assert summary(tmp_path / "run")["global_step"] == 3
+
+
 def test_an_unknown_lora_init_names_the_key(tiny_model_cfg):
     from tomdistill.model.loading import ModelLoadError
     from tomdistill.model.lora_module import build_lora_model
 
-    with pytest.raises(ModelLoadError, match=r"model.lora.init='svd': expected one of lora\|pissa"):
+    with pytest.raises(ModelLoadError, match=r"model.lora.init='svd': expected one of lora\|pissa\|lora_ga"):
         build_lora_model(tiny_model_cfg, {"r": 4, "target_modules": ["q_proj"], "init": "svd"})
 
 

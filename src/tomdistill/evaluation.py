@@ -76,6 +76,8 @@ class Evaluation:
     settings: dict = field(default_factory=dict)
     # one row per null student × split (and overall): alignment, improvement, point values (metrics/null_students.py)
     null_students: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # the teacher's entropy and each null student's cross-entropy on the two-action training scenarios, nats
+    training_cross_entropy: dict = field(default_factory=dict)
     # {split or "overall": {student: mean mass on the answers over its public-goods scenarios}}: public_goods_mass
     format_mass: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
@@ -319,7 +321,7 @@ def compute_evaluation(
                         kind="action_mass_above_1" if valid[index] > 1 else "action_mass_low"))
 
     format_mass = public_goods_mass(records, props)
-    null_table, notes = null_student_table(records["teacher"], scenarios.assign(
+    null_table, cross_entropy, notes = null_student_table(records["teacher"], scenarios.assign(
         endowment=aligned["teacher"]["endowment"]), endowments, game_bases, format_mass)
     warnings.extend(notes)
     return Evaluation(
@@ -336,6 +338,7 @@ def compute_evaluation(
         paper_convention=paper_convention(aligned),
         action_mass=action_mass,
         null_students=null_table,
+        training_cross_entropy=cross_entropy,
         format_mass=format_mass,
         warnings=warnings,
         settings={"epsilon": epsilon, "n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed,
@@ -378,16 +381,17 @@ def scenario_mass(records: pd.DataFrame, props: pd.DataFrame) -> np.ndarray:
 
 
 def null_student_table(teacher_records: pd.DataFrame, scenarios: pd.DataFrame, endowments=None, game_bases=None,
-                       format_mass: Mapping | None = None) -> tuple[pd.DataFrame, list[str]]:
+                       format_mass: Mapping | None = None) -> tuple[pd.DataFrame, dict[str, float], list[str]]:
     """The null students (metrics/null_students.py) against this evaluation's teacher and base: one row per null
     student × split and overall, point values. They are built from the teacher's propensities on its `in_sample`
     records (as labelled here: the trained scenarios when the adapter's training record is known), whatever
     `metrics.splits` evaluates. `scenarios`: Evaluation.scenarios with each scenario's `endowment`. A split whose
     base student is off format on public goods has no value (the null students answer in format by construction).
-    Returns the table and notes for the warnings."""
+    Returns the table, the cross-entropies on the training scenarios (`null_students.training_cross_entropy`) and
+    notes for the warnings."""
     trained = teacher_records[teacher_records["split"] == "in_sample"]
     if trained.empty:
-        return pd.DataFrame(), ["no null students: the teacher dataset holds no in_sample (training) scenario"]
+        return pd.DataFrame(), {}, ["no null students: the teacher dataset holds no in_sample (training) scenario"]
     training = scenario_propensities(answer_table(trained, "teacher dataset (training scenarios)", endowments), "teacher")
     nulls = null.null_propensities(training, scenarios, game_bases)
     table = null.null_transfer(nulls, scenarios, scenarios["p_teacher"], scenarios["p_base"], scenarios["defined"])
@@ -397,7 +401,7 @@ def null_student_table(teacher_records: pd.DataFrame, scenarios: pd.DataFrame, e
     table["base_action_mass"] = [v["action_mass"].get("base", np.nan) if v else np.nan for v in verdicts]
     table["reason"] = [v.get("reason", "") if v else "" for v in verdicts]
     table.loc[table["off_format"].eq(True), list(transfer.TRANSFER_METRICS)] = np.nan
-    return table, []
+    return table, null.training_cross_entropy(training, game_bases), []
 
 
 def label_heldout_scenarios(records: pd.DataFrame, training: Mapping) -> tuple[pd.DataFrame, list[str]]:

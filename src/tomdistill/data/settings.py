@@ -61,6 +61,8 @@ class DataSettings:
     batch_size: int = setting("examples per batch and device (losses on tokens: one per sampled answer)")
     scenario_batch_size: int = setting("losses on the choice distribution: scenarios per batch; 0 = every training "
                                        "scenario (full batch)")
+    balance_games: bool = setting("with scenario_batch_size: each batch is dealt the games in turn (one scenario of "
+                                  "each game before any game repeats) instead of scenarios of similar length")
     eval_batch_size: int = setting("validation prompts per forward pass")
     max_length: int = setting("longest example in tokens; an example whose answer would be cut off is an error")
     group_by_length: bool = setting("batch examples of similar length together (less padding)")
@@ -87,6 +89,7 @@ class DataSettings:
         expect(is_whole(self.batch_size, 1), f"{key}.batch_size", self.batch_size, "a whole number ≥ 1")
         expect(is_whole(self.scenario_batch_size, 0), f"{key}.scenario_batch_size", self.scenario_batch_size,
                "a whole number ≥ 0 (0 = all)")
+        expect(isinstance(self.balance_games, bool), f"{key}.balance_games", self.balance_games, "true or false")
         expect(is_whole(self.eval_batch_size, 1), f"{key}.eval_batch_size", self.eval_batch_size,
                "a whole number ≥ 1")
         expect(is_whole(self.max_length, 8), f"{key}.max_length", self.max_length, "a whole number ≥ 8")

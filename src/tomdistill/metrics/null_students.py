@@ -18,6 +18,12 @@ base with the same group machinery (`transfer.group_masks`, `transfer.group_tran
   expected donation over the endowment, `propensity.choice_propensity`) is 1/2; it answers no two-action game, so a
   group holding one has no value for it.
 
+`training_cross_entropy` says how far apart these students are where the soft loss trains: each one's mean
+cross-entropy against the teacher's choice distribution on the two-action training scenarios, beside the teacher's
+own entropy, the floor of that loss. A training loss that sits at `context_mean`'s has learned the contexts alone;
+when the teacher's entropy lies just below it, the games add almost nothing to learn (docs/findings.md, "The real
+teacher").
+
 Propensities are on the evaluation's scale (P(C) or the donation share), so the means mix the two-action games'
 P(C) and, where public goods was trained, donation shares, exactly as a student answering with one number would.
 The null rows are point values: no bootstrap interval is drawn for them.
@@ -111,3 +117,26 @@ def null_transfer(nulls: Mapping[str, np.ndarray], scenarios: pd.DataFrame, p_te
             })
     return pd.DataFrame(rows, columns=["null_student", "split", *transfer.TRANSFER_METRICS, "n_scenarios",
                                        "n_answered", "n_defined"])
+
+
+def training_cross_entropy(training: pd.DataFrame, game_bases: Mapping[str, str] | None = None) -> dict[str, float]:
+    """{"teacher": its mean entropy, null student: its mean cross-entropy against the teacher} in nats, over the
+    two-action training scenarios (`training`: columns game, context, kind, p = the teacher's P(C)). Empty where
+    no two-action scenario trained. The null students are `null_propensities` built and answered on the training
+    scenarios themselves; `uniform_amounts` answers none of them."""
+    matrix = training[training["kind"] != "public_goods"] if "kind" in training else training
+    if matrix.empty:
+        return {}
+    teacher = matrix["p"].to_numpy(float)
+    nulls = null_propensities(training, training, game_bases)
+    rows = (training["kind"] != "public_goods").to_numpy() if "kind" in training else np.ones(len(training), bool)
+
+    def cross_entropy(p: np.ndarray, q: np.ndarray) -> float:
+        q = np.clip(q, 1e-12, 1 - 1e-12)
+        return float(np.mean(-(p * np.log(q) + (1 - p) * np.log(1 - q))))
+
+    out = {"teacher": cross_entropy(teacher, teacher)}
+    for name, p_null in nulls.items():
+        if not np.isnan(p_null[rows]).any():
+            out[name] = cross_entropy(teacher, p_null[rows])
+    return out

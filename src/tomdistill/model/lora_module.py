@@ -87,12 +87,16 @@ def local_rank(environ=None) -> int:
 
 # model.lora.init -> peft's init_lora_weights. lora: B = 0, so the adapter starts as no change. pissa: A and B start as
 # the top-r singular directions of each adapted weight and the base keeps the residual (peft rewrites it), so training
-# starts with gradients on both factors; its adapter is saved as the equivalent plain LoRA (`pissa_as_lora`).
-LORA_INITS = {"lora": True, "pissa": "pissa"}
+# starts with gradients on both factors. lora_ga: A and B start on the top singular directions of the loss's gradient
+# for each adapted weight on the first training batch (LoRA-GA; `LoRADistillModule.start_on_the_gradient`), the base
+# again keeps the residual. Both residual starts save their adapter as the equivalent plain LoRA (`residual_as_lora`).
+LORA_INITS = {"lora": True, "pissa": "pissa", "lora_ga": "lora_ga"}
+RESIDUAL_INITS = ("pissa", "lora_ga")
+LORA_GA_START_KEY = "lora_ga_initial_adapter"  # the checkpoint's copy of LoRA-GA's starting adapter
 
 
-def pissa_as_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A PiSSA adapter as a plain LoRA on the original base weights: W = W_res + B0 A0 and the tuned weight is
+def residual_as_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A residual start's (PiSSA, LoRA-GA) adapter as a plain LoRA on the original base weights: W = W_res + B0 A0 and the tuned weight is
     W_res + B A, so the change is B A - B0 A0 = [B | -B0] [A ; A0], a rank-2r LoRA of the same scale."""
     converted = {}
     for name, value in trained.items():
@@ -139,13 +143,19 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
     init = lora.get("init", "lora")
     if init not in LORA_INITS:
         raise ModelLoadError(f"model.lora.init={init!r}: expected one of {'|'.join(LORA_INITS)}")
-    if init == "pissa" and quantization:
-        raise ModelLoadError(f"model.lora.init=pissa: not with model.quantization={quantization} (PiSSA rewrites "
+    if init in RESIDUAL_INITS and quantization:
+        raise ModelLoadError(f"model.lora.init={init}: not with model.quantization={quantization} (it rewrites "
                              "the base weights it adapts, which a quantized base cannot hold exactly)")
+    extra = {}
+    if init == "lora_ga":  # peft starts it at B = 0 until the gradients are attached (start_on_the_gradient)
+        from peft import LoraGAConfig
+
+        extra["lora_ga_config"] = LoraGAConfig()
     config = LoraConfig(
         r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 32)), lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=targets if isinstance(targets, str) else list(targets), bias="none", task_type="CAUSAL_LM",
         layers_to_transform=layers, use_rslora=bool(lora.get("use_rslora", False)), init_lora_weights=LORA_INITS[init],
+        **extra,
     )
     if not isinstance(targets, str):
         # checked here, not by peft after it has wrapped half the model: one line naming the key and the choices
@@ -317,12 +327,12 @@ class LoRADistillModule(pl.LightningModule):
         self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss.hparams(),
                                    "gradient_checkpointing": gradient_checkpointing})
         self.model = build_lora_model(model_cfg, lora, gradient_checkpointing, cache_dir)
-        # PiSSA's starting adapter: the base model is the base weights plus it (base_weights, save_adapter). A plain
-        # attribute, not a buffer: PiSSA's initialisation is deterministic and is recomputed on resume
+        self.lora_init = lora.get("init", "lora")
+        # a residual start's adapter: the base model is the base weights plus it (base_weights, save_adapter). PiSSA's
+        # is deterministic and recomputed on resume; LoRA-GA's depends on the data and travels in the checkpoint
         self.initial_adapter: dict[str, torch.Tensor] | None = None
-        if self.model.peft_config["default"].init_lora_weights == LORA_INITS["pissa"]:  # build_lora_model chose it
-            self.initial_adapter = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()
-                                    if p.requires_grad}
+        if self.lora_init == "pissa":
+            self.initial_adapter = self._adapter_copy()
         self.loss = loss  # a tomdistill.losses.DistillationLoss
         self.target_kind = loss.target_kind()  # which logits it reads and how its inputs are filled (data/targets/)
         self.optim_cfg = optim
@@ -393,14 +403,71 @@ class LoRADistillModule(pl.LightningModule):
         self._one_forward_per_batch = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
-        if self.initial_adapter is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+        if self.lora_init in RESIDUAL_INITS and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # base_weights copies whole adapter tensors in and out, which ZeRO's partitioned parameters are not
-            raise ModelLoadError("model.lora.init=pissa: not under DeepSpeed (trainer.strategy); use ddp or "
-                                 "model.lora.init=lora")
+            raise ModelLoadError(f"model.lora.init={self.lora_init}: not under DeepSpeed (trainer.strategy); use ddp "
+                                 "or model.lora.init=lora")
         if self.frozen_cache is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             # ZeRO partitions the layers' weights: the cached path's direct layer calls are not set up for that
             log.info("model.lora.cache_frozen_layers: off under %s", type(self.trainer.strategy).__name__)
             self.frozen_cache = None
+
+    def on_train_start(self) -> None:
+        if self.lora_init == "lora_ga" and self.initial_adapter is None:  # a resumed run's came with its checkpoint
+            batch = next(iter(self.trainer.datamodule.train_dataloader()))  # its own loader: the run's order is kept
+            self.start_on_the_gradient(self.trainer.strategy.batch_to_device(batch))
+
+    def _adapter_copy(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _lora_layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def start_on_the_gradient(self, batch: dict) -> None:
+        """LoRA-GA: the loss's gradient for each adapted weight on `batch` (the mean over the ranks), then peft's
+        `lora_ga_init` puts A and B on its top singular directions and takes their product out of the base weight,
+        so the student starts unchanged and the first step moves along the full fine-tuning gradient."""
+        layers = self._lora_layers()
+        weights = [layer.get_base_layer().weight for layer in layers]
+        requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                self.compute_losses(batch)["loss"].backward()
+        finally:
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+        world = self._world_size()
+        config = self.model.peft_config["default"].lora_ga_config
+        for layer, weight in zip(layers, weights):
+            grad = weight.grad.detach()
+            weight.grad = None
+            if world > 1:
+                torch.distributed.all_reduce(grad)
+                grad = grad / world
+            layer.get_base_layer()._peft_loraga_grad = grad
+            layer.lora_ga_init("default", config)
+        self.initial_adapter = self._adapter_copy()
+
+    def _take_start_out_of_base(self) -> None:
+        """A resumed LoRA-GA run: the base weight freshly loaded, less its checkpointed starting adapter's product
+        (as `lora_ga_init` left it), so the restored adapter trains on the residual it started on."""
+        from peft.utils.other import transpose
+
+        start = {name.replace(".default.weight", ""): value for name, value in self.initial_adapter.items()}
+        for name, layer in self.model.named_modules():
+            if f"{name}.lora_A" not in start:
+                continue
+            a, b = (start[f"{name}.lora_{x}"].float() for x in "AB")
+            base = layer.get_base_layer()
+            offset = transpose(layer.scaling["default"] * (b @ a), layer.fan_in_fan_out)
+            with torch.no_grad():
+                base.weight.copy_((base.weight.float() - offset.to(base.weight.device)).to(base.weight.dtype))
 
     @contextlib.contextmanager
     def base_weights(self):
@@ -587,21 +654,29 @@ class LoRADistillModule(pl.LightningModule):
         if "state_dict" in checkpoint:
             keep = self.trainable_state_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.lora_init == "lora_ga" and self.initial_adapter is not None:
+            checkpoint[LORA_GA_START_KEY] = self.initial_adapter
 
-    def _save_pissa_as_lora(self, directory: str | Path, state: dict[str, torch.Tensor]) -> None:
-        """Save a PiSSA adapter as the plain rank-2r LoRA of the same change on the original base weights
-        (`pissa_as_lora`; peft's own conversion needs the starting adapter on disk and cannot take a gathered
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora_init == "lora_ga" and LORA_GA_START_KEY in checkpoint:
+            self.initial_adapter = checkpoint[LORA_GA_START_KEY]
+            self._take_start_out_of_base()
+
+    def _save_residual_as_lora(self, directory: str | Path, state: dict[str, torch.Tensor]) -> None:
+        """Save a residual start's (PiSSA, LoRA-GA) adapter as the plain rank-2r LoRA of the same change on the
+        original base weights
+        (`residual_as_lora`; peft's own conversion needs the starting adapter on disk and cannot take a gathered
         state dict), so plain peft reloads it onto the unchanged base model."""
         config = self.model.peft_config["default"]
-        saved = (config.r, config.lora_alpha, config.init_lora_weights)
+        saved = (config.r, config.lora_alpha, config.init_lora_weights, config.lora_ga_config)
         # r doubles; alpha follows so that the scale (alpha / r, or alpha / sqrt(r) with rsLoRA) stays the same
         config.r, config.lora_alpha = 2 * config.r, config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
-        config.init_lora_weights = True
+        config.init_lora_weights, config.lora_ga_config = True, None
         try:
-            self.model.save_pretrained(str(directory), state_dict=pissa_as_lora(state, self.initial_adapter),
+            self.model.save_pretrained(str(directory), state_dict=residual_as_lora(state, self.initial_adapter),
                                        safe_serialization=True)
         finally:
-            config.r, config.lora_alpha, config.init_lora_weights = saved
+            config.r, config.lora_alpha, config.init_lora_weights, config.lora_ga_config = saved
 
     def save_adapter(self, directory: str | Path) -> None:
         """Write the adapter in plain peft format. Collective: call on every rank.
@@ -624,7 +699,7 @@ class LoRADistillModule(pl.LightningModule):
             if self.initial_adapter is None:
                 self.model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
             else:
-                self._save_pissa_as_lora(directory, state)
+                self._save_residual_as_lora(directory, state)
 
         from ..distributed import rank_zero_writes
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 from ..settings_fields import check_choices, expect, is_number, is_whole, setting
 
 # model.lora.init -> peft's init_lora_weights (model/lora_module.py LORA_INITS maps each name)
-LORA_INIT_NAMES = ("lora", "pissa")
+LORA_INIT_NAMES = ("lora", "pissa", "lora_ga")
 SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 
 
@@ -28,7 +28,8 @@ class LoraSettings:
     dropout: float = setting("dropout on the adapter's input, in [0, 1)")
     use_rslora: bool = setting("rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (peft's use_rslora)")
     init: str = setting("lora: B = 0, the adapter starts as no change; pissa: it starts on the top-r singular "
-                        "directions of the weights it adapts", choices=LORA_INIT_NAMES)
+                        "directions of the weights it adapts; lora_ga: on the top singular directions of the loss's "
+                        "gradient for them on the first training batch (LoRA-GA)", choices=LORA_INIT_NAMES)
     target_modules: str | list[str] = setting(
         "the linear modules adapted: all-linear, a regex peft full-matches against module names, or a list of "
         "names, e.g. [q_proj, v_proj]")

@@ -102,6 +102,7 @@ def build_summary(evaluation, reference=None, sources=None, artefacts=None, eval
                              "note": "C divided by all draws (unparsed included); public goods means rounded to cents"},
         "null_students": evaluation.null_headline(),
         "null_students_basis": {"note": NULL_STUDENTS_BASIS, "students": NULL_DESCRIPTIONS},
+        "training_cross_entropy": evaluation.training_cross_entropy,
         "format_rule": {"min_action_mass": MIN_FORMAT_MASS, "note": FORMAT_RULE},
         "warnings": evaluation.warnings,
         "warnings_folded": tables.fold_warnings(evaluation.warnings),  # one line per role and kind, as report.md shows
@@ -255,6 +256,14 @@ def report_markdown(evaluation, summary: dict, headline_md: pd.DataFrame, made: 
                  + "; ".join(f"`{name}`: {text}" for name, text in NULL_DESCRIPTIONS.items())
                  + ". A tuned student at or below them shows no sign that training taught more than the teacher's "
                  "averages. Public goods: " + FORMAT_RULE + ".")
+    floors = evaluation.training_cross_entropy
+    if floors:
+        parts.append("On the two-action training scenarios, the teacher's own entropy is "
+                     f"{floors['teacher']:.3f} nats (the floor of the soft loss) and the null students' cross-entropy "
+                     "against it " + ", ".join(f"`{name}` {value:.3f}" for name, value in floors.items()
+                                               if name != "teacher")
+                     + ": a training loss at `context_mean`'s has learned the contexts alone, and the gap from there "
+                     "to the teacher's entropy is all the games add.")
     if summary.get("paper_note"):
         parts.append("> " + summary["paper_note"])
     parts.append("## Warnings")

@@ -19,7 +19,7 @@ from ..errors import DataError
 # motivation first (reasoning before the answer: the answer token then sees the reasoning), or the answer alone
 TEXT_TARGETS = ("answer_motivation", "motivation_answer", "answer_only")
 # the `data.*` keys that configure the kinds (the recipe hands them to `build_target_kind`, not to the datamodule)
-TARGET_KEYS = ("target", "samples_per_scenario", "batch_size", "scenario_batch_size")
+TARGET_KEYS = ("target", "samples_per_scenario", "batch_size", "scenario_batch_size", "balance_games")
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -41,14 +41,18 @@ class TargetKind:
 
     def __init__(self, loss: DistillationLoss, *, target: str = "answer_motivation",
                  samples_per_scenario: int | None = None, batch_size: int = 8, scenario_batch_size: int = 0,
-                 augment_per_step: int = 0, augment_from_step: int = 0):
+                 balance_games: bool = False, augment_per_step: int = 0, augment_from_step: int = 0):
         if target not in TEXT_TARGETS:
             raise DataError(f"data.target must be one of {TEXT_TARGETS}, got {target!r}")
         if augment_per_step and not self.one_prompt_per_scenario:
             raise DataError(f"scenarios.augment.per_step={augment_per_step} takes a per-scenario loss (loss=soft, "
                             f"jensen_shannon), not loss={loss.name}; set it to 0")
+        if balance_games and not (self.one_prompt_per_scenario and scenario_batch_size and not augment_per_step):
+            raise DataError(f"data.balance_games=true deals scenario batches (data.scenario_batch_size > 0, now "
+                            f"{scenario_batch_size}) of a per-scenario loss (loss=soft, jensen_shannon; now "
+                            f"loss={loss.name}) without scenarios.augment.per_step (now {augment_per_step})")
         self.loss, self.target, self.samples_per_scenario = loss, target, samples_per_scenario
-        self.batch_size, self.scenario_batch_size = batch_size, scenario_batch_size
+        self.batch_size, self.scenario_batch_size, self.balance_games = batch_size, scenario_batch_size, balance_games
         self.augment_per_step, self.augment_from_step = augment_per_step, augment_from_step
 
     # ---------------------------------------------------------------- data side

@@ -3,7 +3,7 @@ teacher's choice distribution over the actions' first tokens at that position (t
 
 The scenario batch is global (`data.scenario_batch_size`, 0 = every training scenario), split across the ranks;
 with `scenarios.augment.per_step` every other training scenario is in each step and the payoff variants join in
-turns (batching.AnchoredBatchSampler)."""
+turns, and with `data.balance_games` each batch is dealt the games in turn (batching.AnchoredBatchSampler)."""
 from __future__ import annotations
 
 import torch
@@ -88,6 +88,13 @@ class DistributionTargets(TargetKind):
     def batch_sampler(self, lengths, row_scenarios, train_scenarios: int, *, shuffle: bool = True,
                       group_by_length: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,
                       accumulate: int = 1, splits=()):
+        if self.balance_games:
+            # by length, a batch's games are whichever share a prompt length (SmolLM2: one context's four)
+            by_game = {}
+            for i, scenario in enumerate(row_scenarios):
+                by_game.setdefault(scenario.game.base or scenario.game.name, []).append(i)
+            return AnchoredBatchSampler(lengths, [], list(by_game.values()), self.scenario_batch_size, seed=seed,
+                                        num_replicas=num_replicas, rank=rank)
         if not self.augment_per_step:
             return super().batch_sampler(lengths, row_scenarios, train_scenarios, shuffle=shuffle,
                                          group_by_length=group_by_length, seed=seed, num_replicas=num_replicas,
