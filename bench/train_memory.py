@@ -235,11 +235,13 @@ def step_times(model_name: str, augment: int, precision: str, steps: int, settin
 
 def demo_peaks(steps: int, experiment: str = "demo") -> dict[str, float]:
     """{run: peak RSS MiB} of an experiment's training (train.py +experiment=…, `steps` steps, validated and saved),
-    with the demo's checkpointing and without it: each run's own peak (`os.wait4`: the child's rusage alone)."""
+    with gradient checkpointing and without it (the demos' `auto` picks one by the machine's memory): each run's own
+    peak (`os.wait4`: the child's rusage alone)."""
     import os
 
     peaks = {}
-    for name, extra in (("the demo's recipe", []), ("without checkpointing", ["model.gradient_checkpointing=false"])):
+    for name, extra in (("with checkpointing", ["model.gradient_checkpointing=true"]),
+                        ("without checkpointing", ["model.gradient_checkpointing=false"])):
         with tempfile.TemporaryDirectory() as output, open(f"{output}.log", "w+") as log:
             command = [sys.executable, "train.py", f"+experiment={experiment}", f"trainer.max_steps={steps}",
                        f"trainer.val_check_interval={steps}", "logger=csv", f"output={output}", *extra]
@@ -256,26 +258,28 @@ def demo_peaks(steps: int, experiment: str = "demo") -> dict[str, float]:
 def render(results: list[dict], times: dict[str, list[float]] | None):
     from rich.table import Table
 
-    first = results[0]
-    title = (f"one soft training step, {first['scenarios']} prompts, {first['tokens']} tokens: peak resident MiB, "
-             "each setting in a fresh process")
-    peaks = Table(title=title)
-    for column in ("setting", "passes", "loaded", "after forward", "after step", "loss", "grad norm"):
-        peaks.add_column(column, justify="left" if column == "setting" else "right")
-    for r in results:
-        peaks.add_row(r["setting"], str(r["passes"]), f"{r['loaded_mib']:.0f}", f"{r['forward_mib']:.0f}",
-                      f"{r['step_mib']:.0f}", f"{r['loss']:.7f}", f"{r['grad_norm']:.7f}")
-    held = Table(title="what the step holds, MiB (saved for backward: by the module that saved it)")
-    held.add_column("part")
-    for r in results:
-        held.add_column(r["setting"], justify="right")
-    parts = list(dict.fromkeys(part for r in results for part in r["held_mib"]))
-    for part in parts:
-        held.add_row(part, *(f"{r['held_mib'].get(part, 0.0):.0f}" for r in results))
-    held.add_row("the rest: transient buffers, the allocator's free memory",
-                 *(f"{r['step_mib'] - r['loaded_mib'] - sum(v for k, v in r['held_mib'].items() if 'loaded' not in k):.0f}"
-                   for r in results))
-    tables = [peaks, held]
+    tables = []
+    if results:
+        first = results[0]
+        title = (f"one soft training step, {first['scenarios']} prompts, {first['tokens']} tokens: peak resident MiB, "
+                 "each setting in a fresh process")
+        peaks = Table(title=title)
+        for column in ("setting", "passes", "loaded", "after forward", "after step", "loss", "grad norm"):
+            peaks.add_column(column, justify="left" if column == "setting" else "right")
+        for r in results:
+            peaks.add_row(r["setting"], str(r["passes"]), f"{r['loaded_mib']:.0f}", f"{r['forward_mib']:.0f}",
+                          f"{r['step_mib']:.0f}", f"{r['loss']:.7f}", f"{r['grad_norm']:.7f}")
+        held = Table(title="what the step holds, MiB (saved for backward: by the module that saved it)")
+        held.add_column("part")
+        for r in results:
+            held.add_column(r["setting"], justify="right")
+        parts = list(dict.fromkeys(part for r in results for part in r["held_mib"]))
+        for part in parts:
+            held.add_row(part, *(f"{r['held_mib'].get(part, 0.0):.0f}" for r in results))
+        held.add_row("the rest: transient buffers, the allocator's free memory",
+                     *(f"{r['step_mib'] - r['loaded_mib'] - sum(v for k, v in r['held_mib'].items() if 'loaded' not in k):.0f}"
+                       for r in results))
+        tables = [peaks, held]
     if times:
         timing = Table(title="step time (forward + backward), settings alternating in one process")
         for column in ("setting", "s / step (median)", "each step", "vs today"):
@@ -298,6 +302,7 @@ def main(argv=None) -> None:
     parser.add_argument("--demo-steps", type=int, default=0, help="also the demo's training for this many steps")
     parser.add_argument("--experiment", default="demo", help="--demo-steps: the experiment trained (e.g. demo_long)")
     parser.add_argument("--demo-only", action="store_true", help="--demo-steps alone, without the step settings")
+    parser.add_argument("--times-only", action="store_true", help="the step times alone, without the fresh-process peaks")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -309,7 +314,10 @@ def main(argv=None) -> None:
 
     console = Console(width=160)
     console.print(machine())
-    if not args.demo_only:
+    if args.times_only:
+        for table in render([], step_times(args.model, args.augment, args.precision, args.steps)):
+            console.print(table)
+    elif not args.demo_only:
         results = memory(args.model, args.augment, args.precision, args.threads)
         times = step_times(args.model, args.augment, args.precision, args.steps) if args.steps else None
         for table in render(results, times):

@@ -111,7 +111,7 @@ def test_the_module_is_built_from_its_target_with_the_models_lora_and_optim_over
                          f"paths.root_dir={ROOT}"])
     assert get_class(cfg.module._target_) is LoRADistillModule
     assert cfg.module.model_cfg.name == "tiny_llama" and cfg.module.lora.r == 8 and cfg.module.optim.lr == 1e-3
-    assert cfg.module.gradient_checkpointing is True and cfg.module.cache_dir == cfg.paths.cache_dir
+    assert cfg.module.gradient_checkpointing == "auto" and cfg.module.cache_dir == cfg.paths.cache_dir
 
 
 @pytest.mark.parametrize("experiment", TRAIN_EXPERIMENTS)

@@ -542,3 +542,23 @@ def test_pissa_is_refused_under_deepspeed_with_the_key_named(tmp_path, teacher):
                         "data.num_val_contexts=0", f"data.teacher={teacher}", f"output={tmp_path}/run"], timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "model.lora.init=pissa: not under DeepSpeed" in result.stderr
+
+
+def test_gradient_checkpointing_auto_is_on_below_16_gib_of_the_training_devices_memory(tiny_model_cfg, monkeypatch):
+    from tomdistill.model import lora_module
+    from tomdistill.model.loading import ModelLoadError
+
+    gib = 2**30
+    assert lora_module.gradient_checkpointing_for(True) and not lora_module.gradient_checkpointing_for(False)
+    assert lora_module.gradient_checkpointing_for("auto", 8 * gib)
+    assert not lora_module.gradient_checkpointing_for("auto", 32 * gib)
+    with pytest.raises(ModelLoadError, match=r"model.gradient_checkpointing='yes': expected true, false or auto"):
+        lora_module.gradient_checkpointing_for("yes")
+    assert lora_module.training_memory_bytes() > gib  # this machine's physical memory (tests hide GPUs)
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    for memory, expected in ((8 * gib, True), (64 * gib, False)):
+        monkeypatch.setattr(lora_module, "training_memory_bytes", lambda memory=memory: memory)
+        module = lora_module.LoRADistillModule(tiny_model_cfg, lora, {"lr": 1e-3}, SoftLabelLoss(),
+                                               gradient_checkpointing="auto")
+        assert module.model.is_gradient_checkpointing is expected
+        assert module.hparams["gradient_checkpointing"] is expected

@@ -109,6 +109,33 @@ def residual_as_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.
     return converted
 
 
+# model.gradient_checkpointing=auto: on where the memory training runs in (the GPU's, else the machine's) is below
+# this. The demo's step holds 2.5 GB with it and 7.6 GB without, and is 1.4x slower with it on a CPU that computes
+# bf16 (bench/README.md, "Where the memory goes"): a laptop gets the small step, a larger machine the fast one.
+AUTO_CHECKPOINTING_BELOW_GIB = 16
+
+
+def gradient_checkpointing_for(setting, memory_bytes: int | None = None) -> bool:
+    """`model.gradient_checkpointing` as a bool: true, false, or auto (true below AUTO_CHECKPOINTING_BELOW_GIB of
+    `memory_bytes`, by default the training device's total memory)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ModelLoadError(f"model.gradient_checkpointing={setting!r}: expected true, false or auto")
+    if memory_bytes is None:
+        memory_bytes = training_memory_bytes()
+    return memory_bytes < AUTO_CHECKPOINTING_BELOW_GIB * 2**30
+
+
+def training_memory_bytes() -> int:
+    """The total memory of this rank's GPU where there is one, else the machine's physical memory."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(local_rank() % torch.cuda.device_count()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool = False, cache_dir=None):
     """The base causal LM (optionally 4-bit) with a fresh LoRA adapter; only the adapter trains."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -316,13 +343,19 @@ class LoRADistillModule(pl.LightningModule):
         lora: dict,
         optim: dict,
         loss,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         cache_dir: str | None = None,
         validation: ValidationScenarios | None = None,
         shared_prefix: bool = True,
     ):
         super().__init__()
         model_cfg, lora, optim = (_plain(x) for x in (model_cfg, lora, optim))
+        if gradient_checkpointing == "auto":
+            gradient_checkpointing = gradient_checkpointing_for("auto")
+            log.info("model.gradient_checkpointing=auto: %s (%.1f GiB of memory; on below %d GiB)",
+                     "on" if gradient_checkpointing else "off", training_memory_bytes() / 2**30,
+                     AUTO_CHECKPOINTING_BELOW_GIB)
+        gradient_checkpointing = gradient_checkpointing_for(gradient_checkpointing)
         # configs only: never a model object (docs/design.md, "Optimizer parameters and hyperparameters")
         self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss.hparams(),
                                    "gradient_checkpointing": gradient_checkpointing})
