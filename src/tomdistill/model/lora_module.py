@@ -175,9 +175,12 @@ def build_lora_model(model_cfg: dict, lora: dict, gradient_checkpointing: bool =
                              "the base weights it adapts, which a quantized base cannot hold exactly)")
     extra = {}
     if init == "lora_ga":  # peft starts it at B = 0 until the gradients are attached (start_on_the_gradient)
-        from peft import LoraGAConfig
+        import peft
 
-        extra["lora_ga_config"] = LoraGAConfig()
+        if not hasattr(peft, "LoraGAConfig"):  # requirements.txt allows peft releases from before LoRA-GA
+            raise ModelLoadError(f"model.lora.init=lora_ga: peft {peft.__version__} has no LoRA-GA (LoraGAConfig); "
+                                 "install a peft that has it (0.21 is tested) or choose model.lora.init=lora|pissa")
+        extra["lora_ga_config"] = peft.LoraGAConfig()
     config = LoraConfig(
         r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 32)), lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=targets if isinstance(targets, str) else list(targets), bias="none", task_type="CAUSAL_LM",
@@ -701,15 +704,19 @@ class LoRADistillModule(pl.LightningModule):
         (`residual_as_lora`; peft's own conversion needs the starting adapter on disk and cannot take a gathered
         state dict), so plain peft reloads it onto the unchanged base model."""
         config = self.model.peft_config["default"]
-        saved = (config.r, config.lora_alpha, config.init_lora_weights, config.lora_ga_config)
+        saved = (config.r, config.lora_alpha, config.init_lora_weights, getattr(config, "lora_ga_config", None))
         # r doubles; alpha follows so that the scale (alpha / r, or alpha / sqrt(r) with rsLoRA) stays the same
         config.r, config.lora_alpha = 2 * config.r, config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
-        config.init_lora_weights, config.lora_ga_config = True, None
+        config.init_lora_weights = True
+        if saved[3] is not None:  # a peft with LoRA-GA: the plain LoRA saved carries no LoRA-GA settings
+            config.lora_ga_config = None
         try:
             self.model.save_pretrained(str(directory), state_dict=residual_as_lora(state, self.initial_adapter),
                                        safe_serialization=True)
         finally:
-            config.r, config.lora_alpha, config.init_lora_weights, config.lora_ga_config = saved
+            config.r, config.lora_alpha, config.init_lora_weights = saved[:3]
+            if saved[3] is not None:
+                config.lora_ga_config = saved[3]
 
     def save_adapter(self, directory: str | Path) -> None:
         """Write the adapter in plain peft format. Collective: call on every rank.
