@@ -332,3 +332,26 @@ def test_the_requeue_cap_is_not_part_of_what_a_training_stage_made(tmp_path):
     (train.output / "stage.json").write_text(json.dumps(record))
     assert stale_reason(train, config([]), common) is None
     assert "loss" in stale_reason(train, config(["loss=sft"]), common)  # what it made still counts
+
+
+def test_a_key_added_since_a_record_was_written_is_no_change_at_the_value_that_keeps_the_old_behaviour(tmp_path):
+    """A study trained before `data.balance_games` existed resumes after the upgrade; asking it on does not."""
+    from tomdistill.study import ADDED_KEYS, plan, stale_reason, write_record
+
+    common = ["model=tiny_llama", "logger=csv"]
+    study = compose_conf("pipeline", common)
+    train = next(s for s in plan(study, tmp_path / "study") if s.script == "train.py")
+    (train.output / "checkpoints").mkdir(parents=True)
+    (train.output / "checkpoints" / "last.ckpt").write_bytes(b"")
+
+    def config(extra):
+        return compose_conf("train", [*common, *train.overrides, *extra, f"output={train.output}"])
+
+    write_record(train, config([]), common)
+    record = json.loads((train.output / "stage.json").read_text())
+    for key in ADDED_KEYS:
+        assert record["config"][key] == ADDED_KEYS[key]  # the default keeps the old behaviour
+        del record["config"][key]  # as a version before the key wrote it
+    (train.output / "stage.json").write_text(json.dumps(record))
+    assert stale_reason(train, config([]), common) is None
+    assert "data.balance_games" in stale_reason(train, config(["data.balance_games=true"]), common)

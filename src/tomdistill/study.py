@@ -149,6 +149,9 @@ RUNTIME_KEYS = frozenset({
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers", "data.cache_dir",
     "model.gradient_checkpointing", "callbacks.step_agreement.max_requeues",
 })
+# keys added to the config after records were written, each with the value that does what the code did before it:
+# a record without the key matches a study that asks that value, so an upgrade leaves a study's stages resumable
+ADDED_KEYS = {"data.balance_games": False}
 OVERWRITE_HINT = ("rerun with pipeline.overwrite=true to replace it and the stages that read it, "
                   "or choose another pipeline.name")
 
@@ -212,6 +215,8 @@ def stale_reason(stage: Stage, cfg: DictConfig, common: list[str]) -> str | None
         previous = json.loads((stage.output / RECORD).read_text())
         # a key that became a runtime setting after the record was written is no change either
         made = {k: v for k, v in previous["config"].items() if k not in RUNTIME_KEYS}
+        if previous.get("script") == "train.py":
+            made = {**{k: v for k, v in ADDED_KEYS.items() if k not in made}, **made}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return (f"{stage.output} holds outputs with no record of the configuration that made them ({RECORD}: made by "
                 "an older tomdistill, or copied in)")
