@@ -353,12 +353,11 @@ class LoRADistillModule(pl.LightningModule):
     ):
         super().__init__()
         model_cfg, lora, optim = (_plain(x) for x in (model_cfg, lora, optim))
+        resolved = gradient_checkpointing_for(gradient_checkpointing)
         if gradient_checkpointing == "auto":
-            gradient_checkpointing = gradient_checkpointing_for("auto")
-            log.info("model.gradient_checkpointing=auto: %s (%.1f GiB of memory; on below %d GiB)",
-                     "on" if gradient_checkpointing else "off", training_memory_bytes() / 2**30,
-                     AUTO_CHECKPOINTING_BELOW_GIB)
-        gradient_checkpointing = gradient_checkpointing_for(gradient_checkpointing)
+            log.info("model.gradient_checkpointing=auto: %s (on below %d GiB of the training device's memory)",
+                     "on" if resolved else "off", AUTO_CHECKPOINTING_BELOW_GIB)
+        gradient_checkpointing = resolved
         # configs only: never a model object (docs/design.md, "Optimizer parameters and hyperparameters")
         self.save_hyperparameters({"model_cfg": model_cfg, "lora": lora, "optim": optim, "loss": loss.hparams(),
                                    "gradient_checkpointing": gradient_checkpointing})
