@@ -93,3 +93,38 @@ def test_a_refused_lock_ends_an_app_with_one_line_and_exit_2(tmp_path):
         "train.py: error: cannot lock SWEEP/trials.csv (No locks available): its filesystem does not support "
         "flock; set hydra.sweep.dir to a directory on a node-local or lock-capable filesystem "
         '(docs/cluster.md, "Shared filesystems and locks")')
+
+
+def test_a_lock_held_by_another_process_is_refused_naming_it_and_freed_when_it_exits(tmp_path):
+    from tomdistill.locks import HeldElsewhere, held_by_this_process
+
+    lock = tmp_path / ".pipeline.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tomdistill.locks import held_by_this_process as h\n"
+         f"with h({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(HeldElsewhere) as refused:
+            with held_by_this_process(lock, "study S"):
+                pytest.fail("a second holder got the lock")
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith(f"study S is being run by another process (pid {holder.pid} on ")
+        assert str(lock) in message and "run this command again (it resumes)" in message
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with held_by_this_process(lock, "study S"):  # a killed holder leaves nothing to clear
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_study_lock_on_a_filesystem_without_flock_warns_and_runs(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from tomdistill.locks import held_by_this_process
+
+    monkeypatch.setattr(fcntl, "flock", refuse_flock)
+    ran = False
+    with held_by_this_process(tmp_path / ".pipeline.lock", "study S"):
+        ran = True
+    assert ran and "not locked (No locks available)" in caplog.text

@@ -38,3 +38,42 @@ def file_lock(path: str | Path, setting: str):
         yield lock
     finally:
         lock.release()
+
+
+class HeldElsewhere(UserError):
+    """Another process holds the lock; the message names it (pid, host, start) and what to do."""
+
+
+@contextlib.contextmanager
+def held_by_this_process(path: str | Path, what: str):
+    """An exclusive lock on `path` for the block, refused at once (`HeldElsewhere`, naming the holder) while another
+    process holds it: two pipelines on one study would train the same stages into the same directories.
+
+    The lock is flock's, so it goes when its holder exits however it exits (a kill, a SLURM requeue): nothing stale is
+    left to clear. A filesystem without flock gets a warning and no lock, as before there was one."""
+    import fcntl
+    import logging
+    import os
+    import socket
+    import time
+
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a process that did not say which"
+            raise HeldElsewhere(f"{what} is being run by another process ({holder}; lock {path}): a second would run "
+                                "the same stages into the same directories; wait for it to end or stop it, then run "
+                                "this command again (it resumes)") from None
+        except OSError as err:  # no flock on this filesystem (NFS without lockd, some Lustre mounts)
+            logging.getLogger(__name__).warning("%s: not locked (%s); a second process on it would not be refused (%s)",
+                                                path, err.strerror or err, DOC)
+            yield
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import PROJECT_ROOT
 from .errors import UserError
+from .locks import held_by_this_process
 from .paths import refuse_unsafe_output_override, register_resolvers
 from .study import (  # noqa: F401
     Stage, check_stages, plan, print_study, refuse_evaluation_only, run_name, seeds, stage_command, study_table,
@@ -133,7 +134,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def run_study(cfg: DictConfig) -> None:
-    from .cluster import LAUNCHERS, StageFailed, submit_study
+    from .cluster import LAUNCHERS
 
     refuse_evaluation_only(cfg, "the pipeline")
     launcher = cfg.pipeline.get("launcher") or "local"
@@ -141,6 +142,14 @@ def run_study(cfg: DictConfig) -> None:
         raise PipelineConfigError(f"pipeline.launcher={launcher!r}: expected one of {'|'.join(LAUNCHERS)}")
     study_dir = Path(cfg.output or cfg.pipeline.study_dir).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
+    # one pipeline at a time per study: a second one would train the same stages into the same directories
+    with held_by_this_process(study_dir / ".pipeline.lock", f"study {study_dir}"):
+        _run_stages(cfg, launcher, study_dir)
+
+
+def _run_stages(cfg: DictConfig, launcher: str, study_dir: Path) -> None:
+    from .cluster import StageFailed, submit_study
+
     common = _pipeline_overrides()
     stages = plan(cfg, study_dir)
     stage_configs = resolve_interpreters(stages, common)

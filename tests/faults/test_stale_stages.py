@@ -87,8 +87,9 @@ def test_a_stage_made_by_another_configuration_is_refused_naming_the_keys(tmp_pa
     assert "loss.name=sft" in line and "this study asks" in line and "loss.name=soft" in line, line
     assert "pipeline.overwrite=true" in line and "pipeline.name" in line, line
     assert "teacher samples" not in line and "running" not in result.stdout, describe(result)
-    # nothing run, nothing replaced: only the pipeline's own log and Hydra's record of the run are new
-    assert {f for f in files_under(study) if not f.startswith(".hydra/") and f != "pipeline.log"} == before
+    # nothing run, nothing replaced: only the pipeline's own log, its lock and Hydra's record of the run are new
+    new = {"pipeline.log", ".pipeline.lock"}
+    assert {f for f in files_under(study) if not f.startswith(".hydra/") and f not in new} == before
 
 
 def test_outputs_with_no_record_are_refused(tmp_path, samples):
@@ -202,3 +203,25 @@ def test_an_evaluation_only_experiment_is_refused_by_train_and_the_pipeline(tmp_
     result = entry("-m tomdistill.pipeline", ["+experiment=paper_published", *TINY, f"output={study}"], timeout=120)
     assert result.returncode == 2 and f"pipeline: error: {expected}" in result.stderr, describe(result)
     assert not [p for p in study.iterdir() if p.is_dir() and not p.name.startswith(".")], describe(result)
+
+
+def test_a_second_pipeline_on_a_study_being_run_is_refused_before_it_touches_a_stage(tmp_path, samples):
+    """Two pipelines on one study (a second terminal, a rerun while the first still trains) would train the same
+    stages into the same directories: the second stops with one line naming the first."""
+    import fcntl
+    import os
+
+    study = tmp_path.resolve() / "study"
+    made_study(study, samples, TINY)
+    with open(study / ".pipeline.lock", "w") as held:
+        before = files_under(study)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"pid {os.getpid()} on here, since now")
+        held.flush()
+        result = pipeline(study)
+    assert result.returncode == 2, describe(result)
+    assert "Traceback" not in result.stderr and len(error_lines(result)) == 1, describe(result)
+    line = error_lines(result)[0]
+    assert line.startswith(f"pipeline: error: study {study} is being run by another process (pid {os.getpid()} "), line
+    assert "complete, skipped" not in result.stdout + result.stderr, describe(result)
+    assert {f for f in files_under(study) if not f.startswith(".hydra/") and f != "pipeline.log"} == before
