@@ -13,7 +13,8 @@ schema describes or a described column no file has is refused in one line. `row`
 new `transfer_probes.csv` row from a run's own numbers; `check-row` compares a typed row with them (data rows count
 from 1, the header excluded), each number within the precision it was typed with. `study` writes a finished study's
 rows into `results/studies.csv` from its own `study.json` (replacing that study's rows of the same commit), and
-re-renders docs/results.md and the README's results table, which shows the newest row of each study and variant.
+re-renders docs/results.md and the README's results table, which shows the newest row of each study, variant and set
+of seeds.
 """
 from __future__ import annotations
 
@@ -254,7 +255,8 @@ def study_rows(study_dir: Path, machine: str, commit: str, measured_on: str) -> 
                            "the pipeline, which rewrites it from the evaluations")
     overrides = yaml.safe_load((study_dir / ".hydra" / "overrides.yaml").read_text())
     command = " ".join(["python -m tomdistill.pipeline", *(o for o in overrides if not o.startswith("output="))])
-    name = yaml.safe_load((study_dir / ".hydra" / "config.yaml").read_text())["pipeline"]["name"]
+    composed = yaml.safe_load((study_dir / ".hydra" / "config.yaml").read_text())
+    name = composed["pipeline"]["name"]
     stages = study.get("stages") or {}
 
     def fixed(value) -> str:
@@ -268,7 +270,7 @@ def study_rows(study_dir: Path, machine: str, commit: str, measured_on: str) -> 
         # the variant's training stages: `train [soft]`, or `train [soft_s0]` per seed (study.run_name), not `soft_long`'s
         trains = [u["seconds"] for n, u in stages.items()
                   if n == f"train [{variant}]" or re.fullmatch(rf"train \[{re.escape(variant)}_s\d+\]", n)]
-        row = {"study": name, "variant": variant, "seeds": " ".join(map(str, seeds)) if seeds else "1 (config's)",
+        row = {"study": name, "variant": variant, "seeds": " ".join(map(str, seeds or [composed.get("seed", "")])),
                **{f"alignment_{s}": fixed(c.get("value")) for s, c in cells.items()},
                **{f"sd_{s}": fixed(c.get("sd")) for s, c in cells.items()},
                "tuned_mass_all_scenarios": fixed(((table.get("action_mass") or {}).get("tuned") or {}).get("mean")),
@@ -296,11 +298,12 @@ def write_study_rows(rows: list[dict[str, str]], table: Path = STUDIES) -> None:
 
 
 def readme_table(table: Path = STUDIES) -> list[str]:
-    """The README's results table: the newest row of each study and variant, mean ± sd over seeds."""
+    """The README's results table: the newest row of each study, variant and set of seeds, mean ± sd over seeds
+    (a one-seed check of newer code does not hide the 3-seed measurement; the commit column tells them apart)."""
     _, rows = read_table(table)
-    newest: dict[tuple[str, str], dict[str, str]] = {}
+    newest: dict[tuple[str, str, str], dict[str, str]] = {}
     for row in rows:  # rows are appended as measured: a later one replaces an earlier one
-        newest[(row["study"], row["variant"])] = row
+        newest[(row["study"], row["variant"], row["seeds"])] = row
 
     def shown(row: dict[str, str], split: str) -> str:
         value, sd = row[f"alignment_{split}"], row[f"sd_{split}"]

@@ -88,6 +88,20 @@ def test_a_studys_rows_are_written_from_its_own_study_json_and_shown_in_the_read
     assert "| `demo_70b` | soft | 0 1 | 0.90 ± 0.01 | — |" in readme
     assert "1080 s, 3.20 GB, 2-core test CPU, abc1234" in readme
 
+    # one seed of newer code (the config's seed, no pipeline.seeds): its own row, the seeds' row still shown
+    (study / ".hydra" / "overrides.yaml").write_text("- +experiment=demo_70b\n")
+    (study / ".hydra" / "config.yaml").write_text("seed: 0\npipeline:\n  name: demo_70b\n")
+    one = {k: v for k, v in cell.items() if k not in ("sd", "values", "seeds")}
+    (study / "study.json").write_text(json.dumps({"variants": {"soft": {"alignment": {"in_sample": one},
+                                                                        "action_mass": {"tuned": {"mean": 0.99}}}},
+                                                  "stages": {"train [soft]": {"seconds": 500.0, "peak_rss_gb": 3.2}}}))
+    (newer,) = render_results.study_rows(study, "2-core test CPU", "def5678", "2026-01-02")
+    assert (newer["seeds"], newer["sd_in_sample"], newer["command"]) == (
+        "0", "", "python -m tomdistill.pipeline +experiment=demo_70b")
+    render_results.write_study_rows([newer], table)
+    readme = render_results.render_readme(f"{render_results.README_BEGIN}\n{render_results.README_END}\n", table)
+    assert "| `demo_70b` | soft | 0 1 | 0.90 ± 0.01 |" in readme and "| `demo_70b` | soft | 0 | 0.88 | — |" in readme
+
 
 def test_the_readme_is_short_and_holds_no_dated_history():
     lines = README.read_text().splitlines()
