@@ -60,6 +60,7 @@ def held_by_this_process(path: str | Path, what: str):
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,10 +71,11 @@ def held_by_this_process(path: str | Path, what: str):
         except OSError as err:  # no flock on this filesystem (NFS without lockd, some Lustre mounts)
             logging.getLogger(__name__).warning("%s: not locked (%s); a second process on it would not be refused (%s)",
                                                 path, err.strerror or err, DOC)
-            yield
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}".encode())
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
