@@ -7,11 +7,17 @@ call raise OSError; `LockError` turns that into a user error naming the file and
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 from .errors import UserError
 
 DOC = 'docs/cluster.md, "Shared filesystems and locks"'
+log = logging.getLogger(__name__)
 
 
 class LockError(OSError, UserError):
@@ -51,12 +57,6 @@ def held_by_this_process(path: str | Path, what: str):
 
     The lock is flock's, so it goes when its holder exits however it exits (a kill, a SLURM requeue): nothing stale is
     left to clear. A filesystem without flock gets a warning and no lock, as before there was one."""
-    import fcntl
-    import logging
-    import os
-    import socket
-    import time
-
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -69,8 +69,8 @@ def held_by_this_process(path: str | Path, what: str):
                                 "the same stages into the same directories; wait for it to end or stop it, then run "
                                 "this command again (it resumes)") from None
         except OSError as err:  # no flock on this filesystem (NFS without lockd, some Lustre mounts)
-            logging.getLogger(__name__).warning("%s: not locked (%s); a second process on it would not be refused (%s)",
-                                                path, err.strerror or err, DOC)
+            log.warning("%s: not locked (%s); a second process on it would not be refused (%s)",
+                        path, err.strerror or err, DOC)
             locked = False
         if locked:
             os.ftruncate(fd, 0)

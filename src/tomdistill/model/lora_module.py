@@ -703,19 +703,22 @@ class LoRADistillModule(pl.LightningModule):
         (`residual_as_lora`; peft's own conversion needs the starting adapter on disk and cannot take a gathered
         state dict), so plain peft reloads it onto the unchanged base model."""
         config = self.model.peft_config["default"]
-        saved = (config.r, config.lora_alpha, config.init_lora_weights, getattr(config, "lora_ga_config", None))
+        # the plain LoRA saved carries no LoRA-GA settings (a peft without LoRA-GA has no such field)
+        fields = ["r", "lora_alpha", "init_lora_weights"]
+        if hasattr(config, "lora_ga_config"):
+            fields.append("lora_ga_config")
+        saved = {field: getattr(config, field) for field in fields}
         # r doubles; alpha follows so that the scale (alpha / r, or alpha / sqrt(r) with rsLoRA) stays the same
         config.r, config.lora_alpha = 2 * config.r, config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
         config.init_lora_weights = True
-        if saved[3] is not None:  # a peft with LoRA-GA: the plain LoRA saved carries no LoRA-GA settings
+        if "lora_ga_config" in saved:
             config.lora_ga_config = None
         try:
             self.model.save_pretrained(str(directory), state_dict=residual_as_lora(state, self.initial_adapter),
                                        safe_serialization=True)
         finally:
-            config.r, config.lora_alpha, config.init_lora_weights = saved[:3]
-            if saved[3] is not None:
-                config.lora_ga_config = saved[3]
+            for field, value in saved.items():
+                setattr(config, field, value)
 
     def save_adapter(self, directory: str | Path) -> None:
         """Write the adapter in plain peft format. Collective: call on every rank.
