@@ -44,6 +44,14 @@ def smollm2_cfg():
     return yaml.safe_load((ROOT / "conf/model/smollm2_135m.yaml").read_text())
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """A crashed worker ends the run, naming the test it ran: pytest-xdist 3.8 replaces it under `--dist loadfile`,
+    then can wait forever (pytest-xdist#1323, #1327). `--max-worker-restart N` still decides."""
+    if getattr(config.option, "maxworkerrestart", "") is None:
+        config.option.maxworkerrestart = "0"
+
+
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto` (the README's test command): one worker per core, at most 4 — most tests are one
     single-threaded subprocess, the multi-rank ones start up to 4 more, each holding a model."""

@@ -243,7 +243,6 @@ def test_a_preempted_job_stops_its_stage_and_requeues(tmp_path, monkeypatch, scr
                                                       outcome, requeue_call):
     import signal
     import threading
-    import time
 
     from tomdistill.cluster import StageFailed, StageJob
     from tomdistill.pipeline import Stage
@@ -257,20 +256,63 @@ def test_a_preempted_job_stops_its_stage_and_requeues(tmp_path, monkeypatch, scr
         monkeypatch.setenv(name, value)
     stage = Stage("a stage", script, tmp_path / "out", kind="evaluate", python=str(child))
 
-    def warn_when_started():  # SLURM's pre-emption warning, once the stage runs
-        deadline = time.time() + 30
-        while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGUSR2)
+    test_over = threading.Event()
 
-    threading.Thread(target=warn_when_started, daemon=True).start()
+    def warn_when_started():  # SLURM's pre-emption warning, once the stage runs; never after this test
+        while not test_over.wait(0.05):
+            if log.exists() and "started" in log.read_text():
+                os.kill(os.getpid(), signal.SIGUSR2)
+                return
+
+    warning = threading.Thread(target=warn_when_started, daemon=True)
+    warning.start()
     handler = signal.getsignal(signal.SIGUSR2)
-    with pytest.raises(StageFailed, match=re.escape(f"a stage: pre-empted; {outcome}")):
-        StageJob(stage, [], [], max_requeues=3)()
+    try:
+        with pytest.raises(StageFailed, match=re.escape(f"a stage: pre-empted; {outcome}")):
+            StageJob(stage, [], [], max_requeues=3)()
+    finally:
+        test_over.set()
+        warning.join()
     assert log.read_text().split() == ["started", reaches_child]
     calls = (tmp_path / "scontrol.log").read_text().split("\n")[0] if (tmp_path / "scontrol.log").exists() else None
     assert calls == requeue_call
     assert signal.getsignal(signal.SIGUSR2) is handler  # the job's own handlers are put back
+
+
+def test_a_preemption_warning_while_the_stage_starts_is_not_lost(tmp_path, monkeypatch):
+    """The warning can come while the job is still starting its stage's process: the job's handlers are in place
+    before that process exists (SIGUSR2's default action would end the job with no requeue) and the stage is
+    stopped once it runs."""
+    import signal
+
+    from tomdistill.cluster import StageFailed, StageJob
+    from tomdistill.pipeline import Stage
+
+    child, log = tmp_path / "child.sh", tmp_path / "child.log"
+    child.write_text("#!/usr/bin/env bash\necho started >> \"$LOG\"\n")  # a stage that would finish at once
+    child.chmod(0o755)
+    for name, value in {"LOG": str(log), "SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_RESTART_COUNT": "0",
+                        "FAKE_SLURM_DIR": str(tmp_path),
+                        "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}"}.items():
+        monkeypatch.setenv(name, value)
+    reached_the_test: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, _frame: reached_the_test.append(signum))
+    real_popen, warned = subprocess.Popen, []
+
+    def popen_after_the_warning(*args, **kwargs):
+        if not warned:  # once: the requeue's own commands start processes too
+            warned.append(True)
+            signal.raise_signal(signal.SIGUSR2)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen_after_the_warning)
+    try:
+        with pytest.raises(StageFailed, match=re.escape("a stage: pre-empted; requeued SLURM job 77")):
+            StageJob(Stage("a stage", "evaluate.py", tmp_path / "out", kind="evaluate", python=str(child)), [], [])()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert warned and not reached_the_test
+    assert (tmp_path / "scontrol.log").read_text().split("\n")[0] == "requeue 77"
 
 
 def compose_conf(config: str, overrides: list[str], hydra_config: bool = False):

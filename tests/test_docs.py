@@ -3,6 +3,7 @@ the README is a front page (no dated history), its links resolve, and its test c
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,17 @@ def test_the_readme_test_command_is_what_ci_runs():
                        if "-m pytest" in line and "scripts/setup.sh" in line]
     assert readme_commands == [f"bash scripts/setup.sh && {command}"], (
         f"README's test command {readme_commands} is not .ci/run's set-up and {command!r}")
+
+
+def test_a_worker_that_crashes_under_the_ci_command_ends_the_run_naming_its_test(tmp_path):
+    """A test that kills its xdist worker under CI's `-n auto --dist loadfile` fails the run at once, naming the
+    test, instead of leaving pytest-xdist 3.8 waiting on the replacement worker until CI's limit (tests/conftest.py)."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_a.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("import os\n\ndef test_crash():\n    os._exit(1)\n\ndef test_after():\n    pass\n")
+    (tmp_path / "test_c.py").write_text("def test_three():\n    pass\n")
+    command = ci_test_command().replace(".venv/bin/python", sys.executable).split()
+    result = subprocess.run([*command, "-n", "1", "-p", "no:cacheprovider", "-c", "/dev/null", "--rootdir", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "worker 'gw0' crashed while running 'test_b.py::test_crash'" in result.stdout, result.stdout

@@ -139,23 +139,35 @@ class StageJob:
         env = {**os.environ, "PROJECT_ROOT": str(PROJECT_ROOT)}
         started = time.perf_counter()
         print(f"{stage.name}: running {' '.join(command)}", flush=True)
-        child = subprocess.Popen(command, env=env)
+        children: list[subprocess.Popen] = []
+        received: list[int] = []  # what reached the job before its child existed, sent to it once started
         preempted: list[int] = []
 
+        def send(signum):
+            if children:
+                children[0].send_signal(signum)
+            else:
+                received.append(signum)
+
         def forward(signum, _frame):
-            child.send_signal(signum)
+            send(signum)
 
         def on_preempt(signum, _frame):
             # train.py checkpoints at a step boundary and requeues the job itself on this warning; the
             # samplers and the evaluation are stopped (written shards stay) and the job requeued below
             preempted.append(signum)
-            child.send_signal(signum if stage.script == "train.py" else signal.SIGTERM)
+            send(signum if stage.script == "train.py" else signal.SIGTERM)
 
         preempt = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
         handlers = {signal.SIGTERM: forward, signal.SIGINT: forward, preempt: on_preempt}
+        # the handlers come before the child: a signal between the two would otherwise take its default action
+        # (SIGUSR2's ends the job with no checkpoint and no requeue)
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
-            returncode = child.wait()
+            children.append(subprocess.Popen(command, env=env))
+            for signum in received:
+                children[0].send_signal(signum)
+            returncode = children[0].wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
