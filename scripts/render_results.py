@@ -14,7 +14,7 @@ new `transfer_probes.csv` row from a run's own numbers; `check-row` compares a t
 from 1, the header excluded), each number within the precision it was typed with. `study` writes a finished study's
 rows into `results/studies.csv` from its own `study.json` (replacing that study's rows of the same commit), and
 re-renders docs/results.md and the README's results table, which shows the newest row of each study, variant and set
-of seeds.
+of seeds (a later row hides the earlier ones whose seeds it covers).
 """
 from __future__ import annotations
 
@@ -298,12 +298,20 @@ def write_study_rows(rows: list[dict[str, str]], table: Path = STUDIES) -> None:
 
 
 def readme_table(table: Path = STUDIES) -> list[str]:
-    """The README's results table: the newest row of each study, variant and set of seeds, mean ± sd over seeds
-    (a one-seed check of newer code does not hide the 3-seed measurement; the commit column tells them apart)."""
+    """The README's results table: the newest row of each study, variant and set of seeds, mean ± sd over seeds.
+    A later row hides the earlier ones of its study and variant whose seeds it covers (seed 2 finished, a rerun); a
+    one-seed check of newer code does not hide the 3-seed measurement (the commit column tells them apart)."""
     _, rows = read_table(table)
-    newest: dict[tuple[str, str, str], dict[str, str]] = {}
-    for row in rows:  # rows are appended as measured: a later one replaces an earlier one
-        newest[(row["study"], row["variant"], row["seeds"])] = row
+    shown_rows: list[dict[str, str]] = []
+    for row in rows:  # rows are appended as measured; a later row takes the place of the first one it covers
+        seeds = set(row["seeds"].split())
+        covered = [i for i, r in enumerate(shown_rows) if (r["study"], r["variant"]) == (row["study"], row["variant"])
+                   and set(r["seeds"].split()) <= seeds]
+        if covered:
+            shown_rows[covered[0]] = row
+            shown_rows = [r for i, r in enumerate(shown_rows) if i not in covered[1:]]
+        else:
+            shown_rows.append(row)
 
     def shown(row: dict[str, str], split: str) -> str:
         value, sd = row[f"alignment_{split}"], row[f"sd_{split}"]
@@ -317,7 +325,7 @@ def readme_table(table: Path = STUDIES) -> list[str]:
         [f"`{r['study']}`", r["variant"], r["seeds"], *(shown(r, s) for s in SPLITS),
          (f"{r['study_seconds']} s, {r['peak_rss_gb']} GB, {r['machine']}, {r['commit']}" if r["study_seconds"]
           else f"published counts, evaluated at {r['commit']}")]
-        for r in newest.values()])
+        for r in shown_rows])
     return [README_BEGIN, *lines, README_END]
 
 

@@ -103,6 +103,17 @@ def test_a_studys_rows_are_written_from_its_own_study_json_and_shown_in_the_read
     readme = render_results.render_readme(f"{render_results.README_BEGIN}\n{render_results.README_END}\n", table)
     assert "| `demo_70b` | soft | 0 1 | 0.90 ± 0.01 |" in readme and "| `demo_70b` | soft | 0 | 0.88 | — |" in readme
 
+    # the seeds finished later: their row takes the place of every earlier row whose seeds it covers
+    three = {**cell, "values": [0.91, 0.89, 0.90], "seeds": [0, 1, 2]}
+    (study / ".hydra" / "overrides.yaml").write_text("- +experiment=demo_70b\n- pipeline.seeds=[0,1,2]\n")
+    (study / "study.json").write_text(json.dumps({"variants": {"soft": {"alignment": {"in_sample": three},
+                                                                        "action_mass": {"tuned": {"mean": 0.99}}}},
+                                                  "stages": {"train [soft_s0]": {"seconds": 500.0, "peak_rss_gb": 3.2}}}))
+    render_results.write_study_rows(render_results.study_rows(study, "2-core test CPU", "fed9876", "2026-01-03"), table)
+    readme = render_results.render_readme(f"{render_results.README_BEGIN}\n{render_results.README_END}\n", table)
+    soft_rows = [line for line in readme.splitlines() if line.startswith("| `demo_70b` | soft |")]
+    assert len(soft_rows) == 1 and soft_rows[0].startswith("| `demo_70b` | soft | 0 1 2 |"), soft_rows
+
 
 def test_the_readme_is_short_and_holds_no_dated_history():
     lines = README.read_text().splitlines()
