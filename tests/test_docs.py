@@ -106,10 +106,11 @@ def test_a_studys_rows_are_written_from_its_own_study_json_and_shown_in_the_read
     # the seeds finished later: their row takes the place of every earlier row whose seeds it covers
     three = {**cell, "values": [0.91, 0.89, 0.90], "seeds": [0, 1, 2]}
     (study / ".hydra" / "overrides.yaml").write_text("- +experiment=demo_70b\n- pipeline.seeds=[0,1,2]\n")
-    (study / "study.json").write_text(json.dumps({"variants": {"soft": {"alignment": {"in_sample": three},
-                                                                        "action_mass": {"tuned": {"mean": 0.99}}}},
-                                                  "stages": {"train [soft_s0]": {"seconds": 500.0, "peak_rss_gb": 3.2}}}))
-    render_results.write_study_rows(render_results.study_rows(study, "2-core test CPU", "fed9876", "2026-01-03"), table)
+    three_seeds = {"alignment": {"in_sample": three}, "action_mass": {"tuned": {"mean": 0.99}}}
+    stages = {"train [soft_s0]": {"seconds": 500.0, "peak_rss_gb": 3.2}}
+    (study / "study.json").write_text(json.dumps({"variants": {"soft": three_seeds}, "stages": stages}))
+    later = render_results.study_rows(study, "2-core test CPU", "fed9876", "2026-01-03")
+    render_results.write_study_rows(later, table)
     readme = render_results.render_readme(f"{render_results.README_BEGIN}\n{render_results.README_END}\n", table)
     soft_rows = [line for line in readme.splitlines() if line.startswith("| `demo_70b` | soft |")]
     assert len(soft_rows) == 1 and soft_rows[0].startswith("| `demo_70b` | soft | 0 1 2 |"), soft_rows
@@ -158,10 +159,11 @@ def test_a_worker_that_crashes_under_the_ci_command_ends_the_run_naming_its_test
     test, instead of leaving pytest-xdist 3.8 waiting on the replacement worker until CI's limit (tests/conftest.py)."""
     shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_a.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
-    (tmp_path / "test_b.py").write_text("import os\n\ndef test_crash():\n    os._exit(1)\n\ndef test_after():\n    pass\n")
+    (tmp_path / "test_b.py").write_text(
+        "import os\n\ndef test_crash():\n    os._exit(1)\n\ndef test_after():\n    pass\n")
     (tmp_path / "test_c.py").write_text("def test_three():\n    pass\n")
     command = ci_test_command().replace(".venv/bin/python", sys.executable).split()
-    result = subprocess.run([*command, "-n", "1", "-p", "no:cacheprovider", "-c", "/dev/null", "--rootdir", str(tmp_path)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    options = ["-n", "1", "-p", "no:cacheprovider", "-c", "/dev/null", "--rootdir", str(tmp_path)]
+    result = subprocess.run([*command, *options], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "worker 'gw0' crashed while running 'test_b.py::test_crash'" in result.stdout, result.stdout

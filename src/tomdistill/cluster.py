@@ -143,20 +143,17 @@ class StageJob:
         received: list[int] = []  # what reached the job before its child existed, sent to it once started
         preempted: list[int] = []
 
-        def send(signum):
+        def forward(signum, _frame=None):
             if children:
                 children[0].send_signal(signum)
             else:
                 received.append(signum)
 
-        def forward(signum, _frame):
-            send(signum)
-
         def on_preempt(signum, _frame):
             # train.py checkpoints at a step boundary and requeues the job itself on this warning; the
             # samplers and the evaluation are stopped (written shards stay) and the job requeued below
             preempted.append(signum)
-            send(signum if stage.script == "train.py" else signal.SIGTERM)
+            forward(signum if stage.script == "train.py" else signal.SIGTERM)
 
         preempt = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
         handlers = {signal.SIGTERM: forward, signal.SIGINT: forward, preempt: on_preempt}
