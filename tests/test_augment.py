@@ -467,3 +467,113 @@ def test_a_training_context_is_never_the_held_out_one(tmp_path, tiny_model_cfg):
         trained = {t.scenario.context.name for t in dm.train_targets}
         assert {"bandmates", "siblings"} <= trained and held_out not in trained
         assert len(dm.train_targets) == 16 + 2 * 4
+
+
+# ------------------------------------------------------------------ training-only games (scenarios.augment.games)
+GROUP_GAMES = ["volunteers_dilemma_2", "volunteers_dilemma_3", "volunteers_dilemma_5"]
+
+
+def test_the_group_games_are_catalogue_games_no_split_evaluates_listed_in_the_config():
+    cfg = OmegaConf.load(ROOT / "conf/scenarios/default.yaml")
+    assert list(cfg.group_training_games) == GROUP_GAMES
+    catalogue = load_catalogue(CATALOGUE_DIR)
+    assert all(catalogue.games[g].kind == "volunteer" for g in GROUP_GAMES)
+    assert [catalogue.games[g].players for g in GROUP_GAMES] == [2, 3, 5]
+    assert not set(GROUP_GAMES) & evaluated_games(catalogue)
+
+
+def test_training_games_pair_every_in_sample_then_training_context_and_leave_the_evaluated_prompts_alone():
+    plain = load_catalogue(CATALOGUE_DIR, augment={"variants": 2})
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"variants": 2, "contexts": ["siblings"], "games": GROUP_GAMES})
+    in_sample_contexts = list(dict.fromkeys(c for _, c in catalogue.splits["in_sample"]))
+    added = [p for p in catalogue.splits[AUGMENT_SPLIT] if p[0] in GROUP_GAMES]
+    assert added == [(g, c) for g in GROUP_GAMES for c in [*in_sample_contexts, "siblings"]]
+    assert prompt_version(catalogue) == prompt_version(plain) == prompt_version(load_catalogue(CATALOGUE_DIR))
+    # the fingerprints of the studies run before training-only games existed are kept: demo, demo_long, none
+    assert plain.fingerprint() == "bdb19905" and plain.augment_fingerprint() == "ade4ed16"
+    assert load_catalogue(CATALOGUE_DIR, augment={"scales": [1.5]}).augment_fingerprint() == "d67e50d8"
+    # the games' rules name the training data: another cost is another teacher cache
+    alone = load_catalogue(CATALOGUE_DIR, augment={"games": GROUP_GAMES})
+    assert alone.augment_fingerprint() not in ("", plain.augment_fingerprint())
+    assert alone.augment_fingerprint() != load_catalogue(CATALOGUE_DIR, augment={"games": GROUP_GAMES[:2]}
+                                                         ).augment_fingerprint()
+
+
+def test_the_volunteers_dilemma_utilities_follow_from_its_rules():
+    from tomdistill.scenarios.oracle import volunteer_utilities
+
+    catalogue = load_catalogue(CATALOGUE_DIR)
+    two, five = catalogue.games["volunteers_dilemma_2"], catalogue.games["volunteers_dilemma_5"]
+    # selfish (regard 0): volunteering is sure of benefit − cost; waiting pays the benefit if anyone else volunteers
+    assert volunteer_utilities(two, 0.0, 0.3) == pytest.approx({"C": 6.0, "D": 3.0})
+    assert volunteer_utilities(five, 0.0, 0.3)["D"] == pytest.approx(10 * (1 - 0.7 ** 4))
+    # all regard (1): the others' expected total; two players: the coplayer volunteers (6) or gains from me (10)
+    assert volunteer_utilities(two, 1.0, 0.3) == pytest.approx({"C": 0.3 * 6 + 0.7 * 10, "D": 0.3 * 6})
+    # three others, the benefit reaches a non-volunteer through the two others when I wait
+    three = catalogue.games["volunteers_dilemma_3"]
+    b = 0.4
+    assert volunteer_utilities(three, 1.0, b)["D"] == pytest.approx(2 * (b * 6 + (1 - b) * 10 * (1 - (1 - b))))
+    # the larger the group, the likelier someone else volunteers: a selfish player volunteers less
+    from tomdistill.scenarios.schema import Scenario
+
+    business = catalogue.contexts["business"]
+    p = [action_probabilities(Scenario(catalogue.games[g], business, AUGMENT_SPLIT))["C"] for g in GROUP_GAMES]
+    assert p[0] > p[1] > p[2]
+
+
+def test_a_group_games_prompt_counts_the_players_in_a_context_without_a_group():
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"games": GROUP_GAMES})
+    five = catalogue.scenario("volunteers_dilemma_5", "team")
+    coplayer = five.context.coplayer
+    user = build_messages(five, "teacher")[1]["content"]
+    assert f"You and {coplayer} and 3 others in the same position, 5 of you in all" in user
+    assert "you get 6 points if you choose C, and 10 points if you choose D while someone else chooses C" in user
+    assert "'Answer: C' with C or D" in user
+    two = build_messages(catalogue.scenario("volunteers_dilemma_2", "team"), "student")[1]["content"]
+    assert f"You and {coplayer}, 2 of you in all" in two
+
+
+@pytest.mark.parametrize("games, message", [
+    (["nowhere"], r"scenarios\.augment\.games: unknown game 'nowhere'; the catalogue's games no split uses: "
+                  r"\['volunteers_dilemma_2', 'volunteers_dilemma_3', 'volunteers_dilemma_5'\]"),
+    (["public_goods"], r"scenarios\.augment\.games: game 'public_goods' is in an evaluated split"),
+    ("volunteers_dilemma_2", r"scenarios\.augment\.games: expected a list of game names, got 'volunteers_dilemma_2'"),
+    (["volunteers_dilemma_2"] * 2, r"scenarios\.augment\.games: a game is listed twice"),
+])
+def test_a_bad_training_game_is_refused_by_name(games, message):
+    with pytest.raises(CatalogueError, match=message):
+        load_catalogue(CATALOGUE_DIR, augment={"games": games})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cost": 12}, r"volunteers_dilemma_2\.yaml: 'players' must be ≥ 2 and 0 < 'cost' < 'benefit'"),
+    ({"players": 1}, r"'players' must be ≥ 2"),
+    ({"benefit": None}, r"volunteers_dilemma_2\.yaml: missing required key 'benefit'"),
+    ({"kind": "auction"}, r"key 'kind' must be one of \['matrix', 'public_goods', 'volunteer'\], got 'auction'"),
+])
+def test_a_bad_volunteers_dilemma_file_is_refused_naming_the_file_and_key(tmp_path, change, message):
+    import shutil
+
+    copy = tmp_path / "catalogue"
+    shutil.copytree(CATALOGUE_DIR, copy)
+    path = copy / "games" / "volunteers_dilemma_2.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.update(change)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(CatalogueError, match=message):
+        load_catalogue(copy)
+
+
+def test_the_oracle_teacher_labels_the_training_games_and_explains_them(tmp_path):
+    from helpers import oracle_config
+    from tomdistill.records import load_samples
+    from tomdistill.sampling.oracle_teacher import oracle_teacher
+
+    catalogue = load_catalogue(CATALOGUE_DIR, augment={"games": GROUP_GAMES[1:]})
+    out = oracle_teacher(catalogue, tmp_path, oracle_config(n=2), ("generate", "score"))
+    answers = load_samples(out["generate"], "teacher").to_pandas()
+    group = answers[answers["game"].isin(GROUP_GAMES)]
+    assert len(group) == 2 * 2 * 5 and set(group["action"]) <= {"C", "D"}
+    assert group["motivation"].str.contains("others steps up|of us").all()
+    scores = load_samples(out["score"], "teacher").to_pandas()
+    assert set(GROUP_GAMES[1:]) <= set(scores["game"])

@@ -397,3 +397,18 @@ def test_a_key_added_since_a_record_was_written_is_no_change_at_the_value_that_k
     (train.output / "stage.json").write_text(json.dumps(record))
     assert stale_reason(train, config([]), common) is None
     assert "data.balance_games" in stale_reason(train, config(["data.balance_games=true"]), common)
+    games = "scenarios.augment.games=[volunteers_dilemma_2]"
+    assert "scenarios.augment.games" in stale_reason(train, config([games]), common)
+    # a sampling stage reads the scenarios' added keys (not data.*): its old record matches too
+    teacher = next(s for s in plan(study, tmp_path / "study") if s.script == "sample.py")
+    teacher.output.mkdir(parents=True)
+    (teacher.output / "manifest.json").write_text("{}")
+    sample_config = compose_conf("sample", [*common, *teacher.overrides, f"output={teacher.output}"])
+    write_record(teacher, sample_config, common)
+    record = json.loads((teacher.output / "stage.json").read_text())
+    added = [key for key in ADDED_KEYS if key in record["config"]]
+    assert added and "data.balance_games" not in added
+    for key in added:
+        del record["config"][key]
+    (teacher.output / "stage.json").write_text(json.dumps(record))
+    assert stale_reason(teacher, sample_config, common) is None

@@ -167,7 +167,7 @@ def schema_groups() -> dict[str, Group]:
         Group("scenarios.augment", "train", "src/tomdistill/scenarios/augment.py (augmentation_from_config), "
               "src/tomdistill/data/targets/ (per_step, from_step)", Augmentation,
               # lists in the config (tuples in Augmentation); contexts may hold named lists, joined in order
-              config_types={"scales": "list[float]", "contexts": "list[str | list[str]]"},
+              config_types={"scales": "list[float]", "contexts": "list[str | list[str]]", "games": "list[str]"},
               choices={"context_payoffs": CONTEXT_PAYOFFS}, build=_build_augmentation),
         Group("trainer", "train", "src/tomdistill/training.py (build_trainer)", TrainerSettings, options="trainer"),
     ]

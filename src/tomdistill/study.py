@@ -151,7 +151,8 @@ RUNTIME_KEYS = frozenset({
 })
 # keys added to the config after records were written, each with the value that does what the code did before it:
 # a record without the key matches a study that asks that value, so an upgrade leaves a study's stages resumable
-ADDED_KEYS = {"data.balance_games": False}
+ADDED_KEYS = {"data.balance_games": False, "scenarios.augment.games": [],
+              "scenarios.group_training_games": ["volunteers_dilemma_2", "volunteers_dilemma_3", "volunteers_dilemma_5"]}
 OVERWRITE_HINT = ("rerun with pipeline.overwrite=true to replace it and the stages that read it, "
                   "or choose another pipeline.name")
 
@@ -211,16 +212,16 @@ def stale_reason(stage: Stage, cfg: DictConfig, common: list[str]) -> str | None
     """Why the stage's existing outputs are not this study's (None when they are, or when it has none)."""
     if not stage.has_outputs():
         return None
+    asked = stage_record(stage, cfg, common)["config"]
     try:
         previous = json.loads((stage.output / RECORD).read_text())
         # a key that became a runtime setting after the record was written is no change either
         made = {k: v for k, v in previous["config"].items() if k not in RUNTIME_KEYS}
-        if previous.get("script") == "train.py":
-            made = {**{k: v for k, v in ADDED_KEYS.items() if k not in made}, **made}
+        # nor is a key added since, where this stage reads it and asks the value that does what the code did before
+        made = {**{k: v for k, v in ADDED_KEYS.items() if k not in made and k in asked}, **made}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return (f"{stage.output} holds outputs with no record of the configuration that made them ({RECORD}: made by "
                 "an older tomdistill, or copied in)")
-    asked = stage_record(stage, cfg, common)["config"]
     missing = object()
     keys = sorted(k for k in made.keys() | asked.keys() if made.get(k, missing) != asked.get(k, missing))
     if not keys and previous.get("script") == stage.script:

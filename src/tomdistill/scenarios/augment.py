@@ -9,6 +9,8 @@ No game of the augment split equals an evaluated matrix; no variant is a positiv
 And one kind of extra context: `contexts` names catalogue contexts that no evaluated split uses, each paired
 with every in-sample matrix game (training-only social framings), at the game's own payoffs or, with
 `context_payoffs: variants`, at one of its payoff variants (the i-th context takes variant i mod K + 1).
+And training-only games: `games` names catalogue games that no evaluated split uses (a volunteer's dilemma for
+n players, say), each paired with every in-sample context and every context of `contexts`.
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ class Augmentation:
         "${scenarios.paired_training_contexts}]", default_factory=tuple)
     context_payoffs: str = setting("base: the training-only contexts frame each game at its own payoffs; variants: "
                                    "at one of its payoff variants (context i: variant i mod K + 1)", default="base")
+    games: tuple[str, ...] = setting(
+        "training-only games (catalogue games no evaluated split uses, e.g. [volunteers_dilemma_3, "
+        "volunteers_dilemma_5]), each with every in-sample context and every context of `contexts`",
+        default_factory=tuple)
     # how training batches the split (per-scenario losses; data/targets/distribution.py): every other training
     # scenario in each step plus `per_step` variants in turns (0 = all of them), joining from step `from_step`
     per_step: int = setting("losses on the choice distribution (soft, jensen_shannon): every other training "
@@ -61,7 +67,7 @@ class Augmentation:
 
     @property
     def active(self) -> bool:
-        return self.variants > 0 or bool(self.scales) or bool(self.contexts)
+        return self.variants > 0 or bool(self.scales) or bool(self.contexts) or bool(self.games)
 
     @property
     def step(self) -> Fraction:
@@ -83,6 +89,16 @@ def _context_names(contexts) -> tuple[str, ...]:
     if not all(isinstance(c, str) and c for c in names):
         raise CatalogueError(expected)
     return tuple(names)
+
+
+def _names(value, key: str, what: str) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or not all(
+            isinstance(v, str) and v for v in value):
+        raise CatalogueError(f"{KEY}.{key}: expected a list of {what} names, got {value!r}")
+    names = tuple(value)
+    if len(set(names)) != len(names):
+        raise CatalogueError(f"{KEY}.{key}: a {what} is listed twice in {list(names)!r}")
+    return names
 
 
 def _number(value, key: str, what: str):
@@ -127,6 +143,7 @@ def augmentation_from_config(cfg: Mapping | None) -> Augmentation:
     contexts = _context_names(get("contexts"))
     if len(set(contexts)) != len(contexts):
         raise CatalogueError(f"{KEY}.contexts: a context is listed twice in {list(contexts)!r}")
+    games = _names(get("games"), "games", "game")
     context_payoffs = get("context_payoffs")
     if context_payoffs not in CONTEXT_PAYOFFS:
         raise CatalogueError(f"{KEY}.context_payoffs: expected one of {list(CONTEXT_PAYOFFS)}, got {context_payoffs!r}")
@@ -141,7 +158,8 @@ def augmentation_from_config(cfg: Mapping | None) -> Augmentation:
         raise CatalogueError(f"{KEY}.from_step={from_step}: expected 0, or a step ≥ 1 together with {KEY}.per_step > 0 "
                              "(the variants join the other training scenarios from that step)")
     return Augmentation(variants=variants, seed=seed, low=low, high=high, integer=integer, scales=scales,
-                        contexts=contexts, context_payoffs=context_payoffs, per_step=per_step, from_step=from_step)
+                        contexts=contexts, context_payoffs=context_payoffs, games=games, per_step=per_step,
+                        from_step=from_step)
 
 
 _FIELDS = tuple(Augmentation.__dataclass_fields__)
@@ -317,4 +335,28 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
                 pairs.extend((drawn[position % len(drawn)], name) for drawn in variant_names.values())
             else:
                 pairs.extend((base_name, name) for base_name in bases)
+    if augmentation.games:
+        pairs.extend(training_game_pairs(games, splits, augmentation, catalogue_contexts or {}))
     return new, pairs
+
+
+def training_game_pairs(games: Mapping[str, Game], splits: dict[str, list[tuple[str, str]]],
+                        augmentation: Augmentation, catalogue_contexts: Mapping[str, Context]) -> list[tuple[str, str]]:
+    """`augmentation.games`, each with every in-sample context and then every training-only context, in order."""
+    evaluated_games = {g for split, ps in splits.items() if split != AUGMENT_SPLIT for g, _ in ps}
+    contexts = list(dict.fromkeys(c for _, c in splits.get("in_sample", []))) + list(augmentation.contexts)
+    pairs = []
+    for name in augmentation.games:
+        if name not in games:
+            unused = sorted(g for g in games if g not in evaluated_games)
+            raise CatalogueError(f"{KEY}.games: unknown game {name!r}; the catalogue's games no split uses: {unused}")
+        if name in evaluated_games:
+            raise CatalogueError(f"{KEY}.games: game {name!r} is in an evaluated split; a training-only game must be "
+                                 "one no split uses (augmentation would leak it)")
+        game = games[name]
+        for context in contexts:
+            framed = catalogue_contexts[context].games
+            if framed is not None and name not in framed and game.kind not in framed:
+                raise CatalogueError(f"{KEY}.games: context {context!r} only frames {list(framed)}, not {name!r}")
+            pairs.append((name, context))
+    return pairs

@@ -17,8 +17,8 @@ import yaml
 
 # the building blocks (splits, games, contexts, scenarios) live in schema.py, below augment.py and this file
 from .schema import (  # noqa: F401
-    AUGMENT_SPLIT, HELDOUT_CONTEXT, MATRIX_ACTIONS, NAME_MAX, REPORT_SPLITS, SHARD_NAME, SPLITS, CatalogueError,
-    Context, Game, Scenario, evaluated_contexts, scaled_game, shard_name_room,
+    AUGMENT_SPLIT, GAME_KINDS, HELDOUT_CONTEXT, MATRIX_ACTIONS, NAME_MAX, REPORT_SPLITS, SHARD_NAME, SPLITS,
+    CatalogueError, Context, Game, Scenario, evaluated_contexts, scaled_game, shard_name_room,
 )
 
 
@@ -68,11 +68,11 @@ class Catalogue:
 
         The training-only augment split is left out: it adds scenarios but changes no evaluated prompt,
         so students and teachers sampled with and without it compare. `augment_fingerprint` names it. So
-        are contexts no evaluated split uses (training-only contexts, `scenarios.augment.contexts`).
+        are the games and contexts no evaluated split uses (training-only games and contexts, `scenarios.augment`).
         """
         blob = json.dumps(
             {
-                "games": {k: g.to_dict() for k, g in sorted(self.games.items()) if k not in self.generated},
+                "games": {k: g.to_dict() for k, g in sorted(self.games.items()) if k in self.evaluated_games},
                 "contexts": {k: c.to_dict() for k, c in sorted(self.contexts.items()) if k in self.evaluated_contexts},
                 "splits": {k: v for k, v in sorted(self.splits.items()) if k != AUGMENT_SPLIT},
             },
@@ -91,12 +91,19 @@ class Catalogue:
         training_only = sorted({c for _, c in pairs} - self.evaluated_contexts)
         if training_only:  # their framings and oracle parameters reach training prompts and labels
             content.append({c: self.contexts[c].to_dict() for c in training_only})
+        training_games = sorted({g for g, _ in pairs} - self.evaluated_games - self.generated)
+        if training_games:  # catalogue games no evaluated split uses: their rules reach training prompts and labels
+            content.append({"games": {g: self.games[g].to_dict() for g in training_games}})
         blob = json.dumps(content, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
     @property
     def evaluated_contexts(self) -> set[str]:
         return evaluated_contexts(self.splits)
+
+    @property
+    def evaluated_games(self) -> set[str]:
+        return {game for split, pairs in self.splits.items() if split != AUGMENT_SPLIT for game, _ in pairs}
 
 
 def _load_yaml(path: Path) -> dict:
@@ -129,7 +136,8 @@ def _parse_game(data: dict, path: Path) -> list[Game]:
     name = _require(data, "name", path, str)
     kind = data.get("kind", "matrix")
     title = data.get("title", name)
-    known = {"name", "title", "kind", "actions", "payoffs", "scaled_variants", "players", "endowment", "multiplier"}
+    known = {"name", "title", "kind", "actions", "payoffs", "scaled_variants", "players", "endowment", "multiplier",
+             "benefit", "cost"}
     unknown = set(data) - known
     if unknown:
         raise CatalogueError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
@@ -140,8 +148,16 @@ def _parse_game(data: dict, path: Path) -> list[Game]:
         if players < 2 or endowment < 1 or multiplier <= 0:
             raise CatalogueError(f"{path}: 'players' must be ≥ 2, 'endowment' ≥ 1 and 'multiplier' > 0")
         return [Game(name=name, title=title, kind=kind, players=players, endowment=endowment, multiplier=multiplier)]
-    if kind != "matrix":
-        raise CatalogueError(f"{path}: key 'kind' must be 'matrix' or 'public_goods', got {kind!r}")
+    if kind == "volunteer":
+        players = _require(data, "players", path, int)
+        benefit = float(_require(data, "benefit", path, (int, float)))
+        cost = float(_require(data, "cost", path, (int, float)))
+        if isinstance(data["players"], bool) or players < 2 or not 0 < cost < benefit:
+            raise CatalogueError(f"{path}: 'players' must be ≥ 2 and 0 < 'cost' < 'benefit' (a volunteer still gains), "
+                                 f"got players={players}, benefit={benefit:g}, cost={cost:g}")
+        return [Game(name=name, title=title, kind=kind, players=players, benefit=benefit, cost=cost)]
+    if kind not in GAME_KINDS:
+        raise CatalogueError(f"{path}: key 'kind' must be one of {list(GAME_KINDS)}, got {kind!r}")
     actions = tuple(data.get("actions", MATRIX_ACTIONS))
     if actions != MATRIX_ACTIONS:
         raise CatalogueError(f"{path}: key 'actions' must be [C, D], got {list(actions)}")

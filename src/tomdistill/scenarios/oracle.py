@@ -6,7 +6,9 @@ is the total payoff of the other players (in a two-player game, the coplayer's).
 with logit probability over expected utilities, `P(a) ∝ exp(λ · EU(a))` (for two actions,
 `P(C) = σ(λ (EU_C − EU_D))`). Public goods: the same response over donations 0..endowment, the
 others expected to give `endowment · b` each; each dollar given costs the donor 1 − m/n and gives
-the others (n − 1)·m/n in total (m the multiplier, n the players).
+the others (n − 1)·m/n in total (m the multiplier, n the players). Volunteer's dilemma: each other player
+volunteers with probability `b`, independently; everyone gains the benefit if anyone volunteers, and each
+volunteer pays the cost.
 
 Records name the agent and its precision (`oracle_identity`): the context parameters are part of
 the catalogue, hence of `prompt_version`, so two different oracles never pass for one.
@@ -32,6 +34,8 @@ def oracle_identity(precision: float = DEFAULT_PRECISION) -> str:
 def expected_utilities(scenario: Scenario) -> dict[str, float]:
     game, context = scenario.game, scenario.context
     w, b = context.regard, context.belief
+    if game.kind == "volunteer":
+        return volunteer_utilities(game, w, b)
     if game.kind == "public_goods":
         n_others = game.players - 1
         others_give = game.endowment * b
@@ -48,6 +52,21 @@ def expected_utilities(scenario: Scenario) -> dict[str, float]:
         return (1 - w) * game.payoff(mine, theirs) + w * game.payoff(theirs, mine)
 
     return {a: b * utility(a, "C") + (1 - b) * utility(a, "D") for a in game.actions}
+
+
+def volunteer_utilities(game: Game, regard: float, belief: float) -> dict[str, float]:
+    """Expected utilities of volunteering (C) and staying out (D) when each of the n − 1 others volunteers with
+    probability `belief`; `others` is the expected total payoff of the other players."""
+    n, benefit, cost = game.players, game.benefit, game.cost
+    nobody_else = (1 - belief) ** (n - 1)  # none of the others volunteers
+    own = {"C": benefit - cost, "D": benefit * (1 - nobody_else)}
+    # another player volunteers (pays the cost, gains the benefit) or, staying out, gains it if anyone else does:
+    # always when I volunteer, else when one of the other n − 2 does
+    others = {
+        "C": (n - 1) * (benefit - belief * cost),
+        "D": (n - 1) * (belief * (benefit - cost) + (1 - belief) * benefit * (1 - (1 - belief) ** (n - 2))),
+    }
+    return {a: (1 - regard) * own[a] + regard * others[a] for a in ("C", "D")}
 
 
 def action_probabilities(scenario: Scenario, precision: float = DEFAULT_PRECISION) -> dict[str, float]:
@@ -85,6 +104,17 @@ def motivation(scenario: Scenario, action: str, seed: int) -> str:
             f"Keeping a dollar beats giving it for me alone (${per_dollar:.3f} back per dollar), but the group gains "
             f"${game.multiplier:.1f} per dollar. {regard}; I settle on ${action}.",
             f"I think it is {belief} that the others give generously. Weighing my own money against the party, ${action} feels right.",
+        ]
+        return rng.choice(templates)
+    if game.kind == "volunteer":
+        rest = game.players - 1
+        someone, each = ("the other player", "they do") if rest == 1 else (f"one of the {rest} others", "each of them does")
+        templates = [
+            f"If I volunteer I am sure of {_fmt(game.benefit - game.cost)} points; if I wait, I get {_fmt(game.benefit)} "
+            f"only if {someone} steps up. I think it is {belief} that {each}, and {regard}, "
+            f"so I choose {action}.",
+            f"{regard}. With {game.players} of us, it is {belief} that any one of the others volunteers; weighing the "
+            f"cost of {_fmt(game.cost)} against the risk that nobody does, {action} is my pick.",
         ]
         return rng.choice(templates)
     other = "D" if action == "C" else "C"

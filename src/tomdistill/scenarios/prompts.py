@@ -48,10 +48,19 @@ def describe_game(scenario: Scenario, shuffle_seed: int | None = None) -> str:
     game, context = scenario.game, scenario.context
     if game.kind == "public_goods":
         return (
-            f"You and {context.group or context.coplayer} each hold ${game.endowment}. Each of you decides how many whole dollars, "
+            f"You and {context.group or context.others(game.players)} each hold ${game.endowment}. Each of you decides how many whole dollars, "
             f"from 0 to {game.endowment}, to put into the shared fund; you keep whatever you do not give. "
             f"A sponsor multiplies the fund by {game.multiplier:g}, and the result is shared equally among all "
             f"{game.players} of you, whatever each one gave. Points stand for {context.points}."
+        )
+    if game.kind == "volunteer":
+        return (
+            f"You and {context.others(game.players)}, {game.players} of you in all, each choose one of two options, C "
+            f"(volunteer) or D (stay out). Points stand for {context.points}.\n"
+            f"- If at least one of you chooses C, each of you gets {_points(game.benefit)} points, and each who chose C "
+            f"pays {_points(game.cost)} of them: you get {_points(game.benefit - game.cost)} points if you choose C, "
+            f"and {_points(game.benefit)} points if you choose D while someone else chooses C.\n"
+            f"- If nobody chooses C, each of you gets 0 points."
         )
     lines = []
     for mine in ("C", "D"):

@@ -39,17 +39,26 @@ class CatalogueError(ValueError, UserError):
     """An invalid catalogue file; the message names the file and the key."""
 
 
+GAME_KINDS = ("matrix", "public_goods", "volunteer")
+# fields a kind added later: left out of a game's dict while unset, so the games before it keep their fingerprint
+_LATER_FIELDS = ("benefit", "cost")
+
+
 @dataclass(frozen=True)
 class Game:
     name: str
     title: str
-    kind: str  # "matrix" (two actions C/D) or "public_goods" (a donation 0..endowment)
+    # "matrix" (two actions C/D, a 2×2 payoff matrix), "public_goods" (a donation 0..endowment) or "volunteer"
+    # (C volunteers, D stays out: each of the `players` gets `benefit` if anyone volunteers; a volunteer pays `cost`)
+    kind: str
     payoffs: dict[str, dict[str, float]] = field(default_factory=dict)  # [mine][theirs] -> my points
     scale: float = 1.0
     base: str | None = None  # the game this one was scaled from
     players: int = 2
     endowment: int = 0
     multiplier: float = 0.0
+    benefit: float = 0.0
+    cost: float = 0.0
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -61,7 +70,7 @@ class Game:
         return self.payoffs[mine][theirs]
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if not (k in _LATER_FIELDS and not v)}
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,16 @@ class Context:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    def others(self, players: int) -> str:
+        """The other players of a game for `players`: the coplayer, the context's `group`, or (a training-only game
+        for more than two in a context without one) the coplayer and the rest in the same position."""
+        if players <= 2:
+            return self.coplayer
+        if self.group:
+            return self.group
+        rest = players - 2
+        return f"{self.coplayer} and {rest} other{'s' if rest > 1 else ''} in the same position"
 
 
 @dataclass(frozen=True)
