@@ -24,7 +24,9 @@ from fractions import Fraction
 from typing import Iterable, Mapping
 
 from ..settings_fields import setting
-from .schema import AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Context, Game, evaluated_contexts, scaled_game
+from .schema import (
+    AUGMENT_SPLIT, MATRIX_ACTIONS, CatalogueError, Context, Game, evaluated_contexts, evaluated_games, scaled_game,
+)
 
 KEY = "scenarios.augment"
 CELLS = tuple((mine, theirs) for mine in MATRIX_ACTIONS for theirs in MATRIX_ACTIONS)  # R, S, T, P
@@ -272,8 +274,8 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
     Pure: the same catalogue and augmentation give the same games; each base game draws from its own
     generator (seed and name), so adding a game leaves the other games' variants as they were.
     """
-    evaluated_names = {g for split, pairs in splits.items() if split != AUGMENT_SPLIT for g, _ in pairs}
-    evaluated = {name: matrix_of(games[name]) for name in sorted(evaluated_names) if games[name].kind == "matrix"}
+    evaluated = {name: matrix_of(games[name]) for name in sorted(evaluated_games(splits))
+                 if games[name].kind == "matrix"}
     in_sample = splits.get("in_sample", [])
     bases: dict[str, list[str]] = {}
     for game_name, context_name in in_sample:
@@ -343,14 +345,14 @@ def augment_split(games: dict[str, Game], splits: dict[str, list[tuple[str, str]
 def training_game_pairs(games: Mapping[str, Game], splits: dict[str, list[tuple[str, str]]],
                         augmentation: Augmentation, catalogue_contexts: Mapping[str, Context]) -> list[tuple[str, str]]:
     """`augmentation.games`, each with every in-sample context and then every training-only context, in order."""
-    evaluated_games = {g for split, ps in splits.items() if split != AUGMENT_SPLIT for g, _ in ps}
+    evaluated = evaluated_games(splits)
     contexts = list(dict.fromkeys(c for _, c in splits.get("in_sample", []))) + list(augmentation.contexts)
     pairs = []
     for name in augmentation.games:
         if name not in games:
-            unused = sorted(g for g in games if g not in evaluated_games)
+            unused = sorted(g for g in games if g not in evaluated)
             raise CatalogueError(f"{KEY}.games: unknown game {name!r}; the catalogue's games no split uses: {unused}")
-        if name in evaluated_games:
+        if name in evaluated:
             raise CatalogueError(f"{KEY}.games: game {name!r} is in an evaluated split; a training-only game must be "
                                  "one no split uses (augmentation would leak it)")
         game = games[name]

@@ -18,7 +18,7 @@ import yaml
 # the building blocks (splits, games, contexts, scenarios) live in schema.py, below augment.py and this file
 from .schema import (  # noqa: F401
     AUGMENT_SPLIT, GAME_KINDS, HELDOUT_CONTEXT, MATRIX_ACTIONS, NAME_MAX, REPORT_SPLITS, SHARD_NAME, SPLITS,
-    CatalogueError, Context, Game, Scenario, evaluated_contexts, scaled_game, shard_name_room,
+    CatalogueError, Context, Game, Scenario, evaluated_contexts, evaluated_games, scaled_game, shard_name_room,
 )
 
 
@@ -103,7 +103,7 @@ class Catalogue:
 
     @property
     def evaluated_games(self) -> set[str]:
-        return {game for split, pairs in self.splits.items() if split != AUGMENT_SPLIT for game, _ in pairs}
+        return evaluated_games(self.splits)
 
 
 def _load_yaml(path: Path) -> dict:

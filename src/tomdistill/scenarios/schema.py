@@ -130,6 +130,11 @@ def scaled_game(base: Game, scale: float) -> Game:
     )
 
 
+def evaluated_games(splits: dict[str, list[tuple[str, str]]]) -> set[str]:
+    """The games of the evaluated splits: every split's but the training-only augment split's."""
+    return {game for split, pairs in splits.items() if split != AUGMENT_SPLIT for game, _ in pairs}
+
+
 def evaluated_contexts(splits: dict[str, list[tuple[str, str]]]) -> set[str]:
     """The contexts of the evaluated splits: every split's but the training-only augment split's."""
     return {context for split, pairs in splits.items() if split != AUGMENT_SPLIT for _, context in pairs}
